@@ -1,0 +1,78 @@
+"""``make_app(config)``: routes, static files, the shared ClientSession, startup and shutdown."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from relay import handlers
+from relay.config import Config
+from relay.demo import DEMO_MODEL, start_demo_upstream
+from relay.keys import CONFIG, REGISTRY, SESSION, UPSTREAM
+from relay.streams import Registry
+from relay.upstream import UpstreamClient
+
+log = logging.getLogger("relay")
+
+#: The page shipped beside the package in a source checkout.
+DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+
+
+def make_app(config: Config) -> web.Application:
+    # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
+    app = web.Application(client_max_size=config.max_body)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_upstream_ctx)
+    app.on_shutdown.append(_cancel_streams)
+    app.router.add_post("/chat", handlers.post_chat)
+    app.router.add_get("/chat", handlers.get_chat, allow_head=False)
+    app.router.add_get("/chat/{id}", handlers.get_stream, allow_head=False)
+    app.router.add_delete("/chat/{id}", handlers.delete_stream)
+    app.router.add_get("/healthz", _healthz, allow_head=True)
+    web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
+    if web_root is not None:
+        index = web_root / "index.html"
+        app.router.add_get("/", lambda _request: web.FileResponse(index))
+        app.router.add_static("/static/", web_root, show_index=False, follow_symlinks=False)
+    return app
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    demo_runner: web.AppRunner | None = None
+    if config.upstream is None:
+        demo_runner, base_url = await start_demo_upstream(token_delay=config.demo_token_delay)
+        log.info("no upstream configured: relaying through the built-in demo model at %s", base_url)
+        default_model: str | None = config.model or DEMO_MODEL
+    else:
+        base_url = config.upstream
+        default_model = config.model
+        log.info("relaying to %s", base_url)
+    connector = aiohttp.TCPConnector(limit=config.pool_limit)
+    session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+    upstream = UpstreamClient(session, config, base_url, config.api_key)
+    app[SESSION] = session
+    app[UPSTREAM] = upstream
+    app[REGISTRY] = Registry(config, upstream, demo=config.upstream is None, default_model=default_model)
+    try:
+        yield
+    finally:
+        await app[REGISTRY].close()
+        await session.close()
+        if demo_runner is not None:
+            await demo_runner.cleanup()
+
+
+async def _cancel_streams(app: web.Application) -> None:
+    # Runs before aiohttp waits for handlers: each running stream ends with a retriable
+    # ``shutdown`` error (with a retry: hint), so its subscribers' handlers finish.
+    await app[REGISTRY].close()
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    return web.json_response({"status": "ok", "live_streams": registry.live})

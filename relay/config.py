@@ -1,0 +1,200 @@
+"""Settings: one frozen dataclass, validated once, with messages written for people.
+
+Sources, highest first: command-line flags, environment variables, the TOML file
+given by ``--config``, the defaults below.  The upstream API key is deliberately
+*not* a flag (it would show in ``ps`` and shell history): it comes from
+``OPENAI_API_KEY``, ``--api-key-file`` or systemd's ``$CREDENTIALS_DIRECTORY``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+from urllib.parse import urlsplit
+
+KIB = 1024
+MIB = 1024 * 1024
+
+#: The file name systemd's ``LoadCredential=`` gives the key (see deploy/relay.service).
+CREDENTIAL_NAME = "openai-api-key"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message says which and why, for a person."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Base URL in the OpenAI SDK's sense (``https://api.openai.com/v1``); None runs the demo model.
+    upstream: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    #: Header that carries the key: ``Authorization`` sends ``Bearer <key>``, anything else the bare key
+    #: (Azure OpenAI wants ``api-key``).
+    api_key_header: str = "Authorization"
+    model: str | None = None
+    upstream_headers: tuple[tuple[str, str], ...] = ()
+    upstream_query: tuple[tuple[str, str], ...] = ()
+    #: Ask for ``stream_options.include_usage`` so the stream's log line has token counts;
+    #: off for upstreams that reject the field.
+    stream_usage: bool = True
+    pool_limit: int = 1000
+    keepalive: float = 15.0
+    retry_ms: int = 2000
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 300.0
+    idle_timeout: float = 120.0
+    total_timeout: float = 1800.0
+    max_body: int = 1 * MIB
+    max_upstream_event: int = 1 * MIB
+    resume_grace: float = 5.0
+    attach_timeout: float = 30.0
+    stream_ttl: float = 300.0
+    max_streams: int = 10_000
+    replay_bytes: int = 1 * MIB
+    send_buffer: int = 256 * KIB
+    send_timeout: float = 30.0
+    backlog: int = 4096
+    demo_token_delay: float = 0.03
+    web_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def demo(self) -> bool:
+        return self.upstream is None
+
+
+def _validate(c: Config) -> None:
+    if not 0 <= c.port <= 65535:
+        raise ConfigError(f"--port must be between 0 and 65535, not {c.port}")
+    if c.upstream is not None:
+        parts = urlsplit(c.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"--upstream must be an http:// or https:// base URL such as https://api.openai.com/v1, "
+                f"not {c.upstream!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError("--upstream must not carry a query or fragment; use --upstream-query for parameters")
+    positive = {
+        "keepalive": c.keepalive, "connect-timeout": c.connect_timeout,
+        "first-token-timeout": c.first_token_timeout, "idle-timeout": c.idle_timeout,
+        "total-timeout": c.total_timeout, "attach-timeout": c.attach_timeout,
+        "stream-ttl": c.stream_ttl, "send-timeout": c.send_timeout,
+    }
+    for name, value in positive.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name} must be a positive number of seconds, not {value}")
+    if not (c.resume_grace >= 0 and math.isfinite(c.resume_grace)):
+        raise ConfigError(f"--resume-grace must be zero or a positive number of seconds, not {c.resume_grace}")
+    if c.demo_token_delay < 0:
+        raise ConfigError("--demo-token-delay must not be negative")
+    counts = {
+        "pool-limit": c.pool_limit, "max-body": c.max_body, "max-upstream-event": c.max_upstream_event,
+        "max-streams": c.max_streams, "replay-bytes": c.replay_bytes, "send-buffer": c.send_buffer,
+        "backlog": c.backlog, "retry-ms": c.retry_ms,
+    }
+    for name, count in counts.items():
+        if count < 1:
+            raise ConfigError(f"--{name} must be at least 1, not {count}")
+    for name, value in c.upstream_headers:
+        _check_header(name, value)
+    _check_header(c.api_key_header, "x")
+    if c.api_key is not None:
+        if not c.api_key or any(ch in c.api_key for ch in "\r\n\0"):
+            # Never echo the key itself: a message can end up in a log.
+            raise ConfigError("the upstream API key is empty or contains a line break or NUL")
+    if c.web_root is not None and not c.web_root.is_dir():
+        raise ConfigError(f"--web-root {str(c.web_root)!r} is not a directory")
+
+
+def _check_header(name: str, value: str) -> None:
+    if not name or any(ch in name for ch in ":\r\n\0 \t"):
+        raise ConfigError(f"upstream header name {name!r} is not a valid HTTP header name")
+    if any(ch in value for ch in "\r\n\0"):
+        raise ConfigError(f"the value of upstream header {name!r} contains a line break or NUL")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_pairs(items: list[str], sep: str, what: str) -> tuple[tuple[str, str], ...]:
+    """``["a: b"]`` → ``(("a", "b"),)``, with a one-line error naming the bad item."""
+    pairs = []
+    for item in items:
+        name, found, value = item.partition(sep)
+        if not found or not name.strip():
+            raise ConfigError(f"{what} {item!r} is not of the form NAME{sep}VALUE")
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def read_api_key(key_file: str | None, environ: Mapping[str, str]) -> str | None:
+    """The key from --api-key-file, else systemd's credentials directory, else OPENAI_API_KEY."""
+    path: Path | None = Path(key_file) if key_file else None
+    if path is None and environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+        if candidate.exists():
+            path = candidate
+    if path is not None:
+        try:
+            key = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read the API key file {str(path)!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"the API key file {str(path)!r} is not UTF-8 text") from None
+        if not key:
+            raise ConfigError(f"the API key file {str(path)!r} is empty")
+        return key
+    return environ.get("OPENAI_API_KEY") or None
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """Read a TOML settings file whose keys are the flag names (dashes or underscores)."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file {path!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"the config file {path!r} is not valid TOML: {exc}") from None
+    known = {f.name for f in fields(Config)} - {"api_key"}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name == "api_key":
+            raise ConfigError(
+                f"the config file {path!r} must not hold the API key; use api-key-file, "
+                "OPENAI_API_KEY or systemd credentials"
+            )
+        if name not in known and name != "api_key_file":
+            raise ConfigError(f"the config file {path!r} has an unknown setting {key!r}")
+        out[name] = value
+    return out
+
+
+def from_mapping(values: Mapping[str, Any]) -> Config:
+    """Build a Config, turning type errors into ConfigError that names the setting."""
+    try:
+        return Config(**values)
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from None
+
+
+def env_default(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    value = environ.get(name)
+    return value if value else None

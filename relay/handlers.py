@@ -1,0 +1,168 @@
+"""HTTP handlers for the /chat protocol (DESIGN.md): validate, negotiate, subscribe, follow.
+
+Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`` with a 4xx or
+5xx status; once an event stream has begun (200 at byte zero) errors travel as ``error`` events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.keys import CONFIG, REGISTRY
+from relay.response import EventStream, SlowClient
+from relay.streams import ResumeExpired, Stream, StreamLimit, parse_event_id
+from relay.validation import BadRequest, chat_request, parse_json
+
+GET_PARAMS = frozenset({"prompt", "model", "lastEventId"})
+
+
+def json_error(status: int, message: str, *, param: str | None = None, type_: str | None = None,
+               headers: dict[str, str] | None = None) -> web.Response:
+    error_type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+    return web.json_response({"error": {"message": message, "type": error_type, "param": param, "code": None}},
+                             status=status, headers=headers)
+
+
+def _wants_json(request: web.Request) -> bool:
+    """True when Accept asks for application/json and not for text/event-stream."""
+    types = {part.split(";", 1)[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
+    return "application/json" in types and "text/event-stream" not in types
+
+
+def _last_event_id(request: web.Request) -> str | None:
+    return request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
+
+
+async def _read_json(request: web.Request) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[CONFIG].max_body
+        raise BadRequest(f"the request body is larger than the limit of {limit} bytes", status=413) from None
+    return parse_json(raw)
+
+
+def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
+    config = request.app[CONFIG]
+    registry = request.app[REGISTRY]
+    model, upstream_body = chat_request(body, default_model=registry.default_model,
+                                        stream_usage=config.stream_usage)
+    return registry.create(model=model, body=upstream_body,
+                           wait_for_subscriber=config.attach_timeout if wait else None)
+
+
+async def post_chat(request: web.Request) -> web.StreamResponse:
+    try:
+        body = await _read_json(request)
+        if _wants_json(request):
+            stream = _start(request, body, wait=True)
+            url = f"/chat/{stream.id}"
+            return web.json_response({"id": stream.id, "events": url}, status=201, headers={"Location": url})
+        stream = _start(request, body, wait=False)
+    except BadRequest as exc:
+        return json_error(exc.status, exc.message, param=exc.param)
+    except StreamLimit as exc:
+        return json_error(503, str(exc), headers={"Retry-After": "5"})
+    return await follow(request, stream, 0)
+
+
+async def get_chat(request: web.Request) -> web.StreamResponse:
+    """EventSource's route: ``GET /chat?prompt=``; its reconnect resumes its own stream."""
+    for key in request.query:
+        if key not in GET_PARAMS:
+            return json_error(400, f"'{key}' is not a supported query parameter; supported: prompt, model",
+                              param=key)
+    last = _last_event_id(request)
+    if last is not None:
+        # A reconnect.  Never start a new (paid) generation for an id we do not know.
+        parsed = parse_event_id(last)
+        if parsed is None:
+            return json_error(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+        return await resume(request, parsed[0], parsed[1])
+    body: dict[str, Any] = {"prompt": request.query.get("prompt", "")}
+    if "model" in request.query:
+        body["model"] = request.query["model"]
+    try:
+        stream = _start(request, body, wait=False)
+    except BadRequest as exc:
+        return json_error(exc.status, exc.message, param=exc.param)
+    except StreamLimit as exc:
+        return json_error(503, str(exc), headers={"Retry-After": "5"})
+    return await follow(request, stream, 0)
+
+
+async def get_stream(request: web.Request) -> web.StreamResponse:
+    stream_id = request.match_info["id"]
+    last = _last_event_id(request)
+    if last is None:
+        return await resume(request, stream_id, -1)
+    parsed = parse_event_id(last)
+    if parsed is None:
+        return json_error(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+    if parsed[0] != stream_id:
+        return json_error(400, "Last-Event-ID belongs to another stream", param="Last-Event-ID")
+    return await resume(request, stream_id, parsed[1])
+
+
+async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> web.StreamResponse:
+    """Replay after ``last_seq`` (-1: from the start; None: the client has its end), then follow."""
+    stream = request.app[REGISTRY].get(stream_id)
+    if stream is None:
+        raise _not_found()
+    if last_seq is None or (stream.finished and last_seq + 1 >= stream.next_seq):
+        # 204 is what stops EventSource from reconnecting forever.
+        return web.Response(status=204)
+    return await follow(request, stream, last_seq + 1)
+
+
+async def delete_stream(request: web.Request) -> web.StreamResponse:
+    stream = request.app[REGISTRY].get(request.match_info["id"])
+    if stream is None:
+        raise _not_found()
+    stream.cancel("cancelled", "the stream was stopped by a client")
+    return web.Response(status=204)
+
+
+def _not_found() -> web.HTTPNotFound:
+    return web.HTTPNotFound(
+        text='{"error": {"message": "no such stream: the id is unknown or the stream has expired", '
+             '"type": "invalid_request_error", "param": null, "code": null}}',
+        content_type="application/json",
+    )
+
+
+async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamResponse:
+    """Send the stream's events from ``pos`` on, then follow live until its end."""
+    config: Config = request.app[CONFIG]
+    resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                       send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream.id}"})
+    stream.attach()
+    try:
+        await resp.prepare(request)
+        while True:
+            try:
+                data, pos = stream.read_from(pos)
+            except ResumeExpired:
+                await resp.send_bytes(stream.end_event({
+                    "type": "error", "code": "resume_expired", "retriable": False,
+                    "message": "the events after your position are no longer kept; start a new chat"}))
+                break
+            if data:
+                await resp.send_bytes(data)
+            elif stream.finished:
+                break
+            else:
+                await stream.changed.wait()
+    except (ConnectionResetError, SlowClient):
+        pass
+    finally:
+        stream.detach()
+        if resp.prepared:
+            resp.stop_streaming()
+    if resp.prepared:
+        await resp.wait()
+    return resp
+

@@ -1,0 +1,288 @@
+"""Streams: one generation each, an event log that subscribers replay and follow.
+
+One producer task per stream pulls the upstream and appends encoded events to a log bounded
+in bytes; any number of subscribers (HTTP responses) read the log from their own position and
+wait on one pulse per batch.  That meeting point makes a reconnect cheap (replay what was
+missed, then follow) and a disconnect precise: when the last subscriber leaves and nobody
+comes back within the resume grace, the producer is cancelled and the upstream connection
+closed.
+
+Event ids are ``<stream id>.<sequence>``: the stream id (128 random bits, the capability to
+read or stop the stream) finds the stream, the sequence the position.  ``<stream id>.end``
+marks an event after which a client has nothing more to get (a reconnect gets 204).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from typing import Any, Callable, Final
+
+from relay.config import Config
+from relay.sse import encode
+from relay.upstream import UpstreamClient, UpstreamError
+
+log = logging.getLogger("relay.streams")
+
+END_MARK: Final = "end"
+
+
+class StreamLimit(Exception):
+    """Too many live streams; the message is for the client."""
+
+
+class ResumeExpired(Exception):
+    """The position asked for has already left the bounded log."""
+
+
+def new_stream_id() -> str:
+    return secrets.token_urlsafe(16)  # 128 bits, URL- and header-safe, no "."
+
+
+def parse_event_id(value: str) -> tuple[str, int | None] | None:
+    """``"<id>.<n>"`` → ``(id, n)``; ``"<id>.end"`` → ``(id, None)``; anything else → None."""
+    stream_id, dot, pos = value.strip().rpartition(".")
+    if not dot or not stream_id or len(stream_id) > 64:
+        return None
+    if pos == END_MARK:
+        return stream_id, None
+    if not pos.isdigit() or len(pos) > 12:
+        return None
+    return stream_id, int(pos)
+
+
+def dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class Stream:
+    """One generation: its producer task, its event log and its subscriber count."""
+
+    def __init__(self, registry: Registry, *, model: str, demo: bool, body: dict[str, Any],
+                 wait_for_subscriber: float | None) -> None:
+        self.id = new_stream_id()
+        self.model = model
+        self._registry = registry
+        self._config = registry.config
+        self._body = body
+        self._events: list[bytes] = []
+        self._base = 0  # sequence number of _events[0]
+        self._log_bytes = 0
+        self.next_seq = 0
+        self.finished = False
+        self.outcome = ""
+        self.subscribers = 0
+        self.changed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._first_delta: float | None = None
+        self._deltas = 0
+        self._bytes = 0
+        self._cancel_code = "cancelled"
+        self._cancel_message = "the stream was stopped"
+        self._timer: asyncio.TimerHandle | None = None
+        self._append({"type": "start", "id": self.id, "model": model, "demo": demo},
+                     retry=self._config.retry_ms)
+        self.task = asyncio.create_task(self._produce(registry.upstream), name=f"stream-{self.id}")
+        if wait_for_subscriber is not None:
+            self._arm(wait_for_subscriber, "nobody attached to the stream in time")
+
+    # -- the log -------------------------------------------------------------------------
+
+    def _append(self, obj: dict[str, Any], *, retry: int | None = None) -> None:
+        data = encode(dumps(obj), id=f"{self.id}.{self.next_seq}", retry=retry)
+        self._events.append(data)
+        self.next_seq += 1
+        self._log_bytes += len(data)
+        self._bytes += len(data)
+        if self._log_bytes > self._config.replay_bytes and len(self._events) > 1:
+            # Drop down to three quarters so eviction is amortised, never a shift per event.
+            keep = len(self._events)
+            target = self._config.replay_bytes * 3 // 4
+            while keep > 1 and self._log_bytes > target:
+                self._log_bytes -= len(self._events[len(self._events) - keep])
+                keep -= 1
+            dropped = len(self._events) - keep
+            del self._events[:dropped]
+            self._base += dropped
+
+    def _publish(self) -> None:
+        # One pulse per batch wakes every waiting subscriber once.
+        self.changed.set()
+        self.changed.clear()
+
+    def read_from(self, pos: int) -> tuple[bytes, int]:
+        """Everything from sequence ``pos`` on, joined, and the next position."""
+        if pos < self._base:
+            raise ResumeExpired
+        if pos >= self.next_seq:
+            return b"", pos
+        start = pos - self._base
+        if start == len(self._events) - 1:
+            return self._events[start], self.next_seq
+        return b"".join(self._events[start:]), self.next_seq
+
+    def end_event(self, obj: dict[str, Any]) -> bytes:
+        """An event for one subscriber only (not in the log), after which it has nothing more to get."""
+        return encode(dumps(obj), id=f"{self.id}.{END_MARK}")
+
+    # -- subscribers and cancellation ------------------------------------------------------
+
+    def attach(self) -> None:
+        self.subscribers += 1
+        self._disarm()
+
+    def detach(self) -> None:
+        self.subscribers -= 1
+        if self.subscribers == 0 and not self.finished:
+            grace = self._config.resume_grace
+            if grace <= 0:
+                self.cancel("cancelled", "every client disconnected")
+            else:
+                self._arm(grace, "every client disconnected and none came back within the resume grace")
+
+    def _arm(self, delay: float, why: str) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(delay, self.cancel, "cancelled", why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def cancel(self, code: str = "cancelled", message: str = "the stream was stopped by a client") -> None:
+        """Stop the generation now; the producer closes the upstream connection."""
+        if self.finished or self.task.done():
+            return
+        self._cancel_code, self._cancel_message = code, message
+        self.task.cancel()
+
+    # -- the producer --------------------------------------------------------------------
+
+    async def _produce(self, upstream: UpstreamClient) -> None:
+        try:
+            resp = await upstream.open(self._body)
+            try:
+                while chunks := await resp.read():
+                    for chunk in chunks:
+                        delta = _delta(chunk.obj)
+                        if delta is not None:
+                            if self._first_delta is None:
+                                self._first_delta = self._loop.time()
+                            self._deltas += 1
+                            self._append(delta)
+                    self._publish()
+            finally:
+                resp.close()
+            self._finish({"type": "done", "finish_reason": resp.finish_reason, "usage": resp.usage}, "done")
+        except UpstreamError as exc:
+            event: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message,
+                                     "retriable": exc.retriable}
+            if exc.status is not None:
+                event["status"] = exc.status
+            if exc.retry_after is not None:
+                event["retry_after"] = exc.retry_after
+            self._finish(event, exc.code)
+        except asyncio.CancelledError:
+            retriable = self._cancel_code == "shutdown"
+            self._finish({"type": "error", "code": self._cancel_code, "message": self._cancel_message,
+                          "retriable": retriable}, self._cancel_code,
+                         retry=self._config.retry_ms if retriable else None)
+            raise
+        except Exception:
+            log.exception("stream %s: internal error", self.id)
+            self._finish({"type": "error", "code": "internal", "message": "the relay failed internally",
+                          "retriable": True}, "internal")
+
+    def _finish(self, event: dict[str, Any], outcome: str, *, retry: int | None = None) -> None:
+        if self.finished:
+            return
+        self._disarm()
+        self._append(event, retry=retry)
+        self.finished = True
+        self.outcome = outcome
+        self._publish()
+        self._registry.finished(self)
+        now = self._loop.time()
+        ttft = f"{(self._first_delta - self._started) * 1000:.0f}ms" if self._first_delta else "-"
+        log.info("stream %s model=%s outcome=%s ttft=%s duration=%.0fms deltas=%d bytes=%d",
+                 self.id, self.model, outcome, ttft, (now - self._started) * 1000, self._deltas, self._bytes)
+
+
+def _delta(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The /chat delta event for one upstream chunk, or None when it carries no content."""
+    choices = obj.get("choices")
+    if not choices or not isinstance(choices, list):
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        return None
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return None
+    out: dict[str, Any] = {"type": "delta"}
+    content = delta.get("content")
+    if content:
+        out["content"] = content
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    if reasoning and isinstance(reasoning, str):
+        out["reasoning"] = reasoning
+    if delta.get("tool_calls"):
+        out["tool_calls"] = delta["tool_calls"]
+    return out if len(out) > 1 else None
+
+
+class Registry:
+    """The live and recently finished streams, by id."""
+
+    def __init__(self, config: Config, upstream: UpstreamClient, *, demo: bool, default_model: str | None) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.demo = demo
+        self.default_model = default_model
+        self._streams: dict[str, Stream] = {}
+        self.live = 0
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self.on_finish: Callable[[Stream], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def create(self, *, model: str, body: dict[str, Any], wait_for_subscriber: float | None = None) -> Stream:
+        if self.live >= self.config.max_streams:
+            raise StreamLimit(f"the relay is at its limit of {self.config.max_streams} live streams; try again shortly")
+        stream = Stream(self, model=model, demo=self.demo, body=body, wait_for_subscriber=wait_for_subscriber)
+        self._streams[stream.id] = stream
+        self.live += 1
+        return stream
+
+    def get(self, stream_id: str) -> Stream | None:
+        return self._streams.get(stream_id)
+
+    def finished(self, stream: Stream) -> None:
+        self.live -= 1
+        loop = asyncio.get_running_loop()
+        self._expiry[stream.id] = loop.call_later(self.config.stream_ttl, self._expire, stream.id)
+        if self.on_finish is not None:
+            self.on_finish(stream)
+
+    def _expire(self, stream_id: str) -> None:
+        self._expiry.pop(stream_id, None)
+        self._streams.pop(stream_id, None)
+
+    def running(self) -> list[Stream]:
+        return [s for s in self._streams.values() if not s.finished]
+
+    async def close(self, code: str = "shutdown", message: str = "the relay is shutting down") -> None:
+        """Cancel every running stream with ``code`` and wait for the producers to finish."""
+        tasks = []
+        for stream in self.running():
+            stream.cancel(code, message)
+            tasks.append(stream.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
