@@ -136,7 +136,7 @@ class SSEDecoder:
             elif line[0] == ":":
                 continue
             else:
-                name, sep, value = line.partition(":")
+                name, _, value = line.partition(":")
                 if value and value[0] == " ":
                     value = value[1:]
             if name == "data":

@@ -43,6 +43,9 @@ PARSE_CASES = [
     pytest.param(b"data: hello\n\n", [Event("hello")], id="lf-terminated-block"),
     pytest.param(b"data: hello\r\n\r\n", [Event("hello")], id="crlf-terminated-block"),
     pytest.param(b"data: hello\r\r", [Event("hello")], id="cr-terminated-block"),
+    pytest.param(
+        b"data: a\r\ndata: b\r\n\r\n", [Event("a\nb")], id="crlf-between-data-lines-is-one-line-end"
+    ),
     pytest.param(b"data: a\rdata: b\ndata: c\r\n\n", [Event("a\nb\nc")], id="mixed-line-endings"),
     pytest.param(b"data: a\n\rdata: b\n\n", [Event("a"), Event("b")], id="lf-then-cr-is-two-line-ends"),
     pytest.param(b"data: a\ndata: b\n\n", [Event("a\nb")], id="multiple-data-lines-join-with-lf"),
