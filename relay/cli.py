@@ -1,0 +1,143 @@
+"""``relay serve`` and ``relay demo-upstream``: flags, environment, config file → Config → run."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from relay import __version__
+from relay.config import (Config, ConfigError, from_mapping, load_file, parse_pairs, read_api_key)
+
+log = logging.getLogger("relay")
+
+# (flag, dest, type, environment variable, help).  The defaults are the Config's own.
+_SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
+    ("--host", "host", str, "RELAY_HOST", "address to listen on"),
+    ("--port", "port", int, "RELAY_PORT", "port to listen on"),
+    ("--upstream", "upstream", str, "OPENAI_BASE_URL",
+     "OpenAI-compatible base URL, e.g. https://api.openai.com/v1 (none: the built-in demo model)"),
+    ("--model", "model", str, "RELAY_MODEL", "model used when a request names none"),
+    ("--api-key-header", "api_key_header", str, None,
+     "header carrying the key: Authorization sends 'Bearer KEY'; e.g. api-key for Azure OpenAI"),
+    ("--pool-limit", "pool_limit", int, None, "most simultaneous upstream connections"),
+    ("--keepalive", "keepalive", float, "RELAY_KEEPALIVE", "seconds of silence before a keepalive comment"),
+    ("--retry-ms", "retry_ms", int, None, "reconnect delay suggested to EventSource clients (retry:), ms"),
+    ("--connect-timeout", "connect_timeout", float, None, "seconds to connect to the upstream"),
+    ("--first-token-timeout", "first_token_timeout", float, None,
+     "seconds from the request to the upstream's first chunk"),
+    ("--idle-timeout", "idle_timeout", float, None, "most seconds of upstream silence once it has begun"),
+    ("--total-timeout", "total_timeout", float, None, "most seconds for one whole answer"),
+    ("--max-body", "max_body", int, None, "largest request body, bytes"),
+    ("--max-upstream-event", "max_upstream_event", int, None, "largest upstream event, bytes"),
+    ("--resume-grace", "resume_grace", float, "RELAY_RESUME_GRACE",
+     "seconds a stream keeps running with no client, waiting for a reconnect (0: stop at once)"),
+    ("--attach-timeout", "attach_timeout", float, None,
+     "seconds a stream started by POST /chat (201) waits for its first client"),
+    ("--stream-ttl", "stream_ttl", float, None, "seconds a finished stream stays available for replay"),
+    ("--max-streams", "max_streams", int, "RELAY_MAX_STREAMS", "most live streams (more get 503)"),
+    ("--replay-bytes", "replay_bytes", int, None, "bytes of events each stream keeps for replay"),
+    ("--send-buffer", "send_buffer", int, None, "bytes queued for one client before the relay waits for it"),
+    ("--send-timeout", "send_timeout", float, None, "seconds a client may leave its buffer full before it is cut"),
+    ("--backlog", "backlog", int, None, "listen backlog (absorbs bursts of connects)"),
+    ("--demo-token-delay", "demo_token_delay", float, None, "seconds between the demo model's tokens"),
+    ("--web-root", "web_root", Path, None, "directory of the chat page (default: the web/ beside the package)"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line, exit status 2
+        self.exit(2, f"relay: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="relay", description="Streaming relay for LLM chat: an OpenAI-compatible "
+                     "upstream in, Server-Sent Events out.")
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    serve = sub.add_parser("serve", help="run the relay", description=(
+        "Run the relay.  Settings come from flags, then environment variables (named in brackets), "
+        "then the --config TOML file (keys are the flag names), then the defaults shown.  The API key "
+        "comes from --api-key-file, $CREDENTIALS_DIRECTORY/openai-api-key (systemd LoadCredential=) "
+        "or OPENAI_API_KEY; it is never a flag."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    defaults = Config()
+    for flag, dest, type_, env, text in _SETTINGS:
+        shown = getattr(defaults, dest)
+        extra = f" [{env}]" if env else ""
+        serve.add_argument(flag, dest=dest, type=type_, default=None,
+                           help=f"{text}{extra} (default: {shown})")
+    serve.add_argument("--config", help="TOML settings file [RELAY_CONFIG]")
+    serve.add_argument("--api-key-file", help="file holding the upstream API key")
+    serve.add_argument("--upstream-header", action="append", default=None, metavar="'NAME: VALUE'",
+                       help="extra header sent upstream (repeatable)")
+    serve.add_argument("--upstream-query", action="append", default=None, metavar="NAME=VALUE",
+                       help="extra query parameter sent upstream, e.g. api-version=2024-10-21 (repeatable)")
+    serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
+                       help="do not ask the upstream for stream_options.include_usage (for upstreams that "
+                       "reject it)")
+    serve.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"),
+                       choices=["debug", "info", "warning", "error"], help="log level [RELAY_LOG_LEVEL]")
+    demo = sub.add_parser("demo-upstream", help="run only the built-in demo model (an OpenAI-compatible server)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--token-delay", type=float, default=0.03, help="seconds between tokens")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Config:
+    """Flags over environment over file over defaults; raises ConfigError for people."""
+    config_path = args.config or environ.get("RELAY_CONFIG")
+    values: dict[str, Any] = load_file(config_path) if config_path else {}
+    key_file = args.api_key_file or values.pop("api_key_file", None)
+    for _flag, dest, type_, env, _text in _SETTINGS:
+        cli_value = getattr(args, dest)
+        if cli_value is not None:
+            values[dest] = cli_value
+        elif env and environ.get(env):
+            try:
+                values[dest] = type_(environ[env])
+            except ValueError:
+                raise ConfigError(f"{env}={environ[env]!r} is not a valid {type_.__name__}") from None
+        elif dest == "web_root" and dest in values:
+            values[dest] = Path(values[dest])
+    if args.upstream_header is not None:
+        values["upstream_headers"] = parse_pairs(args.upstream_header, ":", "--upstream-header")
+    elif "upstream_headers" in values:
+        values["upstream_headers"] = parse_pairs(list(values["upstream_headers"]), ":", "upstream-headers")
+    if args.upstream_query is not None:
+        values["upstream_query"] = parse_pairs(args.upstream_query, "=", "--upstream-query")
+    elif "upstream_query" in values:
+        values["upstream_query"] = parse_pairs(list(values["upstream_query"]), "=", "upstream-query")
+    if args.stream_usage is not None:
+        values["stream_usage"] = args.stream_usage
+    values["api_key"] = read_api_key(key_file, environ)
+    return from_mapping(values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo-upstream":
+        from relay.demo import run_demo_upstream
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        if not 0 <= args.port <= 65535:
+            parser.error(f"--port must be between 0 and 65535, not {args.port}")
+        if args.token_delay < 0:
+            parser.error("--token-delay must not be negative")
+        run_demo_upstream(args.host, args.port, token_delay=args.token_delay)
+        return 0
+    try:
+        config = config_from_args(args, os.environ)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from relay.server import run
+
+    return run(config)

@@ -1,0 +1,186 @@
+"""Shared fixtures: a scriptable fake upstream and the relay, each a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from relay.app import make_app
+from relay.config import Config
+from relay.sse import Event, SSEDecoder
+
+TEST_KEY = "sk-test-SECRET-0123456789abcdef"
+REQUIRE_ALL = os.environ.get("RELAY_REQUIRE_ALL") == "1"
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip with a reason when a real component is missing; under RELAY_REQUIRE_ALL=1, fail instead."""
+    if condition:
+        return
+    if REQUIRE_ALL:
+        pytest.fail(f"RELAY_REQUIRE_ALL=1 but {reason}")
+    pytest.skip(reason)
+
+
+def chunk(content: str | None = None, *, finish_reason: str | None = None, role: str | None = None,
+          **delta: Any) -> dict[str, Any]:
+    d: dict[str, Any] = dict(delta)
+    if role is not None:
+        d["role"] = role
+    if content is not None:
+        d["content"] = content
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": "fake-model",
+            "choices": [{"index": 0, "delta": d, "finish_reason": finish_reason}]}
+
+
+def sse(obj: Any) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj)
+    return f"data: {data}\n\n".encode()
+
+
+Behaviour = Callable[[web.Request, "FakeUpstream"], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class FakeUpstream:
+    """An OpenAI-compatible upstream whose behaviour each test sets; it records what it saw."""
+
+    behaviour: Behaviour | None = None
+    base_url: str = ""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    calls: int = 0
+    chunks_sent: int = 0
+    #: set when a streaming handler saw its client go away (cancellation) — the billing stops here.
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    closed_after_chunks: int | None = None
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        self.requests.append(await request.json())
+        self.headers.append(dict(request.headers))
+        behaviour = self.behaviour or tokens(["Hello", ",", " world", "!"])
+        try:
+            return await behaviour(request, self)
+        except asyncio.CancelledError:
+            self.closed_after_chunks = self.chunks_sent
+            self.closed.set()
+            raise
+
+    async def start_stream(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req-fake-1"})
+        await resp.prepare(request)
+        return resp
+
+    async def send(self, resp: web.StreamResponse, data: bytes) -> None:
+        await resp.write(data)
+        self.chunks_sent += 1
+
+
+def tokens(parts: list[str], *, delay: float = 0.0, finish: str = "stop", usage: bool = True,
+           done: bool = True) -> Behaviour:
+    """A normal streamed answer: role chunk, one chunk per part (``delay`` apart), finish, usage, [DONE]."""
+    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        await fake.send(resp, sse(chunk("", role="assistant")))
+        for i, part in enumerate(parts):
+            if delay and i:
+                await asyncio.sleep(delay)  # the upstream's pace, not synchronisation
+            await fake.send(resp, sse(chunk(part)))
+        await fake.send(resp, sse(chunk(finish_reason=finish)))
+        if usage:
+            await fake.send(resp, sse({"id": "x", "object": "chat.completion.chunk", "choices": [],
+                                       "usage": {"prompt_tokens": 3, "completion_tokens": len(parts),
+                                                 "total_tokens": 3 + len(parts)}}))
+        if done:
+            await fake.send(resp, sse("[DONE]"))
+        return resp
+    return run
+
+
+class SSEClient:
+    """Reads a relay response event by event with the project's own spec decoder, keeping raw bytes."""
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self.resp = resp
+        self.decoder = SSEDecoder()
+        self.pending: list[Event] = []
+        self.raw = bytearray()
+
+    async def next(self) -> Event | None:
+        while not self.pending:
+            data = await self.resp.content.readany()
+            if not data:
+                return None
+            self.raw += data
+            self.pending.extend(self.decoder.feed(data))
+        return self.pending.pop(0)
+
+    async def next_json(self) -> dict[str, Any] | None:
+        event = await self.next()
+        return None if event is None else json.loads(event.data)
+
+    async def all(self) -> list[dict[str, Any]]:
+        out = []
+        while (obj := await self.next_json()) is not None:
+            out.append(obj)
+        return out
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e.get("content", "") for e in events if e["type"] == "delta")
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Any) -> FakeUpstream:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.base_url = str(server.make_url("/v1"))
+    return fake
+
+
+RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def make_relay(aiohttp_client: Any, upstream: FakeUpstream) -> RelayFactory:
+    """Start the relay (real server, real client) against the fake upstream; overrides go to Config."""
+    async def factory(**overrides: Any) -> TestClient[web.Request, web.Application]:
+        settings: dict[str, Any] = {"upstream": upstream.base_url, "api_key": TEST_KEY, "model": "fake-model"}
+        settings.update(overrides)
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app(Config(**settings)))
+        return client
+    return factory
+
+
+@pytest.fixture
+async def relay(make_relay: RelayFactory) -> TestClient[web.Request, web.Application]:
+    return await make_relay()
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Await a condition the code under test makes true (bounded, so a bug fails instead of hanging)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
