@@ -36,7 +36,10 @@ def make_app(config: Config) -> web.Application:
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
     if web_root is not None:
         index = web_root / "index.html"
-        app.router.add_get("/", lambda _request: web.FileResponse(index))
+
+        async def page(_request: web.Request) -> web.StreamResponse:
+            return web.FileResponse(index)
+        app.router.add_get("/", page)
         app.router.add_static("/static/", web_root, show_index=False, follow_symlinks=False)
     return app
 

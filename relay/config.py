@@ -105,8 +105,8 @@ def _validate(c: Config) -> None:
     for name, count in counts.items():
         if count < 1:
             raise ConfigError(f"--{name} must be at least 1, not {count}")
-    for name, value in c.upstream_headers:
-        _check_header(name, value)
+    for header, header_value in c.upstream_headers:
+        _check_header(header, header_value)
     _check_header(c.api_key_header, "x")
     if c.api_key is not None:
         if not c.api_key or any(ch in c.api_key for ch in "\r\n\0"):
