@@ -6,6 +6,7 @@ Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from aiohttp import web
@@ -15,6 +16,8 @@ from relay.keys import CONFIG, REGISTRY
 from relay.response import EventStream, SlowClient
 from relay.streams import ResumeExpired, Stream, StreamLimit, parse_event_id
 from relay.validation import BadRequest, chat_request, parse_json
+
+log = logging.getLogger("relay.handlers")
 
 GET_PARAMS = frozenset({"prompt", "model", "lastEventId"})
 
@@ -139,12 +142,12 @@ async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamRe
     config: Config = request.app[CONFIG]
     resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
                        send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream.id}"})
-    stream.attach()
+    sub = stream.attach(pos)
     try:
         await resp.prepare(request)
         while True:
             try:
-                data, pos = stream.read_from(pos)
+                data = stream.read(sub)
             except ResumeExpired:
                 await resp.send_bytes(stream.end_event({
                     "type": "error", "code": "resume_expired", "retriable": False,
@@ -156,10 +159,12 @@ async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamRe
                 break
             else:
                 await stream.changed.wait()
-    except (ConnectionResetError, SlowClient):
+    except ConnectionResetError:
         pass
+    except SlowClient as exc:
+        log.warning("stream %s: %s (bound %d)", stream.id, exc, config.send_buffer)
     finally:
-        stream.detach()
+        stream.detach(sub)
         if resp.prepared:
             resp.stop_streaming()
     if resp.prepared:

@@ -8,12 +8,11 @@ abort of a stalled transport.  Two things it does differently from what we need:
    line becomes an empty message in decoders that dispatch on a blank line once an ``id`` was
    seen (the openai SDK, httpx-sse, @microsoft/fetch-event-source).  Our ``_ping`` writes a
    single comment line, and only after ``keepalive`` seconds of silence.
-2. A stalled client must not grow memory: before each write, if the bytes already queued
-   plus the new ones would pass ``send_buffer``, we wait (up to ``send_timeout``) for the
-   transport to drain, and abort the connection when it does not.
+2. A stalled client must not grow memory: bytes queued for it never pass ``send_buffer``;
+   when the client takes nothing for ``send_timeout`` the connection is aborted.
 
-Each write is one ``transport.write`` of whole events, so a keepalive can never land inside
-an event even though it is written from the ping task.
+The keepalive is written from the ping task, but never while a send is under way, so it
+can never land inside an event.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from aiohttp_sse import EventSourceResponse
 from relay.sse import comment
 
 KEEPALIVE = comment("keepalive")
+#: Chunked transfer framing around each write: hex length, CRLF, CRLF.
+_CHUNK_OVERHEAD = 16
 
 
 class SlowClient(Exception):
@@ -39,8 +40,14 @@ class EventStream(EventSourceResponse):
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(headers=headers, allow_all_methods=True, send_timeout=send_timeout,
                          ping_interval=keepalive)
-        self._send_buffer = send_buffer
+        # Writes go out in pieces of at most half the bound and wait while more than half is
+        # queued, so what is queued never passes the bound (see send_bytes).
+        self._high = max(send_buffer // 2, 2 * _CHUNK_OVERHEAD)
+        self._piece = self._high - _CHUNK_OVERHEAD
         self._last_write = 0.0
+        self._sending = False
+        #: The most bytes this response ever had queued in the transport (for the slow-client log).
+        self.peak_queued = 0
         # The library's default separator is CRLF; plain LF is what every decoder handles best
         # and is a byte shorter per line.
         self._sep = "\n"
@@ -50,43 +57,39 @@ class EventStream(EventSourceResponse):
         writer = await super().prepare(request)
         transport = request.transport
         if transport is not None:
-            # Writes pause above the bound; drain() resumes us below a quarter of it.
-            transport.set_write_buffer_limits(high=self._send_buffer)
+            # Above the mark the protocol pauses; drain() waits until it is resumed.
+            transport.set_write_buffer_limits(high=self._high)
         return writer
 
-    def queued(self) -> int:
-        """Bytes handed to the transport and not yet taken by the kernel."""
-        transport = self._req.transport if self._req is not None else None
-        return transport.get_write_buffer_size() if transport is not None else 0
-
     async def send_bytes(self, data: bytes) -> None:
-        """Write already-encoded events; abort the connection if the client stops reading."""
+        """Write already-encoded events; abort the connection if the client stops reading.
+
+        Pieces may split an event: the byte stream is the same, and the keepalive never
+        writes while a send is under way.
+        """
         transport = self._req.transport if self._req is not None else None
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
-        if transport.get_write_buffer_size() and transport.get_write_buffer_size() + len(data) > self._send_buffer:
-            try:
-                async with asyncio.timeout(self._send_timeout):
-                    assert self._payload_writer is not None
-                    while transport.get_write_buffer_size() and \
-                            transport.get_write_buffer_size() + len(data) > self._send_buffer:
-                        await self._payload_writer.drain()
-                        if transport.is_closing():
-                            raise ConnectionResetError("the client connection is closed")
-                        if transport.get_write_buffer_size() + len(data) > self._send_buffer:
-                            # drain() returns once the protocol resumes (below a quarter of the
-                            # bound), so one more pass settles it; yield to avoid a busy loop.
-                            await asyncio.sleep(0)
-            except TimeoutError:
-                self._abort_transport()
-                raise SlowClient("the client stopped reading; connection aborted") from None
-        self._last_write = asyncio.get_running_loop().time()
+        self._sending = True
         try:
-            async with asyncio.timeout(self._send_timeout):
-                await self.write(data)
+            view = memoryview(data)
+            for offset in range(0, len(data), self._piece):
+                piece = view[offset:offset + self._piece]
+                async with asyncio.timeout(self._send_timeout):
+                    while transport.get_write_buffer_size() > self._high:
+                        assert self._payload_writer is not None
+                        await self._payload_writer.drain()
+                    if transport.is_closing():
+                        raise ConnectionResetError("the client connection is closed")
+                    self.peak_queued = max(self.peak_queued,
+                                           transport.get_write_buffer_size() + len(piece) + _CHUNK_OVERHEAD)
+                    self._last_write = asyncio.get_running_loop().time()
+                    await self.write(piece)
         except TimeoutError:
             self._abort_transport()
-            raise SlowClient("the client stopped reading; connection aborted") from None
+            raise SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued") from None
+        finally:
+            self._sending = False
 
     async def _ping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,14 +98,13 @@ class EventStream(EventSourceResponse):
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
+            self._last_write = loop.time()
             transport = self._req.transport if self._req is not None else None
             if transport is None or transport.is_closing():
                 return
-            if transport.get_write_buffer_size() + len(KEEPALIVE) > self._send_buffer:
-                # The client is not reading; the event writer's timeout deals with it.
-                self._last_write = loop.time()
+            if self._sending or transport.get_write_buffer_size():
+                # Bytes are still on their way (or the client is not reading): not silence.
                 continue
-            self._last_write = loop.time()
             try:
                 await self.write(KEEPALIVE)
             except (ConnectionResetError, RuntimeError):

@@ -57,6 +57,15 @@ def dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+class Subscriber:
+    """One connected client's position: the sequence number of the next event it needs."""
+
+    __slots__ = ("pos",)
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+
 class Stream:
     """One generation: its producer task, its event log and its subscriber count."""
 
@@ -73,7 +82,7 @@ class Stream:
         self.next_seq = 0
         self.finished = False
         self.outcome = ""
-        self.subscribers = 0
+        self._subscribers: set[Subscriber] = set()
         self.changed = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
@@ -97,32 +106,47 @@ class Stream:
         self.next_seq += 1
         self._log_bytes += len(data)
         self._bytes += len(data)
-        if self._log_bytes > self._config.replay_bytes and len(self._events) > 1:
-            # Drop down to three quarters so eviction is amortised, never a shift per event.
-            keep = len(self._events)
-            target = self._config.replay_bytes * 3 // 4
-            while keep > 1 and self._log_bytes > target:
-                self._log_bytes -= len(self._events[len(self._events) - keep])
-                keep -= 1
-            dropped = len(self._events) - keep
-            del self._events[:dropped]
-            self._base += dropped
+
+    def _trim(self) -> None:
+        """Keep the log within ``replay_bytes``, but never drop what an attached client has yet to read.
+
+        A burst larger than the log must not cost a live reader its events; a reader that lags
+        by more than four logs' worth loses them (its next read is ``resume_expired``), so
+        memory stays bounded even before its send timeout aborts it.
+        """
+        limit = self._config.replay_bytes
+        if self._log_bytes <= limit:
+            return
+        floor = min((sub.pos for sub in self._subscribers), default=self.next_seq)
+        hard = self._log_bytes > 4 * limit
+        target = limit * 3 // 4  # drop down to three quarters so eviction is amortised
+        drop = 0
+        while (drop < len(self._events) - 1 and self._log_bytes > target
+               and (hard or self._base + drop < floor)):
+            self._log_bytes -= len(self._events[drop])
+            drop += 1
+        if drop:
+            del self._events[:drop]
+            self._base += drop
 
     def _publish(self) -> None:
+        self._trim()
         # One pulse per batch wakes every waiting subscriber once.
         self.changed.set()
         self.changed.clear()
 
-    def read_from(self, pos: int) -> tuple[bytes, int]:
-        """Everything from sequence ``pos`` on, joined, and the next position."""
+    def read(self, sub: Subscriber) -> bytes:
+        """Everything the subscriber has not yet read, joined; advances its position."""
+        pos = sub.pos
         if pos < self._base:
             raise ResumeExpired
         if pos >= self.next_seq:
-            return b"", pos
+            return b""
         start = pos - self._base
+        sub.pos = self.next_seq
         if start == len(self._events) - 1:
-            return self._events[start], self.next_seq
-        return b"".join(self._events[start:]), self.next_seq
+            return self._events[start]
+        return b"".join(self._events[start:])
 
     def end_event(self, obj: dict[str, Any]) -> bytes:
         """An event for one subscriber only (not in the log), after which it has nothing more to get."""
@@ -130,13 +154,19 @@ class Stream:
 
     # -- subscribers and cancellation ------------------------------------------------------
 
-    def attach(self) -> None:
-        self.subscribers += 1
-        self._disarm()
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
 
-    def detach(self) -> None:
-        self.subscribers -= 1
-        if self.subscribers == 0 and not self.finished:
+    def attach(self, pos: int) -> Subscriber:
+        sub = Subscriber(pos)
+        self._subscribers.add(sub)
+        self._disarm()
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        if not self._subscribers and not self.finished:
             grace = self._config.resume_grace
             if grace <= 0:
                 self.cancel("cancelled", "every client disconnected")

@@ -64,6 +64,9 @@ class FakeUpstream:
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     closed_after_chunks: int | None = None
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: False: every response closes its connection, so no idle keep-alive sockets blur fd counts.
+    keepalive: bool = True
+    server: Any = None
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -76,14 +79,23 @@ class FakeUpstream:
         self.headers.append(dict(request.headers))
         behaviour = self.behaviour or tokens(["Hello", ",", " world", "!"])
         try:
-            return await behaviour(request, self)
+            resp = await behaviour(request, self)
+            if not self.keepalive:
+                resp.force_close()
+            return resp
         except asyncio.CancelledError:
             self.closed_after_chunks = self.chunks_sent
             self.closed.set()
             raise
+        except ConnectionResetError:  # the relay closed while we were writing: the same event
+            self.closed_after_chunks = self.chunks_sent
+            self.closed.set()
+            return web.Response()
 
     async def start_stream(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req-fake-1"})
+        if not self.keepalive:
+            resp.force_close()
         await resp.prepare(request)
         return resp
 
@@ -142,6 +154,11 @@ class SSEClient:
         return out
 
 
+def open_connections(*servers: Any) -> int:
+    """Connections the given aiohttp test servers hold open right now."""
+    return sum(len(server.runner.server.connections) for server in servers)
+
+
 def text_of(events: list[dict[str, Any]]) -> str:
     return "".join(e.get("content", "") for e in events if e["type"] == "delta")
 
@@ -150,6 +167,7 @@ def text_of(events: list[dict[str, Any]]) -> str:
 async def upstream(aiohttp_server: Any) -> FakeUpstream:
     fake = FakeUpstream()
     server = await aiohttp_server(fake.app())
+    fake.server = server
     fake.base_url = str(server.make_url("/v1"))
     return fake
 
@@ -173,11 +191,14 @@ async def relay(make_relay: RelayFactory) -> TestClient[web.Request, web.Applica
     return await make_relay()
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
     """Await a condition the code under test makes true (bounded, so a bug fails instead of hanging)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
+    try:
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"condition not reached within {timeout} s: {what or predicate}")
 
 
 @pytest.fixture
