@@ -65,6 +65,15 @@ class Chunk:
     obj: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A non-streamed answer: the body exactly as sent, its parsed JSON and the upstream's request id."""
+
+    raw: bytes
+    obj: dict[str, Any]
+    request_id: str | None
+
+
 class UpstreamResponse:
     """One streamed answer.  ``await read()`` returns the next batch of chunks, ``[]`` at the end."""
 
@@ -184,21 +193,59 @@ class UpstreamClient:
 
     async def open(self, body: dict[str, Any]) -> UpstreamResponse:
         """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + min(self._config.first_token_timeout, self._config.total_timeout)
+        started = asyncio.get_running_loop().time()
+        limit = min(self._config.first_token_timeout, self._config.total_timeout)
+        resp = await self._post(body, "text/event-stream", started + limit,
+                                f"the upstream sent no answer within the first-token timeout ({limit:g} s)")
+        ctype = resp.headers.get("Content-Type", "")
+        if not ctype.startswith("text/event-stream"):
+            resp.close()
+            raise UpstreamError("upstream_error",
+                                f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
+                                "not an event stream", status=resp.status, retriable=False,
+                                request_id=_request_id(resp.headers))
+        return UpstreamResponse(resp, self._config, started)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
+        deadline = asyncio.get_running_loop().time() + self._config.total_timeout
+        too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
+        resp = await self._post(body, "application/json", deadline, too_late)
+        request_id = _request_id(resp.headers)
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.content.read(self._config.max_upstream_event + 1)
+        except TimeoutError:
+            raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
+                                retriable=True, request_id=request_id) from exc
+        finally:
+            resp.close()
+        if len(raw) > self._config.max_upstream_event:
+            raise UpstreamError("upstream_error", "the upstream's answer is larger than --max-upstream-event",
+                                request_id=request_id)
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise UpstreamError("upstream_error", "the upstream's answer is not a JSON object",
+                                retriable=True, request_id=request_id)
+        if obj.get("error"):
+            raise _error_from_body(obj, status=None, request_id=request_id, midstream=False)
+        return Completion(raw, obj, request_id)
+
+    async def _post(self, body: dict[str, Any], accept: str, deadline: float,
+                    too_late: str) -> aiohttp.ClientResponse:
+        """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx."""
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    self.url, data=payload, headers=self._headers, params=self._params, timeout=self._timeout
-                )
+                resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
+                                                params=self._params, timeout=self._timeout)
         except TimeoutError:
-            raise UpstreamError(
-                "upstream_timeout",
-                f"the upstream sent no answer within the first-token timeout ({self._config.first_token_timeout:g} s)",
-                retriable=True,
-            ) from None
+            raise UpstreamError("upstream_timeout", too_late, retriable=True) from None
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or type(exc.os_error).__name__
             raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
@@ -211,14 +258,7 @@ class UpstreamClient:
                 raise await _error_from_response(resp)
             finally:
                 resp.close()
-        ctype = resp.headers.get("Content-Type", "")
-        if not ctype.startswith("text/event-stream"):
-            resp.close()
-            raise UpstreamError("upstream_error",
-                                f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
-                                "not an event stream", status=resp.status, retriable=False,
-                                request_id=_request_id(resp.headers))
-        return UpstreamResponse(resp, self._config, started)
+        return resp
 
 
 def _request_id(headers: Any) -> str | None:
