@@ -219,12 +219,18 @@ async def _stream(request: web.Request, req: CompletionsRequest, record: Record)
     except (ConnectionResetError, SlowClient):
         record.outcome = "cancelled"
     except asyncio.CancelledError:
-        if request.app[LIVE].shutting_down and out is not None:
-            with suppress(Exception):
-                await out.send_bytes(encode(json.dumps({"error": {
-                    "message": "the relay is shutting down; retry the request", "type": "server_error",
-                    "param": None, "code": "shutdown"}})))
-        raise
+        task = asyncio.current_task()
+        if not (request.app[LIVE].shutting_down and task is not None and task.uncancel() == 0):
+            raise
+        # Only our own shutdown cancel (Live.cancel_all) is handled: the client gets an answer it
+        # can act on and a cleanly ended response instead of a cut connection.
+        record.outcome = "shutdown"
+        message = "the relay is shutting down; retry the request"
+        if out is None:
+            return _error(503, message, code="shutdown", headers={"Retry-After": "1"})
+        with suppress(ConnectionResetError, SlowClient):
+            await out.send_bytes(encode(json.dumps({"error": {
+                "message": message, "type": "server_error", "param": None, "code": "shutdown"}})))
     finally:
         if upstream is not None:
             upstream.close()
