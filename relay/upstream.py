@@ -87,6 +87,7 @@ class UpstreamResponse:
         self._total_deadline = started + config.total_timeout
         self._got_chunk = False
         self._ended = False
+        self._failed: UpstreamError | None = None
         self.status = resp.status
         self.headers = resp.headers
         self.request_id = _request_id(resp.headers)
@@ -94,6 +95,9 @@ class UpstreamResponse:
         self.usage: dict[str, Any] | None = None
 
     async def read(self) -> list[Chunk]:
+        if self._failed is not None:
+            self._ended = True
+            raise self._failed
         loop = asyncio.get_running_loop()
         while not self._ended:
             if self._got_chunk:
@@ -125,6 +129,16 @@ class UpstreamResponse:
 
     def _chunks(self, events: list[Any]) -> list[Chunk]:
         chunks: list[Chunk] = []
+        try:
+            self._parse(events, chunks)
+        except UpstreamError as exc:
+            if not chunks:
+                raise
+            # The chunks before the failure arrived in the same read: deliver them, fail next time.
+            self._failed = exc
+        return chunks
+
+    def _parse(self, events: list[Any], chunks: list[Chunk]) -> None:
         for event in events:
             data: str = event.data
             if data == "[DONE]":
@@ -147,7 +161,6 @@ class UpstreamResponse:
                 self.usage = obj["usage"]
             self._got_chunk = True
             chunks.append(Chunk(data, obj))
-        return chunks
 
     def _at_eof(self) -> list[Chunk]:
         self._ended = True
