@@ -246,3 +246,24 @@ async def test_httpx_sse_reads_the_stream(relay: Client, path: str, body: dict[s
         assert json.loads(data[-1])["type"] == "done"
     else:
         assert data[-1] == "[DONE]"
+
+
+@pytest.mark.parametrize(("argv", "environ", "models"), [
+    (["--allow-model", "a", "--allow-model", "b"], {}, ("a", "b")),
+    ([], {"RELAY_MODELS": "a, b,"}, ("a", "b")),
+    (["--allow-model", "c"], {"RELAY_MODELS": "a,b"}, ("c",)),
+    ([], {}, ()),
+], ids=["flags", "env", "flags-over-env", "none"])
+def test_allow_model_flag_and_environment_build_the_allowlist(argv: list[str], environ: dict[str, str],
+                                                               models: tuple[str, ...]) -> None:
+    from relay.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", *argv])
+    assert config_from_args(args, environ).models == models
+
+
+def test_default_model_outside_the_allowlist_is_a_config_error() -> None:
+    from relay.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="--model 'x' is not one of the allowed models"):
+        Config(model="x", models=("a",))
