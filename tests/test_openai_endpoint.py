@@ -49,10 +49,12 @@ async def test_every_documented_parameter_is_forwarded_as_sent(relay: Client, up
         "response_format": {"type": "json_object"}, "parallel_tool_calls": True, "tool_choice": "auto",
         "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
     }
-    resp = await relay.post("/v1/chat/completions", json=body)
+    resp = await relay.post("/v1/chat/completions", json=body, headers={"Authorization": "Bearer client-key"})
     assert resp.status == 200
     await resp.read()
     assert upstream.requests[0] == body
+    # Upstream, only the relay's own key travels; the client's credentials never do.
+    assert upstream.headers[0]["Authorization"] == f"Bearer {TEST_KEY}"
 
 
 @pytest.mark.parametrize("field", ["top_k", "api_key", "base_url"])
