@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay import handlers
+from relay import handlers, openai_api
 from relay.config import Config
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.keys import CONFIG, REGISTRY, SESSION, UPSTREAM
@@ -32,6 +32,11 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/chat", handlers.get_chat, allow_head=False)
     app.router.add_get("/chat/{id}", handlers.get_stream, allow_head=False)
     app.router.add_delete("/chat/{id}", handlers.delete_stream)
+    app[openai_api.LIVE] = openai_api.Live()
+    app.on_shutdown.append(openai_api.cancel_live)
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_get("/v1/models", openai_api.list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", openai_api.get_model, allow_head=False)
     app.router.add_get("/healthz", _healthz, allow_head=True)
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
     if web_root is not None:

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="extra header sent upstream (repeatable)")
     serve.add_argument("--upstream-query", action="append", default=None, metavar="NAME=VALUE",
                        help="extra query parameter sent upstream, e.g. api-version=2024-10-21 (repeatable)")
+    serve.add_argument("--allow-model", dest="models", action="append", default=None, metavar="MODEL",
+                       help="a model clients may name (repeatable; default: any); GET /v1/models lists them "
+                       "[RELAY_MODELS, comma-separated]")
     serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
                        help="do not ask the upstream for stream_options.include_usage (for upstreams that "
                        "reject it)")
@@ -113,6 +116,14 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["upstream_query"] = parse_pairs(args.upstream_query, "=", "--upstream-query")
     elif "upstream_query" in values:
         values["upstream_query"] = parse_pairs(list(values["upstream_query"]), "=", "upstream-query")
+    if args.models is not None:
+        values["models"] = tuple(args.models)
+    elif environ.get("RELAY_MODELS"):
+        values["models"] = tuple(m.strip() for m in environ["RELAY_MODELS"].split(",") if m.strip())
+    elif "models" in values:
+        if not isinstance(values["models"], list):
+            raise ConfigError("the config file's 'models' must be a list of model names")
+        values["models"] = tuple(values["models"])
     if args.stream_usage is not None:
         values["stream_usage"] = args.stream_usage
     values["api_key"] = read_api_key(key_file, environ)

@@ -39,6 +39,8 @@ class Config:
     #: (Azure OpenAI wants ``api-key``).
     api_key_header: str = "Authorization"
     model: str | None = None
+    #: The models clients may name (``--allow-model``); empty allows any.  ``/v1/models`` lists them.
+    models: tuple[str, ...] = ()
     upstream_headers: tuple[tuple[str, str], ...] = ()
     upstream_query: tuple[tuple[str, str], ...] = ()
     #: Ask for ``stream_options.include_usage`` so the stream's log line has token counts;
@@ -105,6 +107,12 @@ def _validate(c: Config) -> None:
     for name, count in counts.items():
         if count < 1:
             raise ConfigError(f"--{name} must be at least 1, not {count}")
+    for name in c.models:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"--allow-model must name a model, not {name!r}")
+    if c.models and c.model is not None and c.model not in c.models:
+        raise ConfigError(f"--model {c.model!r} is not one of the allowed models (--allow-model): "
+                          f"{', '.join(c.models)}")
     for header, header_value in c.upstream_headers:
         _check_header(header, header_value)
     _check_header(c.api_key_header, "x")

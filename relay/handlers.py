@@ -52,7 +52,7 @@ def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
     config = request.app[CONFIG]
     registry = request.app[REGISTRY]
     model, upstream_body = chat_request(body, default_model=registry.default_model,
-                                        stream_usage=config.stream_usage)
+                                        stream_usage=config.stream_usage, models=config.models)
     return registry.create(model=model, body=upstream_body,
                            wait_for_subscriber=config.attach_timeout if wait else None)
 

@@ -15,46 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import aiohttp
 
 from relay.config import Config
 from relay.sse import EventTooLarge, SSEDecoder
+from relay.upstream_errors import UpstreamError, error_from_body, error_from_response, request_id_of
 
-#: How much of an error body is read: enough for any JSON error, bounded against a hostile upstream.
-ERROR_BODY_LIMIT: Final = 64 * 1024
-_REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "apim-request-id", "x-ms-request-id")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-
-
-class UpstreamError(Exception):
-    """The upstream failed; ``code`` is one of the /chat error codes, ``status`` its HTTP status."""
-
-    def __init__(
-        self,
-        code: str,
-        message: str,
-        *,
-        status: int | None = None,
-        retriable: bool = False,
-        retry_after: str | None = None,
-        retry_after_ms: str | None = None,
-        request_id: str | None = None,
-        body: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.status = status
-        self.retriable = retriable
-        self.retry_after = retry_after
-        self.retry_after_ms = retry_after_ms
-        self.request_id = request_id
-        #: The upstream's OpenAI-shaped error object, for the /v1 pass-through (None when unsafe to pass).
-        self.body = body
+__all__ = ["Chunk", "Completion", "UpstreamClient", "UpstreamError", "UpstreamResponse"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +33,15 @@ class Chunk:
 
     data: str
     obj: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A non-streamed answer: the body exactly as sent, its parsed JSON and the upstream's request id."""
+
+    raw: bytes
+    obj: dict[str, Any]
+    request_id: str | None
 
 
 class UpstreamResponse:
@@ -78,13 +57,17 @@ class UpstreamResponse:
         self._total_deadline = started + config.total_timeout
         self._got_chunk = False
         self._ended = False
+        self._failed: UpstreamError | None = None
         self.status = resp.status
         self.headers = resp.headers
-        self.request_id = _request_id(resp.headers)
+        self.request_id = request_id_of(resp.headers)
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
 
     async def read(self) -> list[Chunk]:
+        if self._failed is not None:
+            self._ended = True
+            raise self._failed
         loop = asyncio.get_running_loop()
         while not self._ended:
             if self._got_chunk:
@@ -116,6 +99,16 @@ class UpstreamResponse:
 
     def _chunks(self, events: list[Any]) -> list[Chunk]:
         chunks: list[Chunk] = []
+        try:
+            self._parse(events, chunks)
+        except UpstreamError as exc:
+            if not chunks:
+                raise
+            # The chunks before the failure arrived in the same read: deliver them, fail next time.
+            self._failed = exc
+        return chunks
+
+    def _parse(self, events: list[Any], chunks: list[Chunk]) -> None:
         for event in events:
             data: str = event.data
             if data == "[DONE]":
@@ -130,7 +123,7 @@ class UpstreamResponse:
                 raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
                                     retriable=True, request_id=self.request_id)
             if "error" in obj and obj["error"]:
-                raise _error_from_body(obj, status=None, request_id=self.request_id, midstream=True)
+                raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True)
             for choice in obj.get("choices") or ():
                 if isinstance(choice, dict) and choice.get("finish_reason"):
                     self.finish_reason = str(choice["finish_reason"])
@@ -138,7 +131,6 @@ class UpstreamResponse:
                 self.usage = obj["usage"]
             self._got_chunk = True
             chunks.append(Chunk(data, obj))
-        return chunks
 
     def _at_eof(self) -> list[Chunk]:
         self._ended = True
@@ -184,21 +176,59 @@ class UpstreamClient:
 
     async def open(self, body: dict[str, Any]) -> UpstreamResponse:
         """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        deadline = started + min(self._config.first_token_timeout, self._config.total_timeout)
+        started = asyncio.get_running_loop().time()
+        limit = min(self._config.first_token_timeout, self._config.total_timeout)
+        resp = await self._post(body, "text/event-stream", started + limit,
+                                f"the upstream sent no answer within the first-token timeout ({limit:g} s)")
+        ctype = resp.headers.get("Content-Type", "")
+        if not ctype.startswith("text/event-stream"):
+            resp.close()
+            raise UpstreamError("upstream_error",
+                                f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
+                                "not an event stream", status=resp.status, retriable=False,
+                                request_id=request_id_of(resp.headers))
+        return UpstreamResponse(resp, self._config, started)
+
+    async def complete(self, body: dict[str, Any]) -> Completion:
+        """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
+        deadline = asyncio.get_running_loop().time() + self._config.total_timeout
+        too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
+        resp = await self._post(body, "application/json", deadline, too_late)
+        request_id = request_id_of(resp.headers)
+        try:
+            async with asyncio.timeout_at(deadline):
+                raw = await resp.content.read(self._config.max_upstream_event + 1)
+        except TimeoutError:
+            raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
+                                retriable=True, request_id=request_id) from exc
+        finally:
+            resp.close()
+        if len(raw) > self._config.max_upstream_event:
+            raise UpstreamError("upstream_error", "the upstream's answer is larger than --max-upstream-event",
+                                request_id=request_id)
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise UpstreamError("upstream_error", "the upstream's answer is not a JSON object",
+                                retriable=True, request_id=request_id)
+        if obj.get("error"):
+            raise error_from_body(obj, status=None, request_id=request_id, midstream=False)
+        return Completion(raw, obj, request_id)
+
+    async def _post(self, body: dict[str, Any], accept: str, deadline: float,
+                    too_late: str) -> aiohttp.ClientResponse:
+        """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx."""
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(
-                    self.url, data=payload, headers=self._headers, params=self._params, timeout=self._timeout
-                )
+                resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
+                                                params=self._params, timeout=self._timeout)
         except TimeoutError:
-            raise UpstreamError(
-                "upstream_timeout",
-                f"the upstream sent no answer within the first-token timeout ({self._config.first_token_timeout:g} s)",
-                retriable=True,
-            ) from None
+            raise UpstreamError("upstream_timeout", too_late, retriable=True) from None
         except aiohttp.ClientConnectorError as exc:
             reason = exc.os_error.strerror or type(exc.os_error).__name__
             raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
@@ -208,83 +238,7 @@ class UpstreamClient:
                                 status=None, retriable=True) from None
         if resp.status >= 300:
             try:
-                raise await _error_from_response(resp)
+                raise await error_from_response(resp)
             finally:
                 resp.close()
-        ctype = resp.headers.get("Content-Type", "")
-        if not ctype.startswith("text/event-stream"):
-            resp.close()
-            raise UpstreamError("upstream_error",
-                                f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
-                                "not an event stream", status=resp.status, retriable=False,
-                                request_id=_request_id(resp.headers))
-        return UpstreamResponse(resp, self._config, started)
-
-
-def _request_id(headers: Any) -> str | None:
-    for name in _REQUEST_ID_HEADERS:
-        value = headers.get(name)
-        if value:
-            return str(value)[:200]
-    return None
-
-
-async def _error_from_response(resp: aiohttp.ClientResponse) -> UpstreamError:
-    request_id = _request_id(resp.headers)
-    retry_after = resp.headers.get("retry-after")
-    retry_after_ms = resp.headers.get("retry-after-ms")
-    status = resp.status
-    if status in (401, 403):
-        # The relay's own credentials failed.  Never pass the upstream's text on: OpenAI's 401
-        # message quotes part of the key.
-        return UpstreamError(
-            "upstream_error",
-            f"the upstream rejected the relay's credentials (HTTP {status}); "
-            "the relay's API key or upstream configuration needs fixing",
-            status=status, retriable=False, request_id=request_id,
-        )
-    try:
-        raw = await resp.content.read(ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
-        raw = b""
-    retriable = status == 429 or status >= 500
-    obj: Any = None
-    if "json" in resp.headers.get("Content-Type", ""):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            obj = None
-    if isinstance(obj, dict) and obj.get("error"):
-        err = _error_from_body(obj, status=status, request_id=request_id, midstream=False)
-        err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
-        return err
-    reason = resp.reason or "error"
-    return UpstreamError(
-        "upstream_error", f"the upstream answered HTTP {status} {reason}",
-        status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
-        request_id=request_id,
-    )
-
-
-def _error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str | None,
-                     midstream: bool) -> UpstreamError:
-    """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError."""
-    err = obj["error"]
-    if isinstance(err, dict):
-        message = str(err.get("message") or "no message")
-        code = err.get("code")
-        if status is None and isinstance(code, int) and 400 <= code < 600:
-            status = code
-        body = {"error": {"message": message, "type": err.get("type"), "param": err.get("param"),
-                          "code": code}}
-    else:
-        message = str(err)
-        body = {"error": {"message": message, "type": None, "param": None, "code": None}}
-    message = _CONTROL.sub(" ", message)[:500]
-    body["error"]["message"] = message
-    where = "mid-answer" if midstream else f"HTTP {status}"
-    return UpstreamError(
-        "upstream_error", f"the upstream reported an error ({where}): {message}",
-        status=status, retriable=midstream or (status is not None and (status == 429 or status >= 500)),
-        request_id=request_id, body=body,
-    )
+        return resp

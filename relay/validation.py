@@ -87,7 +87,21 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return value
 
 
-def chat_request(body: Any, *, default_model: str | None, stream_usage: bool) -> tuple[str, dict[str, Any]]:
+def check_model(body: dict[str, Any], default_model: str | None, models: tuple[str, ...]) -> str:
+    """The model the request names (or the default); 400 naming it when the allowlist excludes it."""
+    model = body.get("model", default_model)
+    if model is None:
+        raise BadRequest("'model' is required: this relay has no default model (--model)", "model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest("'model' must be a non-empty string", "model")
+    if models and model not in models:
+        raise BadRequest(f"the model '{model}' is not available on this relay; available: {', '.join(models)}",
+                         "model")
+    return model
+
+
+def chat_request(body: Any, *, default_model: str | None, stream_usage: bool,
+                 models: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
     """A /chat body → (model, upstream request body with ``stream: true``)."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with 'messages' or 'prompt'")
@@ -104,11 +118,7 @@ def chat_request(body: Any, *, default_model: str | None, stream_usage: bool) ->
         messages: list[dict[str, Any]] = [{"role": "user", "content": prompt}]
     else:
         messages = _messages(body["messages"])
-    model = body.get("model", default_model)
-    if model is None:
-        raise BadRequest("'model' is required: this relay has no default model (--model)", "model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadRequest("'model' must be a non-empty string", "model")
+    model = check_model(body, default_model, models)
     out: dict[str, Any] = {"model": model, "messages": messages}
     for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
         if key in body:

@@ -1,0 +1,71 @@
+"""Checks a ``/v1/chat/completions`` body and turns it into the upstream request body.
+
+The relay holds the key, so it decides which parameters travel: the documented
+chat-completions parameters below are forwarded as sent; any other field is a 400 naming it
+(in OpenAI's error shape), so a typo or a vendor extension never reaches a paid API silently.
+Values are the upstream's to judge (it answers a 400 that the relay passes on); only what the
+relay itself relies on is checked here: ``model``, ``messages``, ``stream``, ``stream_options``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from relay.validation import BadRequest, check_model
+
+#: OpenAI's chat-completions request parameters (openai-python's CompletionCreateParams).
+FORWARDED: Final = frozenset({
+    "messages", "model", "stream", "stream_options",
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
+    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
+    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options",
+    "prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier", "seed",
+    "service_tier", "stop", "store", "temperature", "tool_choice", "tools", "top_logprobs", "top_p",
+    "user", "verbosity", "web_search_options",
+})
+ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionsRequest:
+    model: str
+    #: What the relay sends upstream.
+    body: dict[str, Any]
+    stream: bool
+    #: The client asked for the usage chunk (``stream_options.include_usage``).
+    client_usage: bool
+
+
+def completions_request(body: Any, *, default_model: str | None, models: tuple[str, ...],
+                        stream_usage: bool) -> CompletionsRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object with 'messages' and 'model'")
+    for key in body:
+        if key not in FORWARDED:
+            raise BadRequest(f"Unrecognized request argument supplied: {key} (this relay forwards only "
+                             "the documented chat-completions parameters)", key)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of message objects", "messages")
+    for i, msg in enumerate(messages):
+        # Message fields are the upstream's to judge: SDKs echo back whole assistant messages
+        # (refusal, annotations, audio, ...), and rejecting those would break existing clients.
+        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+            raise BadRequest(f"'messages[{i}]' must be an object whose 'role' is one of "
+                             f"{', '.join(sorted(ROLES))}", f"messages[{i}]")
+    model = check_model(body, default_model, models)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest("'stream' must be true or false", "stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    client_usage = bool(options and options.get("include_usage") is True)
+    out = dict(body)
+    out["model"] = model
+    if stream and stream_usage:
+        # The relay's own log line wants token counts; the extra usage chunk is removed again
+        # for a client that did not ask for it.
+        out["stream_options"] = {**(options or {}), "include_usage": True}
+    return CompletionsRequest(model=model, body=out, stream=bool(stream), client_usage=client_usage)

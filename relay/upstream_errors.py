@@ -1,0 +1,115 @@
+"""Upstream failures: the one exception, and the mapping of HTTP error answers and error objects to it.
+
+An upstream 401/403 is the relay's own credentials failing; its text is never passed on
+(OpenAI's 401 message quotes part of the key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any, Final
+
+import aiohttp
+
+#: How much of an error body is read: enough for any JSON error, bounded against a hostile upstream.
+ERROR_BODY_LIMIT: Final = 64 * 1024
+_REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "apim-request-id", "x-ms-request-id")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class UpstreamError(Exception):
+    """The upstream failed; ``code`` is one of the /chat error codes, ``status`` its HTTP status."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retriable: bool = False,
+        retry_after: str | None = None,
+        retry_after_ms: str | None = None,
+        request_id: str | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+        self.retriable = retriable
+        self.retry_after = retry_after
+        self.retry_after_ms = retry_after_ms
+        self.request_id = request_id
+        #: The upstream's OpenAI-shaped error object, for the /v1 pass-through (None when unsafe to pass).
+        self.body = body
+
+
+def request_id_of(headers: Any) -> str | None:
+    for name in _REQUEST_ID_HEADERS:
+        value = headers.get(name)
+        if value:
+            return str(value)[:200]
+    return None
+
+
+async def error_from_response(resp: aiohttp.ClientResponse) -> UpstreamError:
+    request_id = request_id_of(resp.headers)
+    retry_after = resp.headers.get("retry-after")
+    retry_after_ms = resp.headers.get("retry-after-ms")
+    status = resp.status
+    if status in (401, 403):
+        # The relay's own credentials failed.  Never pass the upstream's text on: OpenAI's 401
+        # message quotes part of the key.
+        return UpstreamError(
+            "upstream_error",
+            f"the upstream rejected the relay's credentials (HTTP {status}); "
+            "the relay's API key or upstream configuration needs fixing",
+            status=status, retriable=False, request_id=request_id,
+        )
+    try:
+        raw = await resp.content.read(ERROR_BODY_LIMIT)
+    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
+        raw = b""
+    retriable = status == 429 or status >= 500
+    obj: Any = None
+    if "json" in resp.headers.get("Content-Type", ""):
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+    if isinstance(obj, dict) and obj.get("error"):
+        err = error_from_body(obj, status=status, request_id=request_id, midstream=False)
+        err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
+        return err
+    reason = resp.reason or "error"
+    return UpstreamError(
+        "upstream_error", f"the upstream answered HTTP {status} {reason}",
+        status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
+        request_id=request_id,
+    )
+
+
+def error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str | None,
+                     midstream: bool) -> UpstreamError:
+    """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError."""
+    err = obj["error"]
+    if isinstance(err, dict):
+        message = str(err.get("message") or "no message")
+        code = err.get("code")
+        if status is None and isinstance(code, int) and 400 <= code < 600:
+            status = code
+        body = {"error": {"message": message, "type": err.get("type"), "param": err.get("param"),
+                          "code": code}}
+    else:
+        message = str(err)
+        body = {"error": {"message": message, "type": None, "param": None, "code": None}}
+    message = _CONTROL.sub(" ", message)[:500]
+    body["error"]["message"] = message
+    where = "mid-answer" if midstream else f"HTTP {status}"
+    return UpstreamError(
+        "upstream_error", f"the upstream reported an error ({where}): {message}",
+        status=status, retriable=midstream or (status is not None and (status == 429 or status >= 500)),
+        request_id=request_id, body=body,
+    )
