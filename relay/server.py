@@ -51,7 +51,7 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
 
 def _url(sockname: Any) -> str:
     if isinstance(sockname, (str, bytes)):  # an AF_UNIX ListenStream= path
-        return f"unix:{sockname!r}"
+        return f"unix:{sockname!s}"
     host, port = sockname[0], sockname[1]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 

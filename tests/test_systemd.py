@@ -120,3 +120,20 @@ async def test_chat_is_served_on_a_socket_inherited_from_systemd(tmp_path: Path,
             async with session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"}) as resp:
                 events = await SSEClient(resp).all()
             assert text_of(events) == "through fd 3" and events[-1]["type"] == "done"
+
+
+async def test_the_key_comes_from_the_systemd_credential_and_stays_out_of_the_log(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    credentials = tmp_path / "credentials"  # what LoadCredential=openai-api-key:... provides
+    credentials.mkdir()
+    (credentials / "openai-api-key").write_text("sk-from-credential-0123456789\n")
+    async with spawn_relay(tmp_path, upstream, notify=notify,
+                           env={"CREDENTIALS_DIRECTORY": str(credentials)}) as relay, \
+            aiohttp.ClientSession() as session:
+        port = port_of(await notify.until("READY"))
+        async with session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"}) as resp:
+            assert (await SSEClient(resp).all())[-1]["type"] == "done"
+        relay.proc.send_signal(signal.SIGTERM)
+        assert await relay.exit_status() == 0
+    assert upstream.headers[0]["Authorization"] == "Bearer sk-from-credential-0123456789"
+    assert "sk-from-credential" not in relay.output()
