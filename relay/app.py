@@ -10,6 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from relay import handlers, openai_api
+from relay.health import PROBE, ReadinessProbe, healthz, readyz
 from relay.config import Config
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.keys import CONFIG, REGISTRY, SESSION, UPSTREAM
@@ -37,7 +38,8 @@ def make_app(config: Config) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai_api.get_model, allow_head=False)
-    app.router.add_get("/healthz", _healthz, allow_head=True)
+    app.router.add_get("/healthz", healthz, allow_head=True)
+    app.router.add_get("/readyz", readyz, allow_head=True)
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
     if web_root is not None:
         index = web_root / "index.html"
@@ -66,9 +68,11 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     app[SESSION] = session
     app[UPSTREAM] = upstream
     app[REGISTRY] = Registry(config, upstream, demo=config.upstream is None, default_model=default_model)
+    app[PROBE] = ReadinessProbe(upstream)
     try:
         yield
     finally:
+        await app[PROBE].close()
         await app[REGISTRY].close()
         await session.close()
         if demo_runner is not None:
@@ -79,8 +83,3 @@ async def _cancel_streams(app: web.Application) -> None:
     # Runs before aiohttp waits for handlers: each running stream ends with a retriable
     # ``shutdown`` error (with a retry: hint), so its subscribers' handlers finish.
     await app[REGISTRY].close()
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY]
-    return web.json_response({"status": "ok", "live_streams": registry.live})

@@ -44,6 +44,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--send-buffer", "send_buffer", int, None, "bytes queued for one client before the relay waits for it"),
     ("--send-timeout", "send_timeout", float, None, "seconds a client may leave its buffer full before it is cut"),
     ("--backlog", "backlog", int, None, "listen backlog (absorbs bursts of connects)"),
+    ("--drain-timeout", "drain_timeout", float, "RELAY_DRAIN_TIMEOUT",
+     "on SIGTERM, seconds streams in flight may run on before they end with a retriable 'shutdown' error"),
     ("--demo-token-delay", "demo_token_delay", float, None, "seconds between the demo model's tokens"),
     ("--web-root", "web_root", Path, None, "directory of the chat page (default: the web/ beside the package)"),
 ]

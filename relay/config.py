@@ -63,6 +63,9 @@ class Config:
     send_buffer: int = 256 * KIB
     send_timeout: float = 30.0
     backlog: int = 4096
+    #: On SIGTERM, seconds that streams in flight may keep running before they end with a retriable
+    #: ``shutdown`` error (deploy/relay.service's TimeoutStopSec= must stay above it).
+    drain_timeout: float = 20.0
     demo_token_delay: float = 0.03
     web_root: Path | None = None
 
@@ -97,6 +100,8 @@ def _validate(c: Config) -> None:
             raise ConfigError(f"--{name} must be a positive number of seconds, not {value}")
     if not (c.resume_grace >= 0 and math.isfinite(c.resume_grace)):
         raise ConfigError(f"--resume-grace must be zero or a positive number of seconds, not {c.resume_grace}")
+    if not (c.drain_timeout >= 0 and math.isfinite(c.drain_timeout)):
+        raise ConfigError(f"--drain-timeout must be zero or a positive number of seconds, not {c.drain_timeout}")
     if c.demo_token_delay < 0:
         raise ConfigError("--demo-token-delay must not be negative")
     counts = {

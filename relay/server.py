@@ -1,8 +1,10 @@
-"""Run the app on a real socket until SIGTERM or SIGINT, then shut down in order.
+"""Run the app on real sockets until SIGTERM or SIGINT, then shut down in order.
 
-Shutdown reads top to bottom: stop accepting; cancel running streams with a retriable
-``shutdown`` error (so EventSource clients come back); give handlers a moment to send it;
-close the rest.
+The sockets are systemd's when socket-activated (relay.socket), else our own TCP listener.
+Under systemd (Type=notify) we say READY=1 once listening, ping the watchdog from the event
+loop and say STOPPING=1 when shutdown begins.  ``shutdown()`` is the whole sequence, top to
+bottom: stop accepting, let streams in flight finish up to the drain timeout, end the rest
+with a retriable ``shutdown`` error (with a ``retry:`` hint, so clients come back), close.
 """
 
 from __future__ import annotations
@@ -10,52 +12,126 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
+from relay import systemd
 from relay.app import make_app
 from relay.config import Config
+from relay.keys import REGISTRY
+from relay.streams import Registry
 
 log = logging.getLogger("relay")
 
+#: How long aiohttp waits for each handler to send its last event once the streams are closed.
+HANDLER_GRACE = 5.0
 
-async def start(config: Config) -> tuple[web.AppRunner, list[str]]:
-    """Start listening; returns the runner and the URLs it listens on."""
+
+async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[web.AppRunner, list[str]]:
+    """Start serving on ``sockets`` (inherited, already listening) or on config.host:port."""
     app = make_app(config)
     # aiohttp's run_app leaves handler cancellation off: without it a client that goes away
     # while the upstream is silent is only noticed at the next write, and the upstream bills on.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True)
+    sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
+    if not sites:
+        sites.append(web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True))
     try:
-        await site.start()
+        for site in sites:
+            await site.start()
     except OSError as exc:
         await runner.cleanup()
         raise SystemExit(f"relay: error: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
-    urls = [_url(address) for address in runner.addresses]
-    return runner, urls
+    return runner, [_url(address) for address in runner.addresses]
 
 
 def _url(sockname: Any) -> str:
+    if isinstance(sockname, (str, bytes)):  # an AF_UNIX ListenStream= path
+        return f"unix:{sockname!s}"
     host, port = sockname[0], sockname[1]
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+class _Signals:
+    """The first SIGTERM/SIGINT starts the shutdown; a second one cuts the drain short."""
+
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def received(self) -> None:
+        (self.hurry if self.stop.is_set() else self.stop).set()
+
+
 async def serve(config: Config) -> None:
-    runner, urls = await start(config)
-    log.info("relay listening on %s%s", ", ".join(urls), " (demo model)" if config.demo else "")
-    stop = asyncio.Event()
+    try:
+        sockets = systemd.listen_sockets()
+    except ValueError as exc:
+        raise SystemExit(f"relay: error: {exc}") from None
+    runner, urls = await start(config, sockets)
+    where = ", ".join(urls) + (" (socket-activated)" if sockets else "")
+    log.info("relay listening on %s%s", where, " (demo model)" if config.demo else "")
+    signals = _Signals()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signals.received)
+    interval = systemd.watchdog_interval()
+    pings = asyncio.create_task(systemd.watchdog(interval), name="watchdog") if interval else None
     try:
-        await stop.wait()
-        log.info("shutting down")
+        systemd.notify(f"READY=1\nSTATUS=listening on {where}")
+        await signals.stop.wait()
+        await shutdown(runner, config.drain_timeout, signals.hurry)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        await runner.cleanup()
+        if runner.server is not None:  # shutdown() did not get to the end
+            await runner.cleanup()
+        if pings is not None:
+            pings.cancel()
+            await asyncio.wait([pings])
+
+
+async def shutdown(runner: web.AppRunner, drain_timeout: float, hurry: asyncio.Event) -> None:
+    registry = runner.app[REGISTRY]
+    running = len(registry.running())
+    log.info("shutting down: draining %d streams for up to %g s", running, drain_timeout)
+    systemd.notify(f"STOPPING=1\nSTATUS=draining {running} streams")
+    # 1. Stop accepting.  Socket-activated, systemd still holds the listening socket: new
+    #    connections wait in its queue for the next process instead of being refused.
+    for site in list(runner.sites):
+        await site.stop()
+    # 2. Idle keep-alive connections close now and busy ones after their response, so no new
+    #    request (no new stream) reaches this process.
+    if runner.server is not None:
+        runner.server.pre_shutdown()
+    # 3. Streams in flight run on, up to the drain timeout (or a second signal).
+    await _drain(registry, drain_timeout, hurry)
+    # 4. The rest end with a retriable "shutdown" error carrying retry:, so clients come back.
+    left = len(registry.running())
+    if left:
+        log.info("drain over: ending %d streams with a retriable shutdown error", left)
+    await registry.close("shutdown", "the relay is restarting; send the request again")
+    # 5. Handlers send those last events (up to HANDLER_GRACE each); then the app closes.
+    await runner.cleanup()
+
+
+async def _drain(registry: Registry, timeout: float, hurry: asyncio.Event) -> None:
+    producers = [stream.task for stream in registry.running()]
+    if not producers or timeout <= 0:
+        return
+    # asyncio.wait never cancels what it waits on, so leaving early leaves the streams running.
+    all_done = asyncio.create_task(asyncio.wait(producers))
+    hurried = asyncio.create_task(hurry.wait())
+    try:
+        await asyncio.wait([all_done, hurried], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        all_done.cancel()
+        hurried.cancel()
+        await asyncio.wait([all_done, hurried])
 
 
 def run(config: Config) -> int:

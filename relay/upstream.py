@@ -242,3 +242,10 @@ class UpstreamClient:
             finally:
                 resp.close()
         return resp
+
+    async def probe(self, timeout: float) -> int:
+        """``GET {base}/models`` with the key; the status, for the readiness answer (the body is not read)."""
+        headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
+        async with self._session.get(self.base_url + "/models", headers=headers, params=self._params,
+                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            return resp.status

@@ -67,11 +67,21 @@ class FakeUpstream:
     #: False: every response closes its connection, so no idle keep-alive sockets blur fd counts.
     keepalive: bool = True
     server: Any = None
+    #: GET /v1/models (the relay's readiness probe): the status to answer, and the headers seen.
+    models_status: int = 200
+    models_headers: list[dict[str, str]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._handle)
+        app.router.add_get("/v1/models", self._models)
         return app
+
+    async def _models(self, request: web.Request) -> web.Response:
+        self.models_headers.append(dict(request.headers))
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "fake failure"}}, status=self.models_status)
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1

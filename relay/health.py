@@ -1,0 +1,85 @@
+"""What a load balancer or systemd-side check polls: ``GET /healthz`` and ``GET /readyz``.
+
+``/healthz`` says the process answers (its event loop runs): restart it when this fails.
+``/readyz`` says whether the upstream is reachable with the relay's key: send traffic
+elsewhere while it fails.  The probe (``GET {base}/models`` with the key) is cached for
+``PROBE_TTL`` seconds and shared by concurrent polls, so polling costs the upstream at most
+one request per TTL however many balancers ask.  The answer never carries the key nor the
+upstream's own text (OpenAI's 401 message quotes part of the key).
+
+Any HTTP answer counts as reachable except 401/403 (the relay's key is refused: no chat can
+succeed) and 5xx; a 404 counts as reachable because some upstreams (an Azure OpenAI deployment
+URL) have no ``/models`` under their base.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from relay.keys import REGISTRY
+from relay.upstream import UpstreamClient
+
+PROBE_TTL: Final = 5.0
+PROBE_TIMEOUT: Final = 5.0
+
+
+class ReadinessProbe:
+    """The cached, single-flight upstream probe: ``await check()`` → (ready, reason)."""
+
+    def __init__(self, upstream: UpstreamClient, *, ttl: float = PROBE_TTL, timeout: float = PROBE_TIMEOUT) -> None:
+        self._upstream = upstream
+        self._ttl = ttl
+        self._timeout = timeout
+        self._result: tuple[bool, str] | None = None
+        self._checked = 0.0
+        self._inflight: asyncio.Task[tuple[bool, str]] | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        loop = asyncio.get_running_loop()
+        if self._result is not None and loop.time() - self._checked < self._ttl:
+            return self._result
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._probe(), name="readiness-probe")
+        # Shielded: a poller that hangs up must not cancel the probe the others are waiting for.
+        return await asyncio.shield(self._inflight)
+
+    async def _probe(self) -> tuple[bool, str]:
+        try:
+            status = await self._upstream.probe(self._timeout)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            result = (False, f"the upstream is unreachable ({type(exc).__name__})")
+        else:
+            if status in (401, 403):
+                result = (False, f"the upstream refuses the relay's credentials (HTTP {status})")
+            elif status >= 500:
+                result = (False, f"the upstream answers HTTP {status}")
+            else:
+                result = (True, "the upstream is reachable")
+        finally:
+            self._inflight = None
+        self._result, self._checked = result, asyncio.get_running_loop().time()
+        return result
+
+    async def close(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+
+PROBE = web.AppKey("readiness_probe", ReadinessProbe)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    return web.json_response({"status": "ok", "live_streams": registry.live})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready, reason = await request.app[PROBE].check()
+    return web.json_response({"status": "ready" if ready else "not ready", "reason": reason},
+                             status=200 if ready else 503, headers={"Cache-Control": "no-store"})

@@ -1,0 +1,132 @@
+"""SIGTERM with streams in flight: drain, then a retriable `shutdown`; a restart on the same socket loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import FakeUpstream, SSEClient, text_of, tokens, wait_for
+from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
+
+
+@pytest.fixture
+async def notify() -> AsyncIterator[NotifyListener]:
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+async def open_stream(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
+    """POST /chat and read up to the prompt's first delta: the stream is then in flight."""
+    resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": prompt})
+    client = SSEClient(resp)
+    assert (await client.next_json() or {})["type"] == "start"
+    assert await client.next_json() == {"type": "delta", "content": prompt}
+    return client
+
+
+def last_event_block(client: SSEClient) -> str:
+    """The raw text of the final event, fields and all (to see its retry: line)."""
+    return [block for block in client.raw.decode().split("\n\n") if block.strip()][-1]
+
+
+def assert_retriable_shutdown(client: SSEClient, events: list[dict[str, Any]], retry_ms: int) -> None:
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "shutdown"
+    assert events[-1]["retriable"] is True
+    assert f"retry: {retry_ms}" in last_event_block(client).splitlines()
+    assert [e["type"] for e in events].count("error") == 1
+
+
+async def test_sigterm_lets_streams_in_flight_finish_then_ends_the_rest_with_shutdown(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    upstream.behaviour = first_delta_then_wait(gates)
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", "--retry-ms", "1234",
+                               notify=notify, listen=sock) as relay, aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            fits = await open_stream(session, port, "fits")
+            late = await open_stream(session, port, "late")
+            relay.proc.send_signal(signal.SIGTERM)
+            await notify.until("STOPPING")
+            # Draining: the stream whose upstream finishes now completes normally.
+            gates["fits"].set()
+            fits_events = await fits.all()
+            assert fits_events[-1] == {"type": "done", "finish_reason": "stop", "usage": None}
+            assert text_of(fits_events) == " done"  # after the delta open_stream read
+            # The other never finishes; a second SIGTERM ends the drain (as the timeout would).
+            assert relay.proc.returncode is None
+            relay.proc.send_signal(signal.SIGTERM)
+            late_events = await late.all()
+            assert_retriable_shutdown(late, late_events, 1234)
+            assert await relay.exit_status() == 0, relay.output()
+            await wait_for(upstream.closed.is_set)  # the upstream request was closed, not left running
+
+
+async def test_streams_still_running_at_the_drain_timeout_end_with_retriable_shutdown(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    upstream.behaviour = first_delta_then_wait({})  # never released
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "0.2", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            clients = [await open_stream(session, port, f"stuck {i}") for i in range(3)]
+            relay.proc.send_signal(signal.SIGTERM)
+            for client in clients:
+                assert_retriable_shutdown(client, await client.all(), 2000)
+            assert await relay.exit_status() == 0, relay.output()
+
+
+async def test_restart_on_the_same_socket_serves_connections_made_during_the_drain(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    seen: list[str] = []
+    upstream.behaviour = first_delta_then_wait(gates, seen=seen)
+    gates["during restart"] = asyncio.Event()
+    gates["during restart"].set()
+    # The test holds the listening socket the way systemd does (relay.socket).
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with aiohttp.ClientSession() as session:
+            async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify,
+                                   listen=sock) as old:
+                await notify.until("READY")
+                in_flight = await open_stream(session, port, "in flight")
+                old.proc.send_signal(signal.SIGTERM)
+                await notify.until("STOPPING")
+                # The old process no longer accepts; this connect waits in the kernel's queue.
+                late = asyncio.create_task(session.post(f"http://127.0.0.1:{port}/chat",
+                                                        json={"prompt": "during restart"}))
+                gates["in flight"].set()
+                assert (await in_flight.all())[-1]["type"] == "done"
+                assert await old.exit_status() == 0, old.output()
+                assert seen == ["in flight"] and not late.done()
+            async with spawn_relay(tmp_path, upstream, notify=notify, listen=sock) as new:
+                async with asyncio.timeout(30):
+                    resp = await late
+                events = await SSEClient(resp).all()
+                assert text_of(events) == "during restart done", new.output()
+                assert events[-1]["type"] == "done"
+                assert seen == ["in flight", "during restart"]
+
+
+def test_drain_timeout_is_a_setting_with_a_flag_and_rejects_negatives() -> None:
+    from relay.cli import build_parser, config_from_args
+    from relay.config import ConfigError
+
+    args = build_parser().parse_args(["serve", "--drain-timeout", "7.5"])
+    assert config_from_args(args, {}).drain_timeout == 7.5
+    assert config_from_args(build_parser().parse_args(["serve"]), {"RELAY_DRAIN_TIMEOUT": "0"}).drain_timeout == 0
+    with pytest.raises(ConfigError, match="--drain-timeout"):
+        config_from_args(build_parser().parse_args(["serve", "--drain-timeout", "-1"]), {})
+
