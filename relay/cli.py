@@ -65,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Run the relay.  Settings come from flags, then environment variables (named in brackets), "
         "then the --config TOML file (keys are the flag names), then the defaults shown.  The API key "
         "comes from --api-key-file, $CREDENTIALS_DIRECTORY/openai-api-key (systemd LoadCredential=) "
-        "or OPENAI_API_KEY; it is never a flag."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        "or OPENAI_API_KEY; it is never a flag."))
     defaults = Config()
     for flag, dest, type_, env, text in _SETTINGS:
         shown = getattr(defaults, dest)
