@@ -1,6 +1,7 @@
 """Access tokens, who a client is, and the signed stream capabilities EventSource uses.
 
-Tokens live in a file (``--tokens-file``), one per line; only their SHA-256 digests are kept
+Tokens live in a file (``--tokens-file``), one per line, either the token itself or
+``sha256:<hex digest of the token>`` (a file that holds no secret); only SHA-256 digests are kept
 in memory, and a presented token is compared digest to digest with ``hmac.compare_digest``
 against every entry, so neither the comparison nor the table lookup depends on how much of a
 token an attacker has guessed.  ``Access.reload()`` (SIGHUP) re-reads the file: a removed token
@@ -35,6 +36,7 @@ from relay.config import Config, ConfigError
 log = logging.getLogger("relay.access")
 
 MIN_TOKEN_LENGTH: Final = 16
+HASHED: Final = "sha256:"
 MAKE_ONE: Final = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
@@ -52,6 +54,18 @@ def read_tokens(path: Path, *, allow_empty: bool = False) -> frozenset[bytes]:
     for number, line in enumerate(text.splitlines(), 1):
         token = line.strip()
         if not token or token.startswith("#"):
+            continue
+        if token.startswith(HASHED):
+            # A token's digest instead of the token: the file then holds no secret and may be
+            # readable by the service user (systemd's credentials are copied only at start).
+            try:
+                digest = bytes.fromhex(token[len(HASHED):])
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ConfigError(f"line {number} of the tokens file {str(path)!r} starts with {HASHED!r} but "
+                                  "is not followed by 64 hex digits")
+            digests.add(digest)
             continue
         if len(token) < MIN_TOKEN_LENGTH or not all(33 <= ord(ch) < 127 for ch in token):
             raise ConfigError(f"line {number} of the tokens file {str(path)!r} is not a usable token: a token is "
