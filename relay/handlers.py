@@ -58,14 +58,15 @@ def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
     model, upstream_body = chat_request(body, default_model=registry.default_model,
                                         stream_usage=config.stream_usage, models=config.models,
                                         limits=Limits.of(config))
-    release = request.app[LIMITS].streams.acquire(access.identity(request))
+    client = access.client_of(request)
+    release = request.app[LIMITS].streams.acquire(client.identity)
     try:
         stream = registry.create(model=model, body=upstream_body,
                                  wait_for_subscriber=config.attach_timeout if wait else None)
     except BaseException:
         release()
         raise
-    stream.owner = access.owner(request)
+    stream.owner = client.owner
     # The slot is the client's while the generation runs, whoever is attached to it.
     stream.task.add_done_callback(lambda _task: release())
     return stream

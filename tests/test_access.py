@@ -310,3 +310,41 @@ async def test_a_tokens_file_may_hold_digests_instead_of_tokens(make_relay: Rela
     path.write_text("sha256:abc\n")
     with pytest.raises(ConfigError, match="64 hex digits"):
         Access(Config(tokens_file=path))
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+def test_access_settings_come_from_flags_environment_and_the_config_file(tmp_path: Path, tokens_file: Path) -> None:
+    from relay.cli import build_parser, config_from_args
+
+    def config(argv: list[str], environ: dict[str, str]) -> Config:
+        return config_from_args(build_parser().parse_args(["serve", *argv]), environ)
+
+    flags = config(["--allow-host", "a.example", "--allow-host", "b.example", "--allow-origin", "https://a.example",
+                    "--trust-proxy", "10.0.0.0/8", "--rate-limit", "5", "--max-output-tokens", "99",
+                    "--tokens-file", str(tokens_file), "--host", "0.0.0.0"], {})
+    assert flags.allow_hosts == ("a.example", "b.example") and flags.allow_origins == ("https://a.example",)
+    assert (flags.trust_proxy, flags.rate_limit, flags.max_output_tokens) == (("10.0.0.0/8",), 5, 99)
+    env = config([], {"RELAY_ALLOW_HOSTS": "x.example, y.example", "RELAY_TRUST_PROXY": "127.0.0.1",
+                      "RELAY_TOKENS_FILE": str(tokens_file), "RELAY_RATE_LIMIT": "0"})
+    assert env.allow_hosts == ("x.example", "y.example") and env.tokens_file == tokens_file and env.rate_limit == 0
+    toml = tmp_path / "relay.toml"
+    toml.write_text(f'allow-origins = ["https://c.example"]\ntokens-file = "{tokens_file}"\n'
+                    'host = "0.0.0.0"\nmax-streams-per-client = 2\n')
+    from_file = config(["--config", str(toml)], {})
+    assert from_file.allow_origins == ("https://c.example",) and from_file.max_streams_per_client == 2
+    assert config(["--host", "::", "--allow-anonymous"], {}).allow_anonymous
+
+
+@pytest.mark.parametrize(("settings", "words"), [
+    pytest.param({"allow_origins": ("https://a.example/path",)}, "must be an origin", id="origin-with-path"),
+    pytest.param({"allow_origins": ("*",)}, "must be an origin", id="origin-wildcard"),
+    pytest.param({"trust_proxy": ("not-an-ip",)}, "not an IP address or CIDR", id="bad-proxy"),
+    pytest.param({"allow_hosts": ("a b",)}, "must be a host name", id="bad-host"),
+    pytest.param({"rate_limit": -1}, "--rate-limit", id="negative-rate"),
+    pytest.param({"max_streams_per_client": 0}, "--max-streams-per-client must be at least 1", id="zero-streams"),
+    pytest.param({"host": "192.0.2.1"}, "refusing to listen on 192.0.2.1 without access control", id="open-host"),
+])
+def test_bad_access_settings_are_refused_with_a_reason(settings: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        Config(**settings)
