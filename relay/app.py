@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay import handlers, openai_api
+from relay import guard, handlers, openai_api, static
 from relay.health import PROBE, ReadinessProbe, healthz, readyz
 from relay.config import Config
 from relay.demo import DEMO_MODEL, start_demo_upstream
@@ -27,6 +27,7 @@ def make_app(config: Config) -> web.Application:
     # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
+    guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/guard.py
     app.cleanup_ctx.append(_upstream_ctx)
     app.on_shutdown.append(_cancel_streams)
     app.router.add_post("/chat", handlers.post_chat)
@@ -47,7 +48,7 @@ def make_app(config: Config) -> web.Application:
         async def page(_request: web.Request) -> web.StreamResponse:
             return web.FileResponse(index)
         app.router.add_get("/", page)
-        app.router.add_static("/static/", web_root, show_index=False, follow_symlinks=False)
+        app.router.add_get("/static/{path:.*}", static.handler(web_root), allow_head=True)
     return app
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import __version__
+from relay.access import read_tokens
 from relay.config import (Config, ConfigError, from_mapping, load_file, parse_pairs, read_api_key)
 
 log = logging.getLogger("relay")
@@ -48,6 +49,29 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
      "on SIGTERM, seconds streams in flight may run on before they end with a retriable 'shutdown' error"),
     ("--demo-token-delay", "demo_token_delay", float, None, "seconds between the demo model's tokens"),
     ("--web-root", "web_root", Path, None, "directory of the chat page (default: the web/ beside the package)"),
+    ("--tokens-file", "tokens_file", Path, "RELAY_TOKENS_FILE",
+     "access tokens, one per line (# comments); clients send 'Authorization: Bearer TOKEN'; re-read on SIGHUP"),
+    ("--rate-limit", "rate_limit", int, "RELAY_RATE_LIMIT",
+     "requests per minute per client (its token, else its address); 0: no limit"),
+    ("--max-streams-per-client", "max_streams_per_client", int, None,
+     "most generations one client (token, else address) may run at once"),
+    ("--max-messages", "max_messages", int, None, "most messages in one request"),
+    ("--max-chars", "max_chars", int, None, "most characters of message content in one request"),
+    ("--max-output-tokens", "max_output_tokens", int, None,
+     "ceiling on max_tokens / max_completion_tokens (more: 400)"),
+    ("--max-n", "max_n", int, None, "ceiling on n, the number of choices per /v1 request"),
+]
+
+# (flag, dest, environment variable with comma-separated values, help): repeatable flags.
+_LISTS: list[tuple[str, str, str | None, str]] = [
+    ("--allow-host", "allow_hosts", "RELAY_ALLOW_HOSTS",
+     "a Host name the relay answers besides its bind address and localhost, e.g. relay.example.com; "
+     "'*': any (repeatable)"),
+    ("--allow-origin", "allow_origins", "RELAY_ALLOW_ORIGINS",
+     "a browser origin allowed to call the relay besides its own page, e.g. https://app.example.com "
+     "(repeatable)"),
+    ("--trust-proxy", "trust_proxy", "RELAY_TRUST_PROXY",
+     "a proxy address or CIDR whose X-Forwarded-For / X-Forwarded-Proto are believed (repeatable)"),
 ]
 
 
@@ -81,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-model", dest="models", action="append", default=None, metavar="MODEL",
                        help="a model clients may name (repeatable; default: any); GET /v1/models lists them "
                        "[RELAY_MODELS, comma-separated]")
+    for flag, dest, env, text in _LISTS:
+        serve.add_argument(flag, dest=dest, action="append", default=None,
+                           help=f"{text}" + (f" [{env}, comma-separated]" if env else ""))
+    serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
+                       help="listen on a non-loopback address without --tokens-file (only when something "
+                       "else guards the relay)")
     serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
                        help="do not ask the upstream for stream_options.include_usage (for upstreams that "
                        "reject it)")
@@ -107,7 +137,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
                 values[dest] = type_(environ[env])
             except ValueError:
                 raise ConfigError(f"{env}={environ[env]!r} is not a valid {type_.__name__}") from None
-        elif dest == "web_root" and dest in values:
+        elif dest in ("web_root", "tokens_file") and dest in values:
             values[dest] = Path(values[dest])
     if args.upstream_header is not None:
         values["upstream_headers"] = parse_pairs(args.upstream_header, ":", "--upstream-header")
@@ -125,10 +155,24 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         if not isinstance(values["models"], list):
             raise ConfigError("the config file's 'models' must be a list of model names")
         values["models"] = tuple(values["models"])
+    for _flag, dest, env, _text in _LISTS:
+        if getattr(args, dest) is not None:
+            values[dest] = tuple(getattr(args, dest))
+        elif env and environ.get(env):
+            values[dest] = tuple(item.strip() for item in environ[env].split(",") if item.strip())
+        elif dest in values:
+            if not isinstance(values[dest], list):
+                raise ConfigError(f"the config file's {dest.replace('_', '-')!r} must be a list")
+            values[dest] = tuple(values[dest])
     if args.stream_usage is not None:
         values["stream_usage"] = args.stream_usage
+    if args.allow_anonymous is not None:
+        values["allow_anonymous"] = args.allow_anonymous
     values["api_key"] = read_api_key(key_file, environ)
-    return from_mapping(values)
+    config = from_mapping(values)
+    if config.tokens_file is not None:
+        read_tokens(config.tokens_file)  # a missing or empty file stops the start, with the reason
+    return config
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -68,6 +68,26 @@ class Config:
     drain_timeout: float = 20.0
     demo_token_delay: float = 0.03
     web_root: Path | None = None
+    # -- access and limits (docs/security.md) -----------------------------------------
+    #: One access token per line; clients send ``Authorization: Bearer <token>``.  None: no tokens.
+    tokens_file: Path | None = None
+    #: Listen on a non-loopback address without tokens (another layer must guard the relay).
+    allow_anonymous: bool = False
+    #: ``Host`` names accepted besides the bind address and localhost (DNS rebinding); ``*``: any.
+    allow_hosts: tuple[str, ...] = ()
+    #: Browser origins (``https://app.example``) allowed besides the relay's own page.
+    allow_origins: tuple[str, ...] = ()
+    #: Proxies (addresses or CIDRs) whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed.
+    trust_proxy: tuple[str, ...] = ()
+    #: Requests per minute per client identity (token, else address); 0 turns the limit off.
+    rate_limit: int = 60
+    max_streams_per_client: int = 8
+    max_messages: int = 500
+    max_chars: int = 400_000
+    #: Ceiling on ``max_tokens`` / ``max_completion_tokens``; None: only the upstream's own.
+    max_output_tokens: int | None = None
+    #: Ceiling on ``n`` (choices per request, each one billed) on /v1.
+    max_n: int = 4
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -127,6 +147,38 @@ def _validate(c: Config) -> None:
             raise ConfigError("the upstream API key is empty or contains a line break or NUL")
     if c.web_root is not None and not c.web_root.is_dir():
         raise ConfigError(f"--web-root {str(c.web_root)!r} is not a directory")
+    _validate_access(c)
+
+
+def _validate_access(c: Config) -> None:
+    if not is_loopback(c.host) and c.tokens_file is None and not c.allow_anonymous:
+        # Safe by default: a relay reachable from a network without tokens spends the key for anyone.
+        raise ConfigError(f"refusing to listen on {c.host} without access control: anyone who can reach it "
+                          "could spend the upstream API key; give --tokens-file FILE, or --allow-anonymous "
+                          "if something else (a firewall, an authenticating proxy) guards it")
+    limits = {"max-streams-per-client": c.max_streams_per_client, "max-messages": c.max_messages,
+              "max-chars": c.max_chars, "max-n": c.max_n}
+    for name, count in limits.items():
+        if count < 1:
+            raise ConfigError(f"--{name} must be at least 1, not {count}")
+    if c.rate_limit < 0:
+        raise ConfigError(f"--rate-limit must be 0 (off) or a number of requests per minute, not {c.rate_limit}")
+    if c.max_output_tokens is not None and c.max_output_tokens < 1:
+        raise ConfigError(f"--max-output-tokens must be at least 1, not {c.max_output_tokens}")
+    for host in c.allow_hosts:
+        if not host or any(ch in host for ch in "/ \t\r\n\0@"):
+            raise ConfigError(f"--allow-host {host!r} must be a host name or address, optionally with :port")
+    for origin in c.allow_origins:
+        parts = urlsplit(origin)
+        if (parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/")
+                or parts.query or parts.fragment or "@" in parts.netloc):
+            raise ConfigError(f"--allow-origin {origin!r} must be an origin such as https://app.example.com "
+                              "(scheme, host and optional port; no path)")
+    for proxy in c.trust_proxy:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"--trust-proxy {proxy!r} is not an IP address or CIDR network") from None
 
 
 def _check_header(name: str, value: str) -> None:

@@ -6,16 +6,20 @@ Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from aiohttp import web
 
+from relay import access
+from relay.access import ACCESS
 from relay.config import Config
 from relay.keys import CONFIG, REGISTRY
+from relay.ratelimit import LIMITS, TooManyStreams
 from relay.response import EventStream, SlowClient
 from relay.streams import ResumeExpired, Stream, StreamLimit, parse_event_id
-from relay.validation import BadRequest, chat_request, parse_json
+from relay.validation import BadRequest, Limits, chat_request, parse_json
 
 log = logging.getLogger("relay.handlers")
 
@@ -52,9 +56,20 @@ def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
     config = request.app[CONFIG]
     registry = request.app[REGISTRY]
     model, upstream_body = chat_request(body, default_model=registry.default_model,
-                                        stream_usage=config.stream_usage, models=config.models)
-    return registry.create(model=model, body=upstream_body,
-                           wait_for_subscriber=config.attach_timeout if wait else None)
+                                        stream_usage=config.stream_usage, models=config.models,
+                                        limits=Limits.of(config))
+    client = access.client_of(request)
+    release = request.app[LIMITS].streams.acquire(client.identity)
+    try:
+        stream = registry.create(model=model, body=upstream_body,
+                                 wait_for_subscriber=config.attach_timeout if wait else None)
+    except BaseException:
+        release()
+        raise
+    stream.owner = client.owner
+    # The slot is the client's while the generation runs, whoever is attached to it.
+    stream.task.add_done_callback(lambda _task: release())
+    return stream
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
@@ -62,13 +77,18 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
         body = await _read_json(request)
         if _wants_json(request):
             stream = _start(request, body, wait=True)
-            url = f"/chat/{stream.id}"
-            return web.json_response({"id": stream.id, "events": url}, status=201, headers={"Location": url})
+            # With tokens, the URL carries a capability for this stream alone (relay/access.py),
+            # because EventSource cannot send the Authorization header.
+            events = request.app[ACCESS].events_url(stream.id, stream.owner)
+            return web.json_response({"id": stream.id, "events": events}, status=201,
+                                     headers={"Location": f"/chat/{stream.id}"})
         stream = _start(request, body, wait=False)
     except BadRequest as exc:
         return json_error(exc.status, exc.message, param=exc.param)
     except StreamLimit as exc:
         return json_error(503, str(exc), headers={"Retry-After": "5"})
+    except TooManyStreams as exc:
+        return json_error(429, str(exc), type_="requests", headers={"Retry-After": "5"})
     return await follow(request, stream, 0)
 
 
@@ -94,6 +114,8 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
         return json_error(exc.status, exc.message, param=exc.param)
     except StreamLimit as exc:
         return json_error(503, str(exc), headers={"Retry-After": "5"})
+    except TooManyStreams as exc:
+        return json_error(429, str(exc), type_="requests", headers={"Retry-After": "5"})
     return await follow(request, stream, 0)
 
 
@@ -112,9 +134,7 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 
 async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> web.StreamResponse:
     """Replay after ``last_seq`` (-1: from the start; None: the client has its end), then follow."""
-    stream = request.app[REGISTRY].get(stream_id)
-    if stream is None:
-        raise _not_found()
+    stream = _visible(request, stream_id)
     if last_seq is None or (stream.finished and last_seq + 1 >= stream.next_seq):
         # 204 is what stops EventSource from reconnecting forever.
         return web.Response(status=204)
@@ -122,11 +142,37 @@ async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> 
 
 
 async def delete_stream(request: web.Request) -> web.StreamResponse:
-    stream = request.app[REGISTRY].get(request.match_info["id"])
-    if stream is None:
-        raise _not_found()
+    stream = _visible(request, request.match_info["id"])
     stream.cancel("cancelled", "the stream was stopped by a client")
     return web.Response(status=204)
+
+
+def _visible(request: web.Request, stream_id: str) -> Stream:
+    """The stream, if this request may read or stop it; else 404 (or 401 for a bad events URL).
+
+    With tokens, a stream belongs to the token that started it: another token gets the same 404
+    as an unknown id, so it learns nothing.  A request without a token gets here only with an
+    events URL's capability (relay/guard.py), which must be valid for this stream and owner.
+    """
+    stream = request.app[REGISTRY].get(stream_id)
+    if stream is None:
+        raise _not_found()
+    checker = request.app[ACCESS]
+    if not checker.enabled:
+        return stream  # the id itself is the capability (128 random bits)
+    owner = access.owner(request)
+    if owner is not None:
+        if owner != stream.owner:
+            raise _not_found()
+        return stream
+    why = checker.capability_error(stream.id, stream.owner, request.query.get("exp", ""),
+                                   request.query.get("sig", ""))
+    if why is not None:
+        raise web.HTTPUnauthorized(
+            text=json.dumps({"error": {"message": why, "type": "invalid_request_error", "param": None,
+                                       "code": "invalid_api_key"}}),
+            content_type="application/json")
+    return stream
 
 
 def _not_found() -> web.HTTPNotFound:

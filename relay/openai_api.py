@@ -35,12 +35,14 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.keys import CONFIG, REGISTRY, UPSTREAM
+from relay.access import identity
 from relay.openai_params import CompletionsRequest, completions_request
+from relay.ratelimit import LIMITS, TooManyStreams
 from relay.response import KEEPALIVE, EventStream, SlowClient
 from relay.sse import encode
 from relay.streams import new_stream_id
 from relay.upstream import UpstreamError, UpstreamResponse
-from relay.validation import BadRequest, parse_json
+from relay.validation import BadRequest, Limits, parse_json
 
 log = logging.getLogger("relay.openai")
 
@@ -148,12 +150,25 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     live = request.app[LIVE]
     try:
         req = completions_request(await _read_json(request), default_model=registry.default_model,
-                                  models=config.models, stream_usage=config.stream_usage)
+                                  models=config.models, stream_usage=config.stream_usage,
+                                  limits=Limits.of(config))
     except BadRequest as exc:
         return _error(exc.status, exc.message, param=exc.param)
     if registry.live + len(live.tasks) >= config.max_streams:
         return _error(503, f"the relay is at its limit of {config.max_streams} live streams; try again shortly",
                       headers={"Retry-After": "5"})
+    try:
+        release = request.app[LIMITS].streams.acquire(identity(request))
+    except TooManyStreams as exc:
+        # 429: the SDKs raise RateLimitError (and wait Retry-After before their own retries).
+        return _error(429, str(exc), code="rate_limit_exceeded", type_="requests", headers={"Retry-After": "5"})
+    try:
+        return await _run(request, req, live)
+    finally:
+        release()
+
+
+async def _run(request: web.Request, req: CompletionsRequest, live: Live) -> web.StreamResponse:
     task = asyncio.current_task()
     assert task is not None
     live.tasks.add(task)

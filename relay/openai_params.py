@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from relay.validation import BadRequest, check_model
+from relay.validation import BadRequest, Limits, check_limits, check_model
 
 #: OpenAI's chat-completions request parameters (openai-python's CompletionCreateParams).
 FORWARDED: Final = frozenset({
@@ -38,7 +38,7 @@ class CompletionsRequest:
 
 
 def completions_request(body: Any, *, default_model: str | None, models: tuple[str, ...],
-                        stream_usage: bool) -> CompletionsRequest:
+                        stream_usage: bool, limits: Limits = Limits()) -> CompletionsRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with 'messages' and 'model'")
     for key in body:
@@ -48,6 +48,7 @@ def completions_request(body: Any, *, default_model: str | None, models: tuple[s
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of message objects", "messages")
+    check_limits(body, messages, limits)
     for i, msg in enumerate(messages):
         # Message fields are the upstream's to judge: SDKs echo back whole assistant messages
         # (refusal, annotations, audio, ...), and rejecting those would break existing clients.

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,8 @@ from aiohttp import web
 
 from relay import systemd
 from relay.app import make_app
-from relay.config import Config
+from relay.access import ACCESS
+from relay.config import Config, is_loopback
 from relay.keys import REGISTRY
 from relay.streams import Registry
 
@@ -72,6 +74,7 @@ async def serve(config: Config) -> None:
         sockets = systemd.listen_sockets()
     except ValueError as exc:
         raise SystemExit(f"relay: error: {exc}") from None
+    _refuse_open_sockets(config, sockets)
     runner, urls = await start(config, sockets)
     where = ", ".join(urls) + (" (socket-activated)" if sockets else "")
     log.info("relay listening on %s%s", where, " (demo model)" if config.demo else "")
@@ -79,6 +82,7 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signals.received)
+    loop.add_signal_handler(signal.SIGHUP, reload, runner.app, where)
     interval = systemd.watchdog_interval()
     pings = asyncio.create_task(systemd.watchdog(interval), name="watchdog") if interval else None
     try:
@@ -86,13 +90,31 @@ async def serve(config: Config) -> None:
         await signals.stop.wait()
         await shutdown(runner, config.drain_timeout, signals.hurry)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if runner.server is not None:  # shutdown() did not get to the end
             await runner.cleanup()
         if pings is not None:
             pings.cancel()
             await asyncio.wait([pings])
+
+
+def reload(app: web.Application, where: str) -> None:
+    """SIGHUP (``systemctl reload``): re-read the tokens file, following systemd's notify-reload protocol."""
+    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+    app[ACCESS].reload()
+    systemd.notify(f"READY=1\nSTATUS=listening on {where}")
+
+
+def _refuse_open_sockets(config: Config, sockets: Sequence[socket.socket]) -> None:
+    """The --host check of config.py, for sockets systemd hands us (their address is not --host)."""
+    if config.tokens_file is not None or config.allow_anonymous:
+        return
+    for sock in sockets:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(sock.getsockname()[0]):
+            raise SystemExit(f"relay: error: refusing to serve the inherited socket on {sock.getsockname()[0]} "
+                             "without access control: give --tokens-file FILE, or --allow-anonymous if something "
+                             "else guards the relay")
 
 
 async def shutdown(runner: web.AppRunner, drain_timeout: float, hurry: asyncio.Event) -> None:

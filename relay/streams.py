@@ -73,6 +73,8 @@ class Stream:
                  wait_for_subscriber: float | None) -> None:
         self.id = new_stream_id()
         self.model = model
+        #: The access token (its digest) that started the stream; None without tokens (relay/access.py).
+        self.owner: str | None = None
         self._registry = registry
         self._config = registry.config
         self._body = body

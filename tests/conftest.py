@@ -189,7 +189,10 @@ RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 def make_relay(aiohttp_client: Any, upstream: FakeUpstream) -> RelayFactory:
     """Start the relay (real server, real client) against the fake upstream; overrides go to Config."""
     async def factory(**overrides: Any) -> TestClient[web.Request, web.Application]:
-        settings: dict[str, Any] = {"upstream": upstream.base_url, "api_key": TEST_KEY, "model": "fake-model"}
+        # Every test client is 127.0.0.1: per-client limits are off unless a test sets them
+        # (tests/test_security.py), so tests of volume measure what they mean to.
+        settings: dict[str, Any] = {"upstream": upstream.base_url, "api_key": TEST_KEY, "model": "fake-model",
+                                    "rate_limit": 0, "max_streams_per_client": 1_000_000}
         settings.update(overrides)
         client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app(Config(**settings)))
         return client

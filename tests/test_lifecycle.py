@@ -43,7 +43,7 @@ async def test_stalled_subscriber_is_aborted_and_others_get_every_event(
     loop = asyncio.get_running_loop()
     try:
         await loop.sock_connect(stalled, (relay.host, relay.port))
-        await loop.sock_sendall(stalled, f"GET /chat/{start['id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await loop.sock_sendall(stalled, f"GET /chat/{start['id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await wait_for(lambda: stream.subscribers == 2)
         with caplog.at_level(logging.WARNING, logger="relay.handlers"):
             upstream.release.set()

@@ -1,0 +1,184 @@
+"""The checks every request passes before a handler runs, in this order (docs/security.md):
+
+1. ``Host`` must name this relay (``--allow-host``; the bind address and localhost names by
+   default): a DNS-rebinding page reaches a loopback relay under its own name.  421.
+2. ``Origin``, when sent, must be the relay's own page or an ``--allow-origin``: any web page
+   can make its visitors' browsers send requests here.  403.  CORS preflights are answered
+   here, for allowed origins only (they never carry a token).
+3. A cross-site request without ``Origin`` (``<img src=/chat?prompt=...>``, a link; browsers
+   say ``Sec-Fetch-Site: cross-site``) never reaches the API.  403.
+4. With ``--tokens-file``: ``Authorization: Bearer <token>`` on every API route (401), except
+   a ``/chat/{id}`` events URL carrying a signed capability, which its handler checks.
+5. Requests per minute per client (``--rate-limit``).  429 with ``Retry-After``.
+
+``/healthz`` and ``/readyz`` skip all of it: probes come from anywhere, under any name, and the
+answers reveal nothing secret.  Every response gets ``X-Content-Type-Options: nosniff``.
+Errors are ``{"error": {"message", "type", "param", "code"}}``, which is OpenAI's shape, so on
+``/v1`` the SDKs raise ``AuthenticationError``, ``PermissionDeniedError``, ``RateLimitError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Final
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from relay.access import ACCESS, Access, client_of, from_trusted_proxy
+from relay.config import Config
+from relay.keys import CONFIG
+from relay.ratelimit import LIMITS, Limits, retry_after
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+LOCAL_NAMES: Final = ("localhost", "127.0.0.1", "[::1]", "::1")
+CORS_HEADERS: Final = {
+    "Access-Control-Allow-Methods": "GET, POST, DELETE",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def error(status: int, message: str, *, code: str, type_: str = "invalid_request_error",
+          headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type_, "param": None, "code": code}},
+                             status=status, headers=headers)
+
+
+def is_api(path: str) -> bool:
+    return path == "/chat" or path.startswith(("/chat/", "/v1/"))
+
+
+class Guard:
+    """The settings the middleware needs, parsed once."""
+
+    def __init__(self, config: Config) -> None:
+        hosts = {_host_key(h) for h in (*LOCAL_NAMES, config.host, *config.allow_hosts)}
+        self.any_host = "*" in config.allow_hosts
+        self.hosts = frozenset(hosts)
+        self.origins = frozenset(o.lower().rstrip("/") for o in config.allow_origins)
+
+    def host_allowed(self, host: str) -> bool:
+        if self.any_host:
+            return True
+        host = host.strip().lower()
+        # An entry without a port matches the name on any port; one with a port, only that port.
+        return host in self.hosts or _host_key(host, strip_port=True) in self.hosts
+
+    def origin_allowed(self, request: web.Request, origin: str) -> bool:
+        origin = origin.strip().lower().rstrip("/")
+        if origin in self.origins:
+            return True
+        # The relay's own page: the same host (and port) as the request names.  The scheme is
+        # checked when a trusted proxy says it (behind TLS termination the relay sees http).
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or parts.netloc != request.host.lower():
+            return False
+        trusted = from_trusted_proxy(request, request.app[ACCESS].trusted)
+        proto = request.headers.get("X-Forwarded-Proto") if trusted else None
+        return proto is None or proto.split(",")[0].strip().lower() == parts.scheme
+
+
+GUARD = web.AppKey("guard", Guard)
+
+
+def _host_key(host: str, *, strip_port: bool = False) -> str:
+    host = host.strip().lower()
+    if not strip_port:
+        return host
+    if host.startswith("["):  # [v6]:port
+        return host.split("]", 1)[0] + "]"
+    name, sep, port = host.rpartition(":")
+    return name if sep and port.isdigit() and ":" not in name else host
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in OPEN_PATHS:
+        return await handler(request)
+    app = request.app
+    checks = app[GUARD]
+    if not checks.host_allowed(request.host):
+        return error(421, "this relay does not answer to that Host name; if it is yours, add it with "
+                     "--allow-host (this check stops DNS-rebinding pages)", code="host_not_allowed")
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        if not checks.origin_allowed(request, origin):
+            return error(403, "requests from this web page's origin are not allowed; add it with --allow-origin "
+                         "if it should be", code="origin_not_allowed", type_="permission_error")
+        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+            return web.Response(status=204, headers={**CORS_HEADERS, "Access-Control-Allow-Origin": origin,
+                                                     "Vary": "Origin"})
+    elif request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site" and is_api(request.path):
+        return error(403, "cross-site requests without an Origin (links, images, forms of other sites) may not "
+                     "use this relay", code="cross_site", type_="permission_error")
+    if is_api(request.path):
+        refused = _authenticate(request)
+        if refused is not None:
+            return refused
+        limited = _rate_limit(request)
+        if limited is not None:
+            return limited
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return error(405, f"the method {request.method} is not allowed here; allowed: {allowed}",
+                     code="method_not_allowed", headers={"Allow": allowed})
+
+
+def _authenticate(request: web.Request) -> web.Response | None:
+    if not request.app[ACCESS].enabled:
+        return None
+    client = client_of(request)
+    if client.owner is not None:
+        return None
+    if client.presented:
+        return _unauthorized("the access token is not valid (unknown, mistyped or revoked)")
+    if request.path.startswith("/chat/") and "sig" in request.query:
+        return None  # an events URL: its capability names the stream's owner, so the handler checks it
+    message = "this relay needs an access token: send the header 'Authorization: Bearer <token>'"
+    if request.path == "/chat" and request.method == "GET":
+        message += ("; EventSource cannot send headers, so POST /chat with 'Accept: application/json' "
+                    "and open the events URL it returns")
+    return _unauthorized(message)
+
+
+def _unauthorized(message: str) -> web.Response:
+    return error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+
+
+def _rate_limit(request: web.Request) -> web.Response | None:
+    if request.method == "DELETE":
+        return None  # stopping a generation saves money; never refuse it
+    limiter = request.app[LIMITS].rate
+    wait = limiter.take(client_of(request).identity)
+    if not wait:
+        return None
+    after = retry_after(wait)
+    return error(429, f"too many requests: this relay allows {limiter.per_minute} per minute per client "
+                 f"(--rate-limit); retry in {after} s", code="rate_limit_exceeded", type_="requests",
+                 headers={"Retry-After": after})
+
+
+async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every response gets, whichever handler (or aiohttp itself) made it."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    origin = request.headers.get("Origin")
+    if (origin is not None and request.path not in OPEN_PATHS and "Access-Control-Allow-Origin" not in response.headers
+            and request.app[GUARD].origin_allowed(request, origin)):
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = "Location"
+        response.headers.add("Vary", "Origin")
+
+
+def install(app: web.Application) -> None:
+    """Add the checks to an app whose CONFIG is set (relay/app.py)."""
+    config: Config = app[CONFIG]
+    app[GUARD] = Guard(config)
+    app[ACCESS] = Access(config)
+    app[LIMITS] = Limits(config)
+    app.middlewares.append(guard)
+    app.on_response_prepare.append(on_response_prepare)
