@@ -168,6 +168,7 @@ class Stream:
 
     def detach(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
+        self._trim()  # what only this client still needed can go now
         if not self._subscribers and not self.finished:
             grace = self._config.resume_grace
             if grace <= 0:
