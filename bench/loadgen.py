@@ -10,7 +10,8 @@ arrived and when its connection closed, and prints one JSON object of figures:
 Spec keys: host, port, path, kind ("chat" or "openai"), upstream (port), prefix, streams, n,
 dt, ramp (seconds over which the starts are spread), close_after ([lo, hi]: close after token
 c, c uniform in the range), silent (the upstream answers nothing; close after the first
-event), hold (once every stream has its first token, print ``{"held": N}`` and wait for a line
+event), measure_from (only tokens due this many seconds after the
+first start count in the delay figures), hold (once every stream has its first token, print ``{"held": N}`` and wait for a line
 on stdin before closing them all), timeout.
 """
 
@@ -255,6 +256,7 @@ class Run:
         errors = [c.error for c in self.clients if c.error]
         ttft, ttfb, delays, disconnect = [], [], [], []
         events = 0
+        settled = began + self.spec.get("measure_from", 0.0)
         for c in self.clients:
             if c.first_byte is not None:
                 ttfb.append(c.first_byte - c.start)
@@ -264,7 +266,7 @@ class Run:
             tokens = c.times[1:1 + self.n]
             events += len(tokens)
             if origin is not None:
-                delays.extend(t - (origin + i * self.dt) for i, t in enumerate(tokens))
+                delays.extend(t - due for i, t in enumerate(tokens) if (due := origin + i * self.dt) >= settled)
             if c.closed_at is not None and c.key in closed:
                 disconnect.append(closed[c.key] - c.closed_at)
         ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731

@@ -109,7 +109,8 @@ class Upstream:
 class Relay:
     """``python -m relay serve`` against the fake upstream, one process."""
 
-    def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = (),
+                 src: Path | None = None) -> None:
         self.port = free_port()
         args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--model", "bench",
@@ -119,7 +120,8 @@ class Relay:
             args += ["--loop", loop]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
         env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
-        self.proc = subprocess.Popen(args, cwd=REPO, env=env)
+        # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).
+        self.proc = subprocess.Popen(args, cwd=src or REPO, env=env)
         wait_port(self.port, self.proc)
         self.pids = [self.proc.pid]
 

@@ -38,8 +38,8 @@ TARGETS = {  # name → (path, kind)
 FULL: dict[str, Any] = {
     "cpu": dict(streams=200, n=150, dt=0.04, ramp=1.0),
     "ttft": [dict(streams=100, n=50, dt=0.1, ramp=1.0), dict(streams=1000, n=50, dt=0.1, ramp=1.0)],
-    "rates": [2000, 4000, 6000, 8000, 10000, 12000, 16000, 20000],
-    "rate_streams": 500, "rate_seconds": 4.0,
+    "rates": [2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 16000, 20000],
+    "rate_streams": 500, "rate_seconds": 4.0, "rate_ramp": 1.0,
     "disconnect": dict(streams=200, n=400, dt=0.05, ramp=1.0, close_after=[1, 20]),
     "silent": dict(streams=100, ramp=2.0),
     "rss": dict(streams=5000, n=100, dt=10.0, ramp=3.0),
@@ -51,7 +51,7 @@ QUICK: dict[str, Any] = {
     "cpu": dict(streams=20, n=10, dt=0.02, ramp=0.05),
     "ttft": [dict(streams=10, n=3, dt=0.02, ramp=0.05), dict(streams=40, n=3, dt=0.02, ramp=0.05)],
     "rates": [400, 800],
-    "rate_streams": 20, "rate_seconds": 0.3,
+    "rate_streams": 20, "rate_seconds": 0.3, "rate_ramp": 0.05,
     "disconnect": dict(streams=20, n=100, dt=0.02, ramp=0.05, close_after=[1, 5]),
     "silent": dict(streams=10, ramp=0.05),
     "rss": dict(streams=100, n=100, dt=10.0, ramp=0.1),
@@ -75,7 +75,7 @@ class Bench:
         self.upstream.close()
 
     def relay(self) -> Relay:
-        return Relay(self.upstream.port, loop=self.args.relay_loop)
+        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src)
 
     def load(self, name: str, port: int, target: str, spec: dict[str, Any], *,
              hold: Any = None) -> dict[str, Any]:
@@ -162,10 +162,7 @@ class Bench:
             try:
                 self.load(f"rate/{target}/warmup", relay.port, target, self.p["warmup"])
                 for rate in self.p["rates"]:
-                    streams = self.p["rate_streams"]
-                    dt = streams / rate
-                    spec = dict(streams=streams, dt=dt, n=max(3, int(self.p["rate_seconds"] / dt)),
-                                ramp=min(dt, 1.0))
+                    spec = self.rate_spec(rate)
                     r = self.measured(f"rate/{target}@{rate}", relay.port, target, spec, relay.pids)
                     passed = r["errors"] == 0 and (r["delay_ms"]["p99"] or 1e9) < 50
                     steps.append({"rate": rate, "passed": passed, "delay_ms": r["delay_ms"],
@@ -182,14 +179,20 @@ class Bench:
             out[target] = {"sustained_events_per_s": best, "steps": steps}
             # The floor at the rate that failed (or the top rate): is the harness itself keeping up?
             floor_rate = steps[-1]["rate"]
-            streams = self.p["rate_streams"]
-            dt = streams / floor_rate
-            spec = dict(streams=streams, dt=dt, n=max(3, int(self.p["rate_seconds"] / dt)), ramp=min(dt, 1.0))
+            spec = self.rate_spec(floor_rate)
             d = self.measured(f"rate/direct@{floor_rate}", self.upstream.port, "direct", spec, [])
             out[target]["direct_at_last_rate"] = {"rate": floor_rate, "delay_ms": d["delay_ms"]}
             print(f"  rate direct {floor_rate:>6}/s: delay p99 {d['delay_ms']['p99']} ms (the harness's floor)",
                   flush=True)
         self.results["rates"] = out
+
+    def rate_spec(self, rate: int) -> dict[str, Any]:
+        """``rate_streams`` streams whose tokens add up to ``rate`` per second; the delays counted are
+        those of tokens due after every stream has started (the ramp is a burst of its own)."""
+        streams, seconds, ramp = self.p["rate_streams"], self.p["rate_seconds"], self.p["rate_ramp"]
+        dt = streams / rate
+        return dict(streams=streams, dt=dt, n=max(3, int((ramp + 0.5 + seconds) / dt)), ramp=ramp,
+                    measure_from=ramp + 0.5)
 
     def disconnect(self) -> None:
         self.results["disconnect"] = self.each_target("disconnect", self.p["disconnect"], ("nginx", "chat", "v1"))
@@ -332,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run of seconds (tiny loads)")
     parser.add_argument("--relay-loop", choices=["asyncio", "uvloop", "auto"], default=None,
                         help="passed to relay serve --loop (default: the relay's own default)")
+    parser.add_argument("--relay-src", type=Path, default=None,
+                        help="run the relay package from this directory instead (e.g. an older version: "
+                        "git archive REV relay | tar -x -C DIR)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is installed")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")
