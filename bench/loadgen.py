@@ -11,7 +11,8 @@ Spec keys: host, port, path, kind ("chat" or "openai"), upstream (port), prefix,
 dt, ramp (seconds over which the starts are spread), close_after ([lo, hi]: close after token
 c, c uniform in the range), silent (the upstream answers nothing; close after the first
 event), measure_from (only tokens due this many seconds after the
-first start count in the delay figures), hold (once every stream has its first token, print ``{"held": N}`` and wait for a line
+first start count in the delay figures), ttft_from (likewise for the streams whose time to first
+token counts), hold (once every stream has its first token, print ``{"held": N}`` and wait for a line
 on stdin before closing them all), timeout.
 """
 
@@ -257,10 +258,11 @@ class Run:
         ttft, ttfb, delays, disconnect = [], [], [], []
         events = 0
         settled = began + self.spec.get("measure_from", 0.0)
+        ttft_from = began + self.spec.get("ttft_from", 0.0)
         for c in self.clients:
             if c.first_byte is not None:
                 ttfb.append(c.first_byte - c.start)
-            if len(c.times) >= 2:
+            if len(c.times) >= 2 and c.start >= ttft_from:
                 ttft.append(c.times[1] - c.start)
             origin = t0.get(c.key)
             tokens = c.times[1:1 + self.n]
