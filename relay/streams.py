@@ -22,7 +22,7 @@ from typing import Any, Callable, Final
 
 from relay.config import Config
 from relay.sse import encode
-from relay.upstream import UpstreamClient, UpstreamError
+from relay.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("relay.streams")
 
@@ -96,6 +96,7 @@ class Stream:
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
         self._timer: asyncio.TimerHandle | None = None
+        self._resp: UpstreamResponse | None = None
         self._append({"type": "start", "id": self.id, "model": model, "demo": demo},
                      retry=self._config.retry_ms)
         self.task = asyncio.create_task(self._produce(registry.upstream), name=f"stream-{self.id}")
@@ -208,12 +209,17 @@ class Stream:
             return
         self._cancel_code, self._cancel_message = code, message
         self.task.cancel()
+        if self._resp is not None:
+            # Close the upstream connection now rather than when the producer next runs: on a busy
+            # loop that is a whole iteration later, and closing is what stops the billing.  (After
+            # task.cancel(), so the producer sees its cancellation, not the closed connection.)
+            self._resp.close()
 
     # -- the producer --------------------------------------------------------------------
 
     async def _produce(self, upstream: UpstreamClient) -> None:
         try:
-            resp = await upstream.open(self._body)
+            resp = self._resp = await upstream.open(self._body)
             try:
                 while chunks := await resp.read():
                     for chunk in chunks:
