@@ -204,7 +204,7 @@ async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamRe
             elif stream.finished:
                 break
             else:
-                await stream.changed.wait()
+                await stream.changed()
     except ConnectionResetError:
         pass
     except SlowClient as exc:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import StreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from relay.sse import comment
@@ -44,6 +45,7 @@ class EventStream(EventSourceResponse):
         # queued, so what is queued never passes the bound (see send_bytes).
         self._high = max(send_buffer // 2, 2 * _CHUNK_OVERHEAD)
         self._piece = self._high - _CHUNK_OVERHEAD
+        self._loop = asyncio.get_running_loop()
         self._last_write = 0.0
         self._sending = False
         #: The most bytes this response ever had queued in the transport (for the slow-client log).
@@ -53,7 +55,7 @@ class EventStream(EventSourceResponse):
         self._sep = "\n"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        self._last_write = asyncio.get_running_loop().time()
+        self._last_write = self._loop.time()
         writer = await super().prepare(request)
         transport = request.transport
         if transport is not None:
@@ -70,6 +72,16 @@ class EventStream(EventSourceResponse):
         transport = self._req.transport if self._req is not None else None
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
+        writer = self._payload_writer
+        queued = transport.get_write_buffer_size()
+        if isinstance(writer, StreamWriter) and not self._eof_sent and queued <= self._high and len(data) <= self._piece:
+            # The common case: it fits under the bound.  Nothing here waits (no drain), so it
+            # needs no send timeout, and the keepalive cannot interleave.
+            if queued + len(data) + _CHUNK_OVERHEAD > self.peak_queued:
+                self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
+            self._last_write = self._loop.time()
+            await writer.write(data, drain=False)
+            return
         self._sending = True
         try:
             view = memoryview(data)

@@ -10,11 +10,12 @@ with a retriable ``shutdown`` error (with a ``retry:`` hint, so clients come bac
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -77,7 +78,8 @@ async def serve(config: Config) -> None:
     _refuse_open_sockets(config, sockets)
     runner, urls = await start(config, sockets)
     where = ", ".join(urls) + (" (socket-activated)" if sockets else "")
-    log.info("relay listening on %s%s", where, " (demo model)" if config.demo else "")
+    loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    log.info("relay listening on %s%s (%s)", where, " (demo model)" if config.demo else "", loop_name)
     signals = _Signals()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -156,6 +158,31 @@ async def _drain(registry: Registry, timeout: float, hurry: asyncio.Event) -> No
         await asyncio.wait([all_done, hurried])
 
 
-def run(config: Config) -> int:
-    asyncio.run(serve(config))
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop for ``--loop``: uvloop if asked for, or with ``auto`` if it is installed.
+
+    uvloop is an optional extra (``pip install 'llm-sse-relay[uvloop]'``): it cuts the relay's
+    CPU per relayed event markedly (bench/RESULTS.md).  None means asyncio's own loop.
+    """
+    if choice not in LOOPS:
+        raise ValueError(f"--loop must be one of {', '.join(LOOPS)}, not {choice!r}")
+    if choice == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("relay: error: --loop uvloop, but uvloop is not installed "
+                             "(pip install 'llm-sse-relay[uvloop]')") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def run(config: Config, loop: str = "auto") -> int:
+    with asyncio.Runner(loop_factory=loop_factory(loop)) as runner:
+        runner.run(serve(config))
     return 0

@@ -190,6 +190,12 @@ def encode(
     retry: int | None = None,
 ) -> bytes:
     """Frame one event.  CR and CRLF inside ``data`` come back as LF."""
+    if event is None and retry is None and "\n" not in data and "\r" not in data:
+        # The hot path: one line of JSON (line breaks inside JSON strings are escaped).
+        if id is None:
+            return f"data: {data}\n\n".encode("utf-8")
+        if "\r" not in id and "\n" not in id and "\0" not in id:
+            return f"id: {id}\ndata: {data}\n\n".encode("utf-8")
     parts: list[str] = []
     if id is not None:
         if "\r" in id or "\n" in id or "\0" in id:

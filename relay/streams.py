@@ -22,7 +22,7 @@ from typing import Any, Callable, Final
 
 from relay.config import Config
 from relay.sse import encode
-from relay.upstream import UpstreamClient, UpstreamError
+from relay.upstream import UpstreamClient, UpstreamError, UpstreamResponse
 
 log = logging.getLogger("relay.streams")
 
@@ -53,8 +53,12 @@ def parse_event_id(value: str) -> tuple[str, int | None] | None:
     return stream_id, int(pos)
 
 
-def dumps(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+#: One encoder for every event: json.dumps with any non-default option builds a new one per call.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def dumps(obj: Any) -> str:
+    return _encode(obj)
 
 
 class Subscriber:
@@ -85,7 +89,7 @@ class Stream:
         self.finished = False
         self.outcome = ""
         self._subscribers: set[Subscriber] = set()
-        self.changed = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._first_delta: float | None = None
@@ -94,6 +98,7 @@ class Stream:
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
         self._timer: asyncio.TimerHandle | None = None
+        self._resp: UpstreamResponse | None = None
         self._append({"type": "start", "id": self.id, "model": model, "demo": demo},
                      retry=self._config.retry_ms)
         self.task = asyncio.create_task(self._produce(registry.upstream), name=f"stream-{self.id}")
@@ -102,8 +107,9 @@ class Stream:
 
     # -- the log -------------------------------------------------------------------------
 
-    def _append(self, obj: dict[str, Any], *, retry: int | None = None) -> None:
-        data = encode(dumps(obj), id=f"{self.id}.{self.next_seq}", retry=retry)
+    def _append(self, obj: dict[str, Any] | str, *, retry: int | None = None) -> None:
+        """Add an event (an object, or its JSON already encoded) to the log."""
+        data = encode(obj if isinstance(obj, str) else _encode(obj), id=f"{self.id}.{self.next_seq}", retry=retry)
         self._events.append(data)
         self.next_seq += 1
         self._log_bytes += len(data)
@@ -133,9 +139,24 @@ class Stream:
 
     def _publish(self) -> None:
         self._trim()
-        # One pulse per batch wakes every waiting subscriber once.
-        self.changed.set()
-        self.changed.clear()
+        # One wake-up per batch for every waiting subscriber.
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():  # a cancelled subscriber's
+                    waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait for the next batch of events (or the end)."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
 
     def read(self, sub: Subscriber) -> bytes:
         """Everything the subscriber has not yet read, joined; advances its position."""
@@ -191,12 +212,17 @@ class Stream:
             return
         self._cancel_code, self._cancel_message = code, message
         self.task.cancel()
+        if self._resp is not None:
+            # Close the upstream connection now rather than when the producer next runs: on a busy
+            # loop that is a whole iteration later, and closing is what stops the billing.  (After
+            # task.cancel(), so the producer sees its cancellation, not the closed connection.)
+            self._resp.close()
 
     # -- the producer --------------------------------------------------------------------
 
     async def _produce(self, upstream: UpstreamClient) -> None:
         try:
-            resp = await upstream.open(self._body)
+            resp = self._resp = await upstream.open(self._body)
             try:
                 while chunks := await resp.read():
                     for chunk in chunks:
@@ -244,8 +270,12 @@ class Stream:
                  self.id, self.model, outcome, ttft, (now - self._started) * 1000, self._deltas, self._bytes)
 
 
-def _delta(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """The /chat delta event for one upstream chunk, or None when it carries no content."""
+def _delta(obj: dict[str, Any]) -> str | None:
+    """The /chat delta event's JSON for one upstream chunk, or None when it carries no content.
+
+    Most chunks carry only text: their event is built around the encoded string alone, which
+    is the same JSON as encoding the whole object, at a fraction of the cost.
+    """
     choices = obj.get("choices")
     if not choices or not isinstance(choices, list):
         return None
@@ -255,16 +285,19 @@ def _delta(obj: dict[str, Any]) -> dict[str, Any] | None:
     delta = choice.get("delta")
     if not isinstance(delta, dict):
         return None
-    out: dict[str, Any] = {"type": "delta"}
     content = delta.get("content")
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    tool_calls = delta.get("tool_calls")
+    if not reasoning and not tool_calls:
+        return '{"type":"delta","content":' + _encode(content) + "}" if content else None
+    out: dict[str, Any] = {"type": "delta"}
     if content:
         out["content"] = content
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
     if reasoning and isinstance(reasoning, str):
         out["reasoning"] = reasoning
-    if delta.get("tool_calls"):
-        out["tool_calls"] = delta["tool_calls"]
-    return out if len(out) > 1 else None
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    return _encode(out) if len(out) > 1 else None
 
 
 class Registry:

@@ -44,6 +44,10 @@ class Completion:
     request_id: str | None
 
 
+class _Deadline(Exception):
+    """Raised into a read in progress when a timeout passes (see ``UpstreamResponse._on_timer``)."""
+
+
 class UpstreamResponse:
     """One streamed answer.  ``await read()`` returns the next batch of chunks, ``[]`` at the end."""
 
@@ -57,6 +61,10 @@ class UpstreamResponse:
         self._total_deadline = started + config.total_timeout
         self._got_chunk = False
         self._ended = False
+        self._loop = asyncio.get_running_loop()
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading = False
         self._failed: UpstreamError | None = None
         self.status = resp.status
         self.headers = resp.headers
@@ -68,16 +76,23 @@ class UpstreamResponse:
         if self._failed is not None:
             self._ended = True
             raise self._failed
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        content = self._resp.content
         while not self._ended:
             if self._got_chunk:
-                deadline = min(loop.time() + self._idle, self._total_deadline)
+                deadline = loop.time() + self._idle
+                if deadline > self._total_deadline:
+                    deadline = self._total_deadline
             else:
                 deadline = min(self._first_deadline, self._total_deadline)
+            self._deadline = deadline
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                self._arm(deadline)
+            self._reading = True
             try:
-                async with asyncio.timeout_at(deadline):
-                    data = await self._resp.content.readany()
-            except TimeoutError:
+                data = await content.readany()
+            except _Deadline:
                 raise self._timeout_error(loop.time()) from None
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
                 raise UpstreamError(
@@ -85,6 +100,8 @@ class UpstreamResponse:
                     "the upstream connection broke before the answer was finished",
                     retriable=True, request_id=self.request_id,
                 ) from exc
+            finally:
+                self._reading = False
             if not data:
                 return self._at_eof()
             try:
@@ -96,6 +113,25 @@ class UpstreamResponse:
             if chunks:
                 return chunks
         return []
+
+    # One timer per stream instead of an asyncio.timeout per read: every read moves the idle
+    # deadline, so the timer is only re-armed (at the latest deadline) when it fires early.
+    # It interrupts a read in progress by failing the response's stream reader; a timer that
+    # fires between reads does nothing, the next read arms it again.
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self._reading or self._ended:
+            return
+        if self._loop.time() >= self._deadline:
+            self._resp.content.set_exception(_Deadline())
+        else:
+            self._arm(self._deadline)
 
     def _chunks(self, events: list[Any]) -> list[Chunk]:
         chunks: list[Chunk] = []
@@ -150,6 +186,9 @@ class UpstreamResponse:
 
     def close(self) -> None:
         """Close the connection (not release: draining would let the upstream keep generating)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._resp.close()
 
 

@@ -1,0 +1,191 @@
+"""Processes of the benchmark: the fake upstream, the relay, nginx; their CPU and memory from /proc."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def raise_nofile() -> int:
+    """Soft open-files limit up to the hard one (children inherit it); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def use_fast_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run the harness's own processes on uvloop when installed: they must stay lean."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / TICK
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Upstream:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", "0"], cwd=REPO,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            stop(self.proc)
+            raise RuntimeError(f"the fake upstream did not start: {line!r}")
+        self.port = int(line.split()[1])
+        self.pids = [self.proc.pid]
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+class Relay:
+    """``python -m relay serve`` against the fake upstream, one process."""
+
+    def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = (),
+                 src: Path | None = None) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--model", "bench",
+                "--max-streams", "100000", "--pool-limit", "100000", "--resume-grace", "0",
+                "--log-level", "warning", *extra]
+        if loop:
+            args += ["--loop", loop]
+        if src is None:
+            # One load generator on 127.0.0.1 is one "client" to the access limits: lift them.
+            # (Not passed to an older --relay-src, which predates these flags.)
+            args += ["--rate-limit", "0", "--max-streams-per-client", "1000000"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
+        env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
+        # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).
+        self.proc = subprocess.Popen(args, cwd=src or REPO, env=env)
+        wait_port(self.port, self.proc)
+        self.pids = [self.proc.pid]
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+NGINX_CONF = """\
+{user}worker_processes 1;
+worker_rlimit_nofile {nofile};
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections {conns}; multi_accept on; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 1024; }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_cache off;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+}}
+"""
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+class Nginx:
+    """nginx, one worker, proxy_pass with proxy_buffering off, to the same fake upstream."""
+
+    def __init__(self, upstream_port: int, binary: str) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="bench-nginx-")
+        prefix = Path(self.dir.name)
+        self.port = free_port()
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        user = "user root;\n" if os.geteuid() == 0 else ""
+        (prefix / "nginx.conf").write_text(NGINX_CONF.format(
+            user=user, nofile=nofile, prefix=prefix, conns=max(nofile - 64, 1024), upstream=upstream_port,
+            port=self.port))
+        self.proc = subprocess.Popen([binary, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
+                                      "-g", "daemon off;"], stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc)
+        deadline = time.monotonic() + 5
+        while not children(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.pids = [self.proc.pid, *children(self.proc.pid)]
+
+    def close(self) -> None:
+        stop(self.proc)
+        self.dir.cleanup()

@@ -1,0 +1,389 @@
+"""The benchmark: the relay against direct and nginx, side by side, in one run on this machine.
+
+    python -m bench.run            # the full run (about 6-8 minutes on 2 cores)
+    python -m bench.run --quick    # a smoke run of seconds: every figure, tiny loads
+
+Every process has its own event loop: the fake upstream (bench/upstream.py), the relay
+(``python -m relay serve``), nginx (one worker) and the load generator (bench/loadgen.py),
+which checks every stream's bytes.  CPU comes from /proc/<pid>/stat, so the load generator's
+speed does not enter the relay's figure.  Prints a table; writes JSON to bench/out/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.procs import REPO, Nginx, Relay, Upstream, cpu_seconds, nginx_binary, raise_nofile, rss_kib
+
+OUT = REPO / "bench" / "out"
+TARGETS = {  # name → (path, kind)
+    "direct": ("/v1/chat/completions", "openai"),
+    "nginx": ("/v1/chat/completions", "openai"),
+    "chat": ("/chat", "chat"),
+    "v1": ("/v1/chat/completions", "openai"),
+}
+
+FULL: dict[str, Any] = {
+    "cpu": dict(streams=200, n=150, dt=0.04, ramp=1.0),
+    # N concurrent: 2N streams of 5 s start evenly over 10 s; the TTFT counted is that of the
+    # streams started in the second half, when N others are in flight (steady state, not a burst).
+    "ttft": [dict(streams=200, n=50, dt=0.1, ramp=10.0, ttft_from=5.0, concurrent=100),
+             dict(streams=2000, n=50, dt=0.1, ramp=10.0, ttft_from=5.0, concurrent=1000)],
+    "rates": [2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000, 16000, 20000],
+    "rate_streams": 500, "rate_seconds": 4.0, "rate_ramp": 1.0,
+    "disconnect": dict(streams=200, n=400, dt=0.05, ramp=1.0, close_after=[1, 20]),
+    "silent": dict(streams=100, ramp=2.0),
+    "rss": dict(streams=5000, n=100, dt=10.0, ramp=3.0),
+    "warmup": dict(streams=200, n=5, dt=0.01, ramp=0.5),
+    "concurrency": [2000, 4000, 8000, 9500],
+    "concurrency_stream": dict(n=20, dt=1.0),
+}
+QUICK: dict[str, Any] = {
+    "cpu": dict(streams=20, n=10, dt=0.02, ramp=0.05),
+    "ttft": [dict(streams=20, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=10),
+             dict(streams=80, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=40)],
+    "rates": [400, 800],
+    "rate_streams": 20, "rate_seconds": 0.3, "rate_ramp": 0.05,
+    "disconnect": dict(streams=20, n=100, dt=0.02, ramp=0.05, close_after=[1, 5]),
+    "silent": dict(streams=10, ramp=0.05),
+    "rss": dict(streams=100, n=100, dt=10.0, ramp=0.1),
+    "warmup": dict(streams=10, n=3, dt=0.01, ramp=0.02),
+    "concurrency": [50, 100],
+    "concurrency_stream": dict(n=3, dt=0.1),
+}
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.p = QUICK if args.quick else FULL
+        self.upstream = Upstream()
+        self.nginx_bin = None if args.no_nginx else nginx_binary()
+        self.runs = 0
+        self.results: dict[str, Any] = {}
+        self.checks: list[dict[str, Any]] = []  # every load run: name, streams, ok, errors
+
+    def close(self) -> None:
+        self.upstream.close()
+
+    def relay(self) -> Relay:
+        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src)
+
+    def load(self, name: str, port: int, target: str, spec: dict[str, Any], *,
+             hold: Any = None) -> dict[str, Any]:
+        """One load-generator run against ``port``; ``hold(held)`` runs while every stream is open."""
+        self.runs += 1
+        path, kind = TARGETS[target]
+        full = {"host": "127.0.0.1", "port": port, "path": path, "kind": kind, "upstream": self.upstream.port,
+                "prefix": f"r{self.runs}-", "timeout": 180, **spec, "hold": hold is not None}
+        proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", json.dumps(full)], cwd=REPO,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdin is not None
+        if hold is not None:
+            line = proc.stdout.readline()
+            hold(json.loads(line)["held"])
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"load generator failed ({name}): exit {proc.returncode}")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        self.checks.append({"run": name, "target": target, "streams": result["streams"], "ok": result["ok"],
+                            "errors": result["errors"], "error_samples": result["error_samples"]})
+        if result["errors"]:
+            print(f"  ! {name}: {result['errors']} of {result['streams']} streams failed: "
+                  f"{result['error_samples'][:2]}", flush=True)
+        return result
+
+    def measured(self, name: str, port: int, target: str, spec: dict[str, Any], pids: list[int]) -> dict[str, Any]:
+        """A load run with the CPU the ``pids`` used during it, per relayed event."""
+        before = cpu_seconds(pids) if pids else 0.0
+        up_before = cpu_seconds(self.upstream.pids)
+        result = self.load(name, port, target, spec)
+        cpu = cpu_seconds(pids) - before if pids else 0.0
+        result["cpu_s"] = round(cpu, 3)
+        result["upstream_cpu_s"] = round(cpu_seconds(self.upstream.pids) - up_before, 3)
+        result["cpu_us_per_event"] = round(cpu / result["events"] * 1e6, 2) if pids and result["events"] else None
+        return result
+
+    def each_target(self, phase: str, spec: dict[str, Any], targets: tuple[str, ...]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for target in targets:
+            if target == "nginx" and self.nginx_bin is None:
+                continue
+            if target == "direct":
+                out[target] = self.measured(f"{phase}/{target}", self.upstream.port, target, spec, [])
+            elif target == "nginx":
+                nginx = Nginx(self.upstream.port, self.nginx_bin)  # type: ignore[arg-type]
+                try:
+                    out[target] = self.measured(f"{phase}/{target}", nginx.port, target, spec, nginx.pids)
+                finally:
+                    nginx.close()
+            else:
+                relay = self.relay()
+                try:
+                    # A first small run, so that the measured one sees a warm process and a filled pool.
+                    self.load(f"{phase}/{target}/warmup", relay.port, target, self.p["warmup"])
+                    out[target] = self.measured(f"{phase}/{target}", relay.port, target, spec, relay.pids)
+                finally:
+                    relay.close()
+            r = out[target]
+            print(f"  {phase:>10} {target:>6}: {r['ok']}/{r['streams']} ok, {r['events']} events, "
+                  f"cpu {r['cpu_us_per_event']} us/event, ttft p50 {r['ttft_ms']['p50']} ms "
+                  f"p99 {r['ttft_ms']['p99']} ms, delay p99 {r['delay_ms']['p99']} ms, "
+                  f"disconnect p99 {r['disconnect_ms']['p99']} ms", flush=True)
+        return out
+
+    # -- the phases ------------------------------------------------------------------------
+
+    def cpu(self) -> None:
+        self.results["cpu"] = self.each_target("cpu", self.p["cpu"], ("direct", "nginx", "chat", "v1"))
+
+    def ttft(self) -> None:
+        self.results["ttft"] = {}
+        for spec in self.p["ttft"]:
+            spec = dict(spec)
+            concurrent = spec.pop("concurrent")
+            self.results["ttft"][str(concurrent)] = self.each_target(
+                f"ttft@{concurrent}", spec, ("direct", "nginx", "chat", "v1"))
+
+    def rates(self) -> None:
+        """Raise the event rate until the p99 delay per event passes 50 ms (or a stream fails)."""
+        out: dict[str, Any] = {}
+        for target in ("chat", "v1"):
+            relay = self.relay()
+            steps = []
+            try:
+                self.load(f"rate/{target}/warmup", relay.port, target, self.p["warmup"])
+                for rate in self.p["rates"]:
+                    spec = self.rate_spec(rate)
+                    r = self.measured(f"rate/{target}@{rate}", relay.port, target, spec, relay.pids)
+                    passed = r["errors"] == 0 and (r["delay_ms"]["p99"] or 1e9) < 50
+                    steps.append({"rate": rate, "passed": passed, "delay_ms": r["delay_ms"],
+                                  "cpu_us_per_event": r["cpu_us_per_event"],
+                                  "errors": r["errors"], "upstream_lag_ms": r["upstream_lag_ms"]})
+                    print(f"  rate {target:>6} {rate:>6}/s: delay p99 {r['delay_ms']['p99']} ms, "
+                          f"cpu {r['cpu_us_per_event']} us/event, errors {r['errors']}"
+                          f"{'' if passed else '  <- over'}", flush=True)
+                    if not passed:
+                        break
+            finally:
+                relay.close()
+            best = max((s["rate"] for s in steps if s["passed"]), default=0)
+            out[target] = {"sustained_events_per_s": best, "steps": steps}
+            # The floor at the rate that failed (or the top rate): is the harness itself keeping up?
+            floor_rate = steps[-1]["rate"]
+            spec = self.rate_spec(floor_rate)
+            d = self.measured(f"rate/direct@{floor_rate}", self.upstream.port, "direct", spec, [])
+            out[target]["direct_at_last_rate"] = {"rate": floor_rate, "delay_ms": d["delay_ms"]}
+            print(f"  rate direct {floor_rate:>6}/s: delay p99 {d['delay_ms']['p99']} ms (the harness's floor)",
+                  flush=True)
+        self.results["rates"] = out
+
+    def rate_spec(self, rate: int) -> dict[str, Any]:
+        """``rate_streams`` streams whose tokens add up to ``rate`` per second; the delays counted are
+        those of tokens due after every stream has started (the ramp is a burst of its own)."""
+        streams, seconds, ramp = self.p["rate_streams"], self.p["rate_seconds"], self.p["rate_ramp"]
+        dt = streams / rate
+        return dict(streams=streams, dt=dt, n=max(3, int((ramp + 0.5 + seconds) / dt)), ramp=ramp,
+                    measure_from=ramp + 0.5)
+
+    def disconnect(self) -> None:
+        self.results["disconnect"] = self.each_target("disconnect", self.p["disconnect"], ("nginx", "chat", "v1"))
+
+    def silent(self) -> None:
+        relay = self.relay()
+        try:
+            self.load("silent/warmup", relay.port, "chat", self.p["warmup"])
+            r = self.load("silent/chat", relay.port, "chat", dict(self.p["silent"], silent=True, n=1, dt=1.0))
+        finally:
+            relay.close()
+        self.results["silent"] = {"chat": r}
+        print(f"  silent   chat: first byte p50 {r['ttfb_ms']['p50']} ms p99 {r['ttfb_ms']['p99']} ms; "
+              f"disconnect → upstream close p99 {r['disconnect_ms']['p99']} ms (n={r['disconnect_ms']['n']})",
+              flush=True)
+
+    def rss(self) -> None:
+        out: dict[str, Any] = {}
+        spec = self.p["rss"]
+        for target in ("nginx", "chat", "v1"):
+            if target == "nginx":
+                if self.nginx_bin is None:
+                    continue
+                server: Relay | Nginx = Nginx(self.upstream.port, self.nginx_bin)
+                pid = server.pids[-1]  # the worker
+            else:
+                server = self.relay()
+                pid = server.pids[0]
+            try:
+                self.load(f"rss/{target}/warmup", server.port, target, self.p["warmup"])
+                time.sleep(0.3)
+                base = rss_kib(pid)
+                seen: dict[str, int] = {}
+
+                def at_hold(held: int) -> None:
+                    time.sleep(0.1 if self.args.quick else 0.5)
+                    seen["rss"], seen["held"] = rss_kib(pid), held
+
+                r = self.load(f"rss/{target}", server.port, target, spec, hold=at_hold)
+            finally:
+                server.close()
+            per = (seen["rss"] - base) / max(seen["held"], 1)
+            out[target] = {"base_kib": base, "loaded_kib": seen["rss"], "streams": seen["held"],
+                           "kib_per_stream": round(per, 2), "ok": r["ok"], "errors": r["errors"]}
+            print(f"  rss {target:>6}: {base} KiB → {seen['rss']} KiB with {seen['held']} open streams: "
+                  f"{per:.1f} KiB/stream", flush=True)
+        self.results["rss"] = out
+
+    def concurrency(self) -> None:
+        out: dict[str, Any] = {"steps": []}
+        best = 0
+        for streams in self.p["concurrency"]:
+            relay = self.relay()
+            try:
+                spec = dict(self.p["concurrency_stream"], streams=streams, ramp=max(0.2, streams / 2000))
+                r = self.measured(f"concurrency/chat@{streams}", relay.port, "chat", spec, relay.pids)
+            finally:
+                relay.close()
+            passed = r["errors"] == 0
+            out["steps"].append({"streams": streams, "passed": passed, "errors": r["errors"],
+                                 "error_samples": r["error_samples"][:2], "delay_ms": r["delay_ms"],
+                                 "ttft_ms": r["ttft_ms"]})
+            print(f"  concurrency {streams:>6}: {r['ok']}/{streams} ok, delay p99 {r['delay_ms']['p99']} ms, "
+                  f"ttft p99 {r['ttft_ms']['p99']} ms", flush=True)
+            if not passed:
+                break
+            best = streams
+        out["max_streams"] = best
+        self.results["concurrency"] = out
+
+
+def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    """The headline figures against their goals (goal, stretch)."""
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, value: Any, unit: str, goal: Any = None, stretch: Any = None, lower: bool = True) -> None:
+        met = None
+        if value is not None and goal is not None:
+            met = "stretch" if (stretch is not None and (value <= stretch if lower else value >= stretch)) else (
+                "yes" if (value <= goal if lower else value >= goal) else "NO")
+        rows.append({"figure": name, "value": value, "unit": unit, "goal": goal, "stretch": stretch, "met": met})
+
+    cpu = res["cpu"]
+    nginx_cpu = cpu.get("nginx", {}).get("cpu_us_per_event")
+    row("nginx CPU per event", nginx_cpu, "us")
+    for t in ("chat", "v1"):
+        us = cpu[t]["cpu_us_per_event"]
+        row(f"relay {t} CPU per event", us, "us")
+        row(f"relay {t} CPU / nginx", round(us / nginx_cpu, 2) if nginx_cpu else None, "x", 3, 2)
+    for t in ("chat", "v1"):
+        row(f"relay {t} sustained events/s (p99 delay < 50 ms)", res["rates"][t]["sustained_events_per_s"],
+            "ev/s")
+    for conc, by in res["ttft"].items():
+        direct = by["direct"]["ttft_ms"]
+        for t in ("nginx", "chat", "v1"):
+            if t not in by:
+                continue
+            mine = by[t]["ttft_ms"]
+            for q in ("p50", "p99"):
+                added = round(mine[q] - direct[q], 2)
+                goal = (10, 5) if (q == "p50" and t != "nginx" and conc == max(res["ttft"], key=int)) else (None, None)
+                row(f"added TTFT {q} {t} @{conc}", added, "ms", *goal)
+    for t, r in res["disconnect"].items():
+        d = r["disconnect_ms"]
+        row(f"disconnect → upstream close p50 {t}", d["p50"], "ms")
+        row(f"disconnect → upstream close p99 {t}", d["p99"], "ms", *((5, None) if t != "nginx" else (None, None)))
+    for t, r in res["rss"].items():
+        row(f"RSS per open stream {t} ({r['streams']} streams)", r["kib_per_stream"], "KiB",
+            *((32, 20) if t != "nginx" else (None, None)))
+    row("most concurrent streams (chat, 1 token/s)", res["concurrency"]["max_streams"], "streams",
+        None if quick else 8000, None, lower=False)
+    s = res["silent"]["chat"]
+    row("first byte while upstream silent p50", s["ttfb_ms"]["p50"], "ms", 5)
+    row("first byte while upstream silent p99", s["ttfb_ms"]["p99"], "ms", 5)
+    return rows
+
+
+def machine() -> dict[str, Any]:
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    return {"cores": os.cpu_count(), "memory_gib": round(mem_kib / 1024 / 1024, 1),
+            "loadavg_before": open("/proc/loadavg").read().split()[:3], "python": platform.python_version(),
+            "kernel": platform.release(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'figure':<52} {'value':>10} {'unit':<7} {'goal':>6} {'stretch':>7}  met"]
+    for r in rows:
+        goal = "" if r["goal"] is None else f"{'≤' if r['unit'] != 'streams' else '≥'}{r['goal']}"
+        stretch = "" if r["stretch"] is None else f"{r['stretch']}"
+        lines.append(f"{r['figure']:<52} {r['value']!s:>10} {r['unit']:<7} {goal:>6} {stretch:>7}  {r['met'] or ''}")
+    return "\n".join(lines)
+
+
+PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of seconds (tiny loads)")
+    parser.add_argument("--relay-loop", choices=["asyncio", "uvloop", "auto"], default=None,
+                        help="passed to relay serve --loop (default: the relay's own default)")
+    parser.add_argument("--relay-src", type=Path, default=None,
+                        help="run the relay package from this directory instead (e.g. an older version: "
+                        "git archive REV relay | tar -x -C DIR)")
+    parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is installed")
+    parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
+    parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"directory for the JSON (default: {OUT})")
+    args = parser.parse_args(argv)
+    nofile = raise_nofile()
+    info = machine()
+    info["nofile"] = nofile
+    print(f"bench: {info['cores']} cores, {info['memory_gib']} GiB, load {' '.join(info['loadavg_before'])}, "
+          f"open files {nofile}, {'quick' if args.quick else 'full'} run", flush=True)
+    bench = Bench(args)
+    started = time.monotonic()
+    try:
+        for phase in args.only or PHASES:
+            began = time.monotonic()
+            getattr(bench, phase)()
+            print(f"  ({phase}: {time.monotonic() - began:.1f} s)", flush=True)
+    finally:
+        bench.close()
+    info["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
+    info["seconds"] = round(time.monotonic() - started, 1)
+    rows = figures(bench.results, args.quick) if not args.only else []
+    failed = [c for c in bench.checks if c["errors"] and "concurrency" not in c["run"]]
+    report = {"machine": info, "quick": args.quick, "command": " ".join(["python -m bench.run", *(argv or sys.argv[1:])]),
+              "figures": rows, "results": bench.results, "checks": bench.checks,
+              "content_ok": not failed}
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = f"{'quick' if args.quick else 'full'}{'-' + args.label if args.label else ''}-{stamp}.json"
+    (out / name).write_text(json.dumps(report, indent=1))
+    (out / "latest.json").write_text(json.dumps(report, indent=1))
+    print()
+    if rows:
+        print(table(rows))
+    print(f"\nload {' '.join(info['loadavg_before'])} → {' '.join(info['loadavg_after'])}; "
+          f"{info['seconds']} s; content checks {'passed' if not failed else 'FAILED'} "
+          f"({sum(c['streams'] for c in bench.checks)} streams); written to {out / name}")
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

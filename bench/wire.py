@@ -1,0 +1,89 @@
+"""What travels: the fake upstream's chunks and the bytes each client must receive, exactly.
+
+One module for both sides, so the fake upstream sends what the load generator expects and the
+load generator can check every stream byte for byte: the upstream's own event stream (direct,
+nginx and the relay's /v1 pass it through unchanged) and the relay's /chat events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+MODEL = "bench"
+#: Token-sized words that exercise JSON escaping and multi-byte UTF-8 as real answers do.
+WORDS = (" The", " quick", " brown", " fox", " jumps", " über", " \"lazy\"", " dogs.\n", " 数据", " 🙂",
+         " and", " then", " some")
+RETRY_MS = 2000
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def prompt(key: str, n: int, dt: float, *, silent: bool = False) -> str:
+    """The user message that tells the fake upstream what to send (the relay passes messages on)."""
+    return f"bench key={key} n={n} dt={dt!r} silent={int(silent)}"
+
+
+def parse_prompt(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in text.split()[1:])
+
+
+def request_body(key: str, n: int, dt: float, *, openai: bool, silent: bool = False) -> bytes:
+    """The client's request: /chat takes no ``stream`` field, the OpenAI API needs it."""
+    body: dict[str, Any] = {"model": MODEL,
+                            "messages": [{"role": "user", "content": prompt(key, n, dt, silent=silent)}]}
+    if openai:
+        body["stream"] = True
+    return dumps(body).encode()
+
+
+def word(i: int) -> str:
+    return WORDS[i % len(WORDS)]
+
+
+def usage(n: int) -> dict[str, int]:
+    return {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n}
+
+
+class Chunks:
+    """One answer's upstream events (``data: ...\\n\\n`` each), the way OpenAI words them."""
+
+    def __init__(self, key: str) -> None:
+        self.head = ('{"id":"chatcmpl-%s","object":"chat.completion.chunk","created":1700000000,'
+                     '"model":"%s","system_fingerprint":"fp_bench","choices":[{"index":0,"delta":' % (key, MODEL))
+
+    def role(self) -> bytes:
+        return f'data: {self.head}{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}]}}\n\n'.encode()
+
+    def token(self, i: int) -> bytes:
+        return (f'data: {self.head}{{"content":{dumps(word(i))}}},"logprobs":null,'
+                f'"finish_reason":null}}]}}\n\n').encode()
+
+    def finish(self) -> bytes:
+        return f'data: {self.head}{{}},"logprobs":null,"finish_reason":"stop"}}]}}\n\n'.encode()
+
+    def usage(self, n: int) -> bytes:
+        head = self.head.split(',"choices"')[0]
+        return f'data: {head},"choices":[],"usage":{dumps(usage(n))}}}\n\n'.encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def openai_body(key: str, n: int) -> bytes:
+    """What direct, nginx and the relay's /v1 deliver (the client asks for no usage chunk)."""
+    c = Chunks(key)
+    return c.role() + b"".join(c.token(i) for i in range(n)) + c.finish() + DONE
+
+
+def chat_body(stream_id: str, n: int) -> bytes:
+    """What the relay's /chat delivers for the same answer."""
+    parts = [f"id: {stream_id}.0\ndata: "
+             f"{dumps({'type': 'start', 'id': stream_id, 'model': MODEL, 'demo': False})}\nretry: {RETRY_MS}\n\n"]
+    for i in range(n):
+        parts.append(f"id: {stream_id}.{i + 1}\ndata: {dumps({'type': 'delta', 'content': word(i)})}\n\n")
+    done = {"type": "done", "finish_reason": "stop", "usage": usage(n)}
+    parts.append(f"id: {stream_id}.{n + 1}\ndata: {dumps(done)}\n\n")
+    return "".join(parts).encode()

@@ -1,0 +1,41 @@
+"""bench/run.py --quick end to end: every figure is produced and every stream's bytes were right.
+
+No timing thresholds here: the figures depend on the machine; this only pins that the harness
+works (processes start, streams are checked, the JSON has every figure).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import require
+from bench.procs import nginx_binary
+
+REPO = Path(__file__).resolve().parent.parent
+
+FIGURES = (
+    "relay chat CPU per event", "relay v1 CPU per event", "relay chat sustained events/s",
+    "relay v1 sustained events/s", "added TTFT p50 chat", "added TTFT p99 v1",
+    "disconnect → upstream close p99 chat", "disconnect → upstream close p99 v1",
+    "RSS per open stream chat", "RSS per open stream v1", "most concurrent streams",
+    "first byte while upstream silent p50",
+)
+
+
+def test_the_quick_benchmark_produces_every_figure_with_every_stream_checked(tmp_path: Path) -> None:
+    require(nginx_binary() is not None, "nginx is not installed")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    assert report["content_ok"] is True
+    assert report["checks"] and all(c["errors"] == 0 and c["ok"] == c["streams"] for c in report["checks"])
+    names = [row["figure"] for row in report["figures"]]
+    for wanted in FIGURES:
+        assert any(name.startswith(wanted) for name in names), wanted
+    for row in report["figures"]:
+        assert row["value"] is not None, row
+    assert "relay chat CPU / nginx" in names and "nginx CPU per event" in names
