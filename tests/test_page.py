@@ -110,21 +110,27 @@ async def bp(browser: Browser) -> AsyncIterator[BrowserPage]:
 
 
 class CuttableProxy:
-    """A TCP proxy on loopback in front of the relay; ``cut()`` drops every connection open now."""
+    """A TCP proxy on loopback in front of the relay.
+
+    ``cut()`` drops every connection open now and holds new ones (accepted, not forwarded)
+    until ``reopen()``, so the test sees the page's "reconnecting" state for as long as it likes.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.server: asyncio.Server | None = None
         self.port = 0
-        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.connections = 0
+        self._open = asyncio.Event()
+        self._open.set()
+        self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def _accept(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        await self._open.wait()
         self.connections += 1
         u_reader, u_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         pair = (c_writer, u_writer)
@@ -148,12 +154,17 @@ class CuttableProxy:
             writer.close()
 
     def cut(self) -> None:
+        self._open.clear()
         for c_writer, u_writer in list(self._pairs):
             c_writer.transport.abort()
             u_writer.transport.abort()
 
+    def reopen(self) -> None:
+        self._open.set()
+
     async def close(self) -> None:
         self.cut()
+        self.reopen()
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
@@ -268,9 +279,11 @@ async def test_cut_connection_resumes_without_duplicated_or_missing_text(
         stream = relay.server.app[REGISTRY].running()[0]
         proxy.cut()
         await expect(bp.page.locator("#status")).to_have_attribute("data-state", "reconnecting")
+        await wait_for(lambda: stream.subscribers == 0)
         # Sent while nobody listens: the reconnect must replay these from the relay's log.
         gates[1].set()
         gates[2].set()
+        proxy.reopen()
         await wait_for(lambda: stream.subscribers == 1)
         await expect(bp.page.locator("#status")).to_contain_text("Resumed")
         # Sent live to the resumed connection.
@@ -385,6 +398,7 @@ PARSER_STREAM = (
     "data\n\n"                      # a field with no colon: empty data line
     "id: bad\0id\ndata: keeps s.1\n\n"
     "retry: 12x\nignored: field\n\n"  # invalid retry, unknown field, an empty event (not dispatched)
+    "data: one\r\ndata: two\r\n\r\n"  # split after a CR, the LF must not end the event early
     "data: last\r\n\r"
     "\n"
     "data: unterminated"
@@ -401,6 +415,7 @@ EXPECTED_PARSE: list[dict[str, Any]] = [
     {"kind": "event", "type": "message", "data": "caf\u00e9 \U0001f600 \u4e2d", "lastEventId": "s.1"},
     {"kind": "event", "type": "message", "data": "", "lastEventId": "s.1"},
     {"kind": "event", "type": "message", "data": "keeps s.1", "lastEventId": "s.1"},
+    {"kind": "event", "type": "message", "data": "one\ntwo", "lastEventId": "s.1"},
     {"kind": "event", "type": "message", "data": "last", "lastEventId": "s.1"},
 ]
 
