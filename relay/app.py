@@ -22,6 +22,15 @@ log = logging.getLogger("relay")
 #: The page shipped beside the package in a source checkout.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
+#: Sent with the page and its files: no inline script or style, nothing from another origin.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                               "frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
 
 def make_app(config: Config) -> web.Application:
     # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
@@ -45,11 +54,27 @@ def make_app(config: Config) -> web.Application:
     if web_root is not None:
         index = web_root / "index.html"
 
+        favicon = web_root / "favicon.svg"
+
         async def page(_request: web.Request) -> web.StreamResponse:
             return web.FileResponse(index)
+
+        async def favicon_ico(_request: web.Request) -> web.StreamResponse:
+            # Browsers ask for /favicon.ico whatever the page links; the SVG answers (by its content type).
+            if not favicon.is_file():
+                raise web.HTTPNotFound()
+            return web.FileResponse(favicon)
         app.router.add_get("/", page)
+        app.router.add_get("/favicon.ico", favicon_ico)
         app.router.add_get("/static/{path:.*}", static.handler(web_root), allow_head=True)
+        app.on_response_prepare.append(_page_headers)
     return app
+
+
+async def _page_headers(request: web.Request, response: web.StreamResponse) -> None:
+    path = request.path
+    if path == "/" or path == "/favicon.ico" or path.startswith("/static/"):
+        response.headers.update(PAGE_HEADERS)
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
