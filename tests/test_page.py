@@ -472,3 +472,33 @@ async def test_screenshot_of_a_finished_answer(bp: BrowserPage, make_relay: Rela
     await bp.page.screenshot(path=str(ARTIFACTS / "page-finished-answer-phone.png"))
     overflow = await bp.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0, "the page scrolls sideways at phone width"
+
+
+@pytest.mark.parametrize("transport", ["eventsource", "fetch"])
+async def test_relay_with_tokens_asks_for_one_then_answers(transport: str, bp: BrowserPage, make_relay: RelayFactory,
+                                                           upstream: FakeUpstream, tmp_path: Path) -> None:
+    token = "page-token-" + "t" * 24
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text(token + "\n")
+    upstream.behaviour = tokens(["behind", " a token"])
+    relay = await make_relay(tokens_file=tokens_file)
+    urls: list[str] = []
+    bp.page.on("request", lambda request: urls.append(request.url))
+    await bp.open(str(relay.make_url("/")), transport)
+    await bp.ask("hello?")
+    await bp.wait_until_finished("error")
+    await expect(bp.page.locator("#token-form")).to_be_visible()
+    await expect(bp.answer().locator(".note")).to_contain_text("token")
+    assert upstream.calls == 0
+    bp.problems[:] = [p for p in bp.problems if "401" not in p]  # the refusal it was provoked into
+    await bp.page.fill("#token-input", token)
+    await bp.page.click("#token-save")
+    await expect(bp.page.locator("#token-form")).to_be_hidden()
+    await bp.ask("now?")
+    await bp.wait_until_finished("done")
+    assert await bp.answer_text() == "behind a token"
+    assert upstream.calls == 1
+    # The token stays out of every URL the page used (EventSource opened a signed events URL).
+    assert urls and token not in "".join(urls)
+    if transport == "eventsource":
+        assert any("sig=" in url for url in urls)

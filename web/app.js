@@ -1,7 +1,7 @@
 // The chat page: conversation, composer, transport toggle, Stop, and the status line.
 
 import { render } from "./render.js";
-import { ChatTurn } from "./transport.js";
+import { ChatTurn, getToken, setToken } from "./transport.js";
 
 const TRANSPORT_KEY = "relay.transport";
 
@@ -14,6 +14,34 @@ const stopButton = $("stop");
 const statusLine = $("status");
 const transport = $("transport");
 const demoBadge = $("demo");
+
+const tokenForm = $("token-form");
+const tokenInput = $("token-input");
+const tokenNote = $("token-note");
+
+function showTokenForm(note) {
+  tokenForm.hidden = false;
+  tokenNote.textContent = note;
+  tokenInput.focus();
+}
+
+$("token-button").addEventListener("click", () => {
+  if (tokenForm.hidden) showTokenForm(getToken() ? "A token is set for this tab." : "");
+  else tokenForm.hidden = true;
+});
+tokenForm.addEventListener("submit", (e) => {
+  e.preventDefault();
+  setToken(tokenInput.value.trim());
+  tokenInput.value = "";
+  tokenForm.hidden = true;
+  setStatus("idle", getToken() ? "Token set · Ready" : "Ready");
+  prompt.focus();
+});
+$("token-forget").addEventListener("click", () => {
+  setToken("");
+  tokenInput.value = "";
+  tokenNote.textContent = "Token forgotten.";
+});
 
 /** The conversation so far, in OpenAI's format; sent whole with each turn. */
 let messages = [];
@@ -200,6 +228,7 @@ function send(text) {
     } else {
       note.textContent = `Error: ${result.message}`;
       setStatus("error", `Error: ${result.message}`);
+      if (result.code === "unauthorized") showTokenForm("This relay needs an access token.");
     }
     // A stopped or broken answer stays in the conversation as far as it got.
     if (answer) messages.push({ role: "assistant", content: answer });

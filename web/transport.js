@@ -14,6 +14,32 @@
 import { SSEParser } from "./sse-parser.js";
 
 const MAX_RESUMES = 5;
+const TOKEN_KEY = "relay.token";
+
+// The access token (docs/security.md) lives in sessionStorage: this tab only, never in a URL
+// or a cookie.  It travels as a header; EventSource, which cannot send one, opens the signed
+// "events" URL the authenticated POST returned.
+export function getToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY) || "";
+  } catch {
+    return "";
+  }
+}
+
+export function setToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // storage disabled: the token cannot be kept
+  }
+}
+
+function withAuth(headers = {}) {
+  const token = getToken();
+  return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
+}
 
 export class ChatTurn {
   /**
@@ -39,7 +65,9 @@ export class ChatTurn {
   start() {
     const run = this.mode === "eventsource" ? this._viaEventSource() : this._viaFetch();
     run.catch((err) => {
-      if (!this.stopped) this._finish({ kind: "error", code: "client", message: describe(err) });
+      if (this.stopped) return;
+      const code = err instanceof RelayError && err.status === 401 ? "unauthorized" : "client";
+      this._finish({ kind: "error", code, message: describe(err) });
     });
     return this.result;
   }
@@ -54,7 +82,7 @@ export class ChatTurn {
 
   _cancelOnRelay() {
     if (this.streamUrl) {
-      fetch(this.streamUrl, { method: "DELETE" }).catch(() => {});
+      fetch(this.streamUrl, { method: "DELETE", headers: withAuth() }).catch(() => {});
     }
   }
 
@@ -100,11 +128,11 @@ export class ChatTurn {
   async _post(accept) {
     const resp = await fetch("/chat", {
       method: "POST",
-      headers: { "Content-Type": "application/json", Accept: accept },
+      headers: withAuth({ "Content-Type": "application/json", Accept: accept }),
       body: JSON.stringify(this.body),
       signal: this.mode === "fetch" ? this.abort.signal : undefined,
     });
-    if (!resp.ok) throw new RelayError(await errorMessage(resp));
+    if (!resp.ok) throw new RelayError(await errorMessage(resp), resp.status);
     return resp;
   }
 
@@ -163,7 +191,7 @@ export class ChatTurn {
       this.on.reconnecting();
       failures += 1;
       await sleep(this.retryMs, this.abort.signal);
-      const headers = { Accept: "text/event-stream" };
+      const headers = withAuth({ Accept: "text/event-stream" });
       if (this.lastId) headers["Last-Event-ID"] = this.lastId;
       try {
         resp = await fetch(this.streamUrl, { headers, signal: this.abort.signal });
@@ -174,7 +202,7 @@ export class ChatTurn {
       if (resp.status === 204) {
         throw new RelayError("the stream ended while the connection was down");
       }
-      if (!resp.ok) throw new RelayError(await errorMessage(resp));
+      if (!resp.ok) throw new RelayError(await errorMessage(resp), resp.status);
       failures = 0;
       this.on.resumed();
     }
@@ -204,7 +232,12 @@ export class ChatTurn {
   }
 }
 
-export class RelayError extends Error {}
+export class RelayError extends Error {
+  constructor(message, status = 0) {
+    super(message);
+    this.status = status;
+  }
+}
 
 async function errorMessage(resp) {
   try {
