@@ -27,6 +27,7 @@ from aiohttp import web
 
 from relay.access import ACCESS, Access, client_of, from_trusted_proxy
 from relay.config import Config
+from relay.errors import error_response
 from relay.keys import CONFIG
 from relay.ratelimit import LIMITS, Limits, retry_after
 
@@ -39,12 +40,6 @@ CORS_HEADERS: Final = {
     "Access-Control-Allow-Headers": "Authorization, Content-Type, Last-Event-ID",
     "Access-Control-Max-Age": "600",
 }
-
-
-def error(status: int, message: str, *, code: str, type_: str = "invalid_request_error",
-          headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": None, "code": code}},
-                             status=status, headers=headers)
 
 
 def is_api(path: str) -> bool:
@@ -101,18 +96,18 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.app
     checks = app[GUARD]
     if not checks.host_allowed(request.host):
-        return error(421, "this relay does not answer to that Host name; if it is yours, add it with "
+        return error_response(421, "this relay does not answer to that Host name; if it is yours, add it with "
                      "--allow-host (this check stops DNS-rebinding pages)", code="host_not_allowed")
     origin = request.headers.get("Origin")
     if origin is not None:
         if not checks.origin_allowed(request, origin):
-            return error(403, "requests from this web page's origin are not allowed; add it with --allow-origin "
+            return error_response(403, "requests from this web page's origin are not allowed; add it with --allow-origin "
                          "if it should be", code="origin_not_allowed", type_="permission_error")
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return web.Response(status=204, headers={**CORS_HEADERS, "Access-Control-Allow-Origin": origin,
                                                      "Vary": "Origin"})
     elif request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site" and is_api(request.path):
-        return error(403, "cross-site requests without an Origin (links, images, forms of other sites) may not "
+        return error_response(403, "cross-site requests without an Origin (links, images, forms of other sites) may not "
                      "use this relay", code="cross_site", type_="permission_error")
     if is_api(request.path):
         refused = _authenticate(request)
@@ -125,7 +120,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return error(405, f"the method {request.method} is not allowed here; allowed: {allowed}",
+        return error_response(405, f"the method {request.method} is not allowed here; allowed: {allowed}",
                      code="method_not_allowed", headers={"Allow": allowed})
 
 
@@ -147,7 +142,7 @@ def _authenticate(request: web.Request) -> web.Response | None:
 
 
 def _unauthorized(message: str) -> web.Response:
-    return error(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'})
 
 
 def _rate_limit(request: web.Request) -> web.Response | None:
@@ -158,7 +153,7 @@ def _rate_limit(request: web.Request) -> web.Response | None:
     if not wait:
         return None
     after = retry_after(wait)
-    return error(429, f"too many requests: this relay allows {limiter.per_minute} per minute per client "
+    return error_response(429, f"too many requests: this relay allows {limiter.per_minute} per minute per client "
                  f"(--rate-limit); retry in {after} s", code="rate_limit_exceeded", type_="requests",
                  headers={"Retry-After": after})
 

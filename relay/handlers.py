@@ -15,6 +15,7 @@ from aiohttp import web
 from relay import access
 from relay.access import ACCESS
 from relay.config import Config
+from relay.errors import error_response, read_json
 from relay.keys import CONFIG, REGISTRY
 from relay.ratelimit import LIMITS, TooManyStreams
 from relay.response import EventStream, SlowClient
@@ -26,13 +27,6 @@ log = logging.getLogger("relay.handlers")
 GET_PARAMS = frozenset({"prompt", "model", "lastEventId"})
 
 
-def json_error(status: int, message: str, *, param: str | None = None, type_: str | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
-    error_type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-    return web.json_response({"error": {"message": message, "type": error_type, "param": param, "code": None}},
-                             status=status, headers=headers)
-
-
 def _wants_json(request: web.Request) -> bool:
     """True when Accept asks for application/json and not for text/event-stream."""
     types = {part.split(";", 1)[0].strip().lower() for part in request.headers.get("Accept", "").split(",")}
@@ -41,15 +35,6 @@ def _wants_json(request: web.Request) -> bool:
 
 def _last_event_id(request: web.Request) -> str | None:
     return request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
-
-
-async def _read_json(request: web.Request) -> Any:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body
-        raise BadRequest(f"the request body is larger than the limit of {limit} bytes", status=413) from None
-    return parse_json(raw)
 
 
 def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
@@ -72,9 +57,18 @@ def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
     return stream
 
 
+def _refusal(exc: Exception) -> web.Response:
+    """Why a new stream was not started, as the answer to the request that asked for it."""
+    if isinstance(exc, BadRequest):
+        return error_response(exc.status, exc.message, param=exc.param)
+    if isinstance(exc, TooManyStreams):
+        return error_response(429, str(exc), type_="requests", headers={"Retry-After": "5"})
+    return error_response(503, str(exc), headers={"Retry-After": "5"})
+
+
 async def post_chat(request: web.Request) -> web.StreamResponse:
     try:
-        body = await _read_json(request)
+        body = await read_json(request)
         if _wants_json(request):
             stream = _start(request, body, wait=True)
             # With tokens, the URL carries a capability for this stream alone (relay/access.py),
@@ -83,12 +77,8 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
             return web.json_response({"id": stream.id, "events": events}, status=201,
                                      headers={"Location": f"/chat/{stream.id}"})
         stream = _start(request, body, wait=False)
-    except BadRequest as exc:
-        return json_error(exc.status, exc.message, param=exc.param)
-    except StreamLimit as exc:
-        return json_error(503, str(exc), headers={"Retry-After": "5"})
-    except TooManyStreams as exc:
-        return json_error(429, str(exc), type_="requests", headers={"Retry-After": "5"})
+    except (BadRequest, StreamLimit, TooManyStreams) as exc:
+        return _refusal(exc)
     return await follow(request, stream, 0)
 
 
@@ -96,26 +86,22 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
     """EventSource's route: ``GET /chat?prompt=``; its reconnect resumes its own stream."""
     for key in request.query:
         if key not in GET_PARAMS:
-            return json_error(400, f"'{key}' is not a supported query parameter; supported: prompt, model",
-                              param=key)
+            return error_response(400, f"'{key}' is not a supported query parameter; supported: prompt, model",
+                                  param=key)
     last = _last_event_id(request)
     if last is not None:
         # A reconnect.  Never start a new (paid) generation for an id we do not know.
         parsed = parse_event_id(last)
         if parsed is None:
-            return json_error(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+            return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
         return await resume(request, parsed[0], parsed[1])
     body: dict[str, Any] = {"prompt": request.query.get("prompt", "")}
     if "model" in request.query:
         body["model"] = request.query["model"]
     try:
         stream = _start(request, body, wait=False)
-    except BadRequest as exc:
-        return json_error(exc.status, exc.message, param=exc.param)
-    except StreamLimit as exc:
-        return json_error(503, str(exc), headers={"Retry-After": "5"})
-    except TooManyStreams as exc:
-        return json_error(429, str(exc), type_="requests", headers={"Retry-After": "5"})
+    except (BadRequest, StreamLimit, TooManyStreams) as exc:
+        return _refusal(exc)
     return await follow(request, stream, 0)
 
 
@@ -126,9 +112,9 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         return await resume(request, stream_id, -1)
     parsed = parse_event_id(last)
     if parsed is None:
-        return json_error(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+        return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
     if parsed[0] != stream_id:
-        return json_error(400, "Last-Event-ID belongs to another stream", param="Last-Event-ID")
+        return error_response(400, "Last-Event-ID belongs to another stream", param="Last-Event-ID")
     return await resume(request, stream_id, parsed[1])
 
 

@@ -34,6 +34,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.config import Config
+from relay.errors import error_response, read_json
 from relay.keys import CONFIG, REGISTRY, UPSTREAM
 from relay.access import identity
 from relay.openai_params import CompletionsRequest, completions_request
@@ -94,13 +95,6 @@ class Record:
                  self.deltas, self.bytes, tokens)
 
 
-def _error(status: int, message: str, *, param: str | None = None, code: str | None = None,
-           type_: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
-    error_type = type_ or ("invalid_request_error" if status < 500 else "server_error")
-    return web.json_response({"error": {"message": message, "type": error_type, "param": param, "code": code}},
-                             status=status, headers=headers)
-
-
 def _scrub(obj: dict[str, Any], key: str | None) -> dict[str, Any]:
     """The error object with every occurrence of the relay's key blanked (belt and braces)."""
     text = json.dumps(obj, ensure_ascii=False)
@@ -135,33 +129,24 @@ def upstream_error_response(exc: UpstreamError, config: Config) -> web.Response:
     return web.json_response(_scrub(body, config.api_key), status=status, headers=headers)
 
 
-async def _read_json(request: web.Request) -> Any:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(f"the request body is larger than the limit of {request.app[CONFIG].max_body} bytes",
-                         status=413) from None
-    return parse_json(raw)
-
-
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
     registry = request.app[REGISTRY]
     live = request.app[LIVE]
     try:
-        req = completions_request(await _read_json(request), default_model=registry.default_model,
+        req = completions_request(await read_json(request), default_model=registry.default_model,
                                   models=config.models, stream_usage=config.stream_usage,
                                   limits=Limits.of(config))
     except BadRequest as exc:
-        return _error(exc.status, exc.message, param=exc.param)
+        return error_response(exc.status, exc.message, param=exc.param)
     if registry.live + len(live.tasks) >= config.max_streams:
-        return _error(503, f"the relay is at its limit of {config.max_streams} live streams; try again shortly",
+        return error_response(503, f"the relay is at its limit of {config.max_streams} live streams; try again shortly",
                       headers={"Retry-After": "5"})
     try:
         release = request.app[LIMITS].streams.acquire(identity(request))
     except TooManyStreams as exc:
         # 429: the SDKs raise RateLimitError (and wait Retry-After before their own retries).
-        return _error(429, str(exc), code="rate_limit_exceeded", type_="requests", headers={"Retry-After": "5"})
+        return error_response(429, str(exc), code="rate_limit_exceeded", type_="requests", headers={"Retry-After": "5"})
     try:
         return await _run(request, req, live)
     finally:
@@ -242,7 +227,7 @@ async def _stream(request: web.Request, req: CompletionsRequest, record: Record)
         record.outcome = "shutdown"
         message = "the relay is shutting down; retry the request"
         if out is None:
-            return _error(503, message, code="shutdown", headers={"Retry-After": "1"})
+            return error_response(503, message, code="shutdown", headers={"Retry-After": "1"})
         with suppress(ConnectionResetError, SlowClient):
             await out.send_bytes(encode(json.dumps({"error": {
                 "message": message, "type": "server_error", "param": None, "code": "shutdown"}})))
@@ -330,6 +315,6 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name not in _model_ids(request):
-        return _error(404, f"The model '{name}' does not exist or is not available on this relay",
+        return error_response(404, f"The model '{name}' does not exist or is not available on this relay",
                       param="model", code="model_not_found")
     return web.json_response(_model(name))
