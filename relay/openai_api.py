@@ -33,6 +33,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from relay.accounting import log_finished
 from relay.config import Config
 from relay.errors import error_response, read_json
 from relay.keys import CONFIG, REGISTRY, UPSTREAM
@@ -86,13 +87,9 @@ class Record:
         self.usage: dict[str, Any] | None = None
 
     def log(self) -> None:
-        ttft = f"{(self.first_delta - self.started) * 1000:.0f}ms" if self.first_delta else "-"
-        usage = self.usage or {}
-        tokens = (f"{usage.get('prompt_tokens')}+{usage.get('completion_tokens')}"
-                  if "prompt_tokens" in usage else "-")
-        log.info("v1 %s model=%s outcome=%s ttft=%s duration=%.0fms deltas=%d bytes=%d tokens=%s",
-                 self.id, self.model, self.outcome, ttft, (self.loop.time() - self.started) * 1000,
-                 self.deltas, self.bytes, tokens)
+        log_finished(log, "v1", self.id, self.model, self.outcome, started=self.started,
+                     first_delta=self.first_delta, now=self.loop.time(), deltas=self.deltas,
+                     nbytes=self.bytes, usage=self.usage)
 
 
 def _scrub(obj: dict[str, Any], key: str | None) -> dict[str, Any]:

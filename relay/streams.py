@@ -20,6 +20,7 @@ import logging
 import secrets
 from typing import Any, Callable, Final
 
+from relay.accounting import log_finished
 from relay.config import Config
 from relay.sse import encode
 from relay.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -264,10 +265,9 @@ class Stream:
         self.outcome = outcome
         self._publish()
         self._registry.finished(self)
-        now = self._loop.time()
-        ttft = f"{(self._first_delta - self._started) * 1000:.0f}ms" if self._first_delta else "-"
-        log.info("stream %s model=%s outcome=%s ttft=%s duration=%.0fms deltas=%d bytes=%d",
-                 self.id, self.model, outcome, ttft, (now - self._started) * 1000, self._deltas, self._bytes)
+        log_finished(log, "stream", self.id, self.model, outcome, started=self._started,
+                     first_delta=self._first_delta, now=self._loop.time(), deltas=self._deltas,
+                     nbytes=self._bytes, usage=self._resp.usage if self._resp is not None else None)
 
 
 def _delta(obj: dict[str, Any]) -> str | None:
