@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from conftest import TEST_KEY, FakeUpstream, chunk, sse
@@ -155,3 +156,13 @@ def first_delta_then_wait(gates: dict[str, asyncio.Event], *, seen: list[str] | 
         await fake.send(resp, sse("[DONE]"))
         return resp
     return run
+
+
+@pytest.fixture
+async def notify() -> AsyncIterator[NotifyListener]:
+    """A systemd notify socket for a spawned relay; shared by the process-level tests."""
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()

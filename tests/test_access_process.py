@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from conftest import TEST_KEY, FakeUpstream
-from procs import NotifyListener, listening_socket, port_of, spawn_relay
+from procs import NotifyListener, listening_socket, port_of, spawn_relay, notify  # noqa: F401 (a fixture)
 
 KEEP = "tok-keep-" + "k" * 24
 DROP = "tok-drop-" + "d" * 24
 
-
-@pytest.fixture
-async def notify() -> AsyncIterator[NotifyListener]:
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
 
 
 async def test_a_non_loopback_host_without_tokens_exits_2_with_one_line_saying_why(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,8 @@ import aiohttp
 import pytest
 
 from conftest import FakeUpstream, SSEClient, text_of, tokens, wait_for
-from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
+from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay, notify  # noqa: F401 (a fixture)
 
-
-@pytest.fixture
-async def notify() -> AsyncIterator[NotifyListener]:
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
 
 
 async def open_stream(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:

@@ -7,24 +7,15 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from conftest import FakeUpstream, SSEClient, text_of, tokens
-from procs import NotifyListener, first_delta_then_wait, listening_socket, port_of, spawn_relay
+from procs import NotifyListener, first_delta_then_wait, listening_socket, port_of, spawn_relay, notify  # noqa: F401 (a fixture)
 from relay import systemd
 
-
-@pytest.fixture
-async def notify() -> AsyncIterator[NotifyListener]:
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
 
 
 # -- the protocol, in process ------------------------------------------------------------------
