@@ -14,7 +14,9 @@ to stop the billing.
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,9 @@ class Completion:
 
 class _Deadline(Exception):
     """Raised into a read in progress when a timeout passes (see ``UpstreamResponse._on_timer``)."""
+
+
+log = logging.getLogger("relay.upstream")
 
 
 class UpstreamResponse:
@@ -269,7 +274,11 @@ class UpstreamClient:
         except TimeoutError:
             raise UpstreamError("upstream_timeout", too_late, retriable=True) from None
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or type(exc.os_error).__name__
+            # From the errno, not strerror: asyncio's text names the upstream's address, which
+            # is the operator's business, not the client's.
+            errno = exc.os_error.errno
+            reason = os.strerror(errno) if errno else type(exc.os_error).__name__
+            log.warning("cannot connect to the upstream at %s: %s", exc.host, exc.os_error.strerror)
             raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
                                 status=None, retriable=True) from None
         except (aiohttp.ClientError, ConnectionError) as exc:

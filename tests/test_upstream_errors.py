@@ -148,3 +148,13 @@ async def test_non_stream_content_type_is_an_error(relay: Client, upstream: Fake
     upstream.behaviour = status(200, {"choices": []})
     events = await run_chat(relay)
     assert events[-1]["code"] == "upstream_error" and "not an event stream" in events[-1]["message"]
+
+
+async def test_connection_refused_message_does_not_name_the_upstream_address(make_relay: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    relay = await make_relay(upstream=f"http://127.0.0.1:{port}/v1")
+    events = await run_chat(relay)
+    assert events[-1]["message"] == "could not connect to the upstream (Connection refused)"
+    assert str(port) not in json.dumps(events)
