@@ -16,6 +16,8 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from relay.errors import error_response
+
 #: Content types by suffix; anything else is served as bytes the browser must not interpret.
 TYPES: Final = {
     ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -29,8 +31,7 @@ _BAD_CHARS: Final = frozenset("\\\0%:") | frozenset(chr(c) for c in range(32))
 
 
 def _not_found(why: str) -> web.Response:
-    return web.json_response({"error": {"message": f"no such file: {why}", "type": "invalid_request_error",
-                                        "param": None, "code": "not_found"}}, status=404)
+    return error_response(404, f"no such file: {why}", code="not_found")
 
 
 def resolve(root: Path, rel: str) -> Path | None:
