@@ -135,6 +135,18 @@ def tokens(parts: list[str], *, delay: float = 0.0, finish: str = "stop", usage:
     return run
 
 
+def paused(first: str, then: str) -> Behaviour:
+    """``first`` (with the role), then silence until ``fake.release`` is set, then ``then`` and the end."""
+    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        await fake.send(resp, sse(chunk(first, role="assistant")))
+        await fake.release.wait()
+        await fake.send(resp, sse(chunk(then, finish_reason="stop")))
+        await fake.send(resp, sse("[DONE]"))
+        return resp
+    return run
+
+
 class SSEClient:
     """Reads a relay response event by event with the project's own spec decoder, keeping raw bytes."""
 

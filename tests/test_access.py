@@ -9,9 +9,8 @@ from typing import Any
 
 import openai
 import pytest
-from aiohttp import web
 
-from conftest import TEST_KEY, FakeUpstream, RelayFactory, SSEClient, chunk, sse, text_of
+from conftest import TEST_KEY, FakeUpstream, RelayFactory, SSEClient, paused, text_of
 from relay.access import ACCESS, Access
 from relay.config import Config, ConfigError
 from relay.ratelimit import RateLimiter, StreamSlots, TooManyStreams
@@ -49,7 +48,7 @@ async def test_eventsource_reads_its_stream_through_the_signed_events_url_withou
 
 
 async def test_the_events_url_also_stops_its_stream(guarded: Any, upstream: FakeUpstream) -> None:
-    upstream.behaviour = _held
+    upstream.behaviour = paused("", "ok")
     resp = await guarded.post("/chat", json={"prompt": "hi"}, headers={**AUTH, "Accept": "application/json"})
     events_url = (await resp.json())["events"]
     assert (await guarded.delete(events_url)).status == 204
@@ -57,7 +56,7 @@ async def test_the_events_url_also_stops_its_stream(guarded: Any, upstream: Fake
 
 
 async def test_revoking_a_token_closes_its_events_urls(guarded: Any, tokens_file: Path, upstream: FakeUpstream) -> None:
-    upstream.behaviour = _held
+    upstream.behaviour = paused("", "ok")
     resp = await guarded.post("/chat", json={"prompt": "hi"}, headers={**AUTH, "Accept": "application/json"})
     events_url = (await resp.json())["events"]
     tokens_file.write_text(OTHER + "\n")
@@ -199,7 +198,7 @@ async def test_a_finished_stream_gives_its_slot_back(make_relay: RelayFactory) -
 async def test_streams_per_client_on_v1_answers_429_in_openai_shape(make_relay: RelayFactory,
                                                                     upstream: FakeUpstream) -> None:
     relay = await make_relay(max_streams_per_client=1)
-    upstream.behaviour = _held
+    upstream.behaviour = paused("", "ok")
     body = {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     first = await relay.post("/v1/chat/completions", json=body)
     assert first.status == 200
@@ -290,15 +289,6 @@ async def test_page_files_are_served_with_their_types_and_nosniff_everywhere(mak
     for method, path in (("GET", "/nope"), ("PUT", "/chat"), ("POST", "/chat")):
         resp = await relay.request(method, path)
         assert resp.headers["X-Content-Type-Options"] == "nosniff", (method, path)
-
-
-async def _held(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-    resp = await fake.start_stream(request)
-    await fake.send(resp, sse(chunk("", role="assistant")))
-    await fake.release.wait()
-    await fake.send(resp, sse(chunk("ok", finish_reason="stop")))
-    await fake.send(resp, sse("[DONE]"))
-    return resp
 
 
 async def test_a_tokens_file_may_hold_digests_instead_of_tokens(make_relay: RelayFactory, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from httpx_sse import aconnect_sse
 
-from conftest import TEST_KEY, FakeUpstream, SSEClient, chunk, require, sse, tokens, wait_for
+from conftest import TEST_KEY, FakeUpstream, SSEClient, chunk, paused, require, sse, tokens, wait_for
 
 Client = Any
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -25,17 +25,6 @@ def silent_before_headers() -> Any:
     async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
         await fake.release.wait()
         return await tokens(["late"])(request, fake)
-    return run
-
-
-def silent_mid_answer() -> Any:
-    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        resp = await fake.start_stream(request)
-        await fake.send(resp, sse(chunk("first", role="assistant")))
-        await fake.release.wait()
-        await fake.send(resp, sse(chunk(" second", finish_reason="stop")))
-        await fake.send(resp, sse("[DONE]"))
-        return resp
     return run
 
 
@@ -147,7 +136,7 @@ async def test_keepalives_on_v1_are_single_comment_lines_the_sdk_decoder_ignores
         make_relay: Any, upstream: FakeUpstream) -> None:
     from openai._streaming import SSEDecoder as OpenAIDecoder
 
-    upstream.behaviour = silent_mid_answer()
+    upstream.behaviour = paused("first", " second")
     relay = await make_relay(keepalive=0.05)
     client = SSEClient(await relay.post("/v1/chat/completions", json=STREAM))
     while client.raw.count(b":keepalive\n") < 3:
@@ -166,7 +155,7 @@ async def test_keepalives_on_v1_are_single_comment_lines_the_sdk_decoder_ignores
 
 async def test_shutdown_ends_a_running_v1_stream_with_an_in_stream_error(relay: Client,
                                                                          upstream: FakeUpstream) -> None:
-    upstream.behaviour = silent_mid_answer()
+    upstream.behaviour = paused("first", " second")
     client = SSEClient(await relay.post("/v1/chat/completions", json=STREAM))
     first = await client.next_json()
     assert first is not None and first["choices"][0]["delta"]["content"] == "first"
