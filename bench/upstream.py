@@ -17,7 +17,6 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from bench import wire

@@ -20,7 +20,7 @@ from relay.keys import CONFIG, REGISTRY
 from relay.ratelimit import LIMITS, TooManyStreams
 from relay.response import EventStream, SlowClient
 from relay.streams import ResumeExpired, Stream, StreamLimit, parse_event_id
-from relay.validation import BadRequest, Limits, chat_request, parse_json
+from relay.validation import BadRequest, Limits, chat_request
 
 log = logging.getLogger("relay.handlers")
 

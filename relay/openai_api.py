@@ -44,7 +44,7 @@ from relay.response import KEEPALIVE, EventStream, SlowClient
 from relay.sse import encode
 from relay.streams import new_stream_id
 from relay.upstream import UpstreamError, UpstreamResponse
-from relay.validation import BadRequest, Limits, parse_json
+from relay.validation import BadRequest, Limits
 
 log = logging.getLogger("relay.openai")
 

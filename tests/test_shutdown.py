@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import FakeUpstream, SSEClient, text_of, tokens, wait_for
+from conftest import FakeUpstream, SSEClient, text_of, wait_for
 from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay, notify  # noqa: F401 (a fixture)
 
 
