@@ -10,11 +10,11 @@ import aiohttp
 from aiohttp import web
 
 from relay import guard, handlers, openai_api, static
-from relay.health import PROBE, ReadinessProbe, healthz, readyz
 from relay.config import Config
 from relay.demo import DEMO_MODEL, start_demo_upstream
+from relay.health import PROBE, ReadinessProbe, healthz, readyz
 from relay.keys import CONFIG, REGISTRY, SESSION, UPSTREAM
-from relay.streams import Registry
+from relay.registry import Registry
 from relay.upstream import UpstreamClient
 
 log = logging.getLogger("relay")

@@ -12,7 +12,14 @@ from typing import Any
 
 from relay import __version__
 from relay.access import read_tokens
-from relay.config import (Config, ConfigError, from_mapping, load_file, parse_pairs, read_api_key)
+from relay.config import (
+    Config,
+    ConfigError,
+    from_mapping,
+    load_file,
+    parse_pairs,
+    read_api_key,
+)
 
 log = logging.getLogger("relay")
 

@@ -18,8 +18,9 @@ from relay.config import Config
 from relay.errors import error_response, read_json
 from relay.keys import CONFIG, REGISTRY
 from relay.ratelimit import LIMITS, TooManyStreams
+from relay.registry import StreamLimit
 from relay.response import EventStream, SlowClient
-from relay.streams import ResumeExpired, Stream, StreamLimit, parse_event_id
+from relay.streams import ResumeExpired, Stream, parse_event_id
 from relay.validation import BadRequest, Limits, chat_request
 
 log = logging.getLogger("relay.handlers")

@@ -6,7 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.config import Config
-from relay.streams import Registry
+from relay.registry import Registry
 from relay.upstream import UpstreamClient
 
 CONFIG = web.AppKey("config", Config)

@@ -33,11 +33,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from relay.access import identity
 from relay.accounting import log_finished
 from relay.config import Config
 from relay.errors import error_response, read_json
 from relay.keys import CONFIG, REGISTRY, UPSTREAM
-from relay.access import identity
 from relay.openai_params import CompletionsRequest, completions_request
 from relay.ratelimit import LIMITS, TooManyStreams
 from relay.response import KEEPALIVE, EventStream, SlowClient

@@ -21,11 +21,11 @@ from typing import Any
 from aiohttp import web
 
 from relay import systemd
-from relay.app import make_app
 from relay.access import ACCESS
+from relay.app import make_app
 from relay.config import Config, is_loopback
 from relay.keys import REGISTRY
-from relay.streams import Registry
+from relay.registry import Registry
 
 log = logging.getLogger("relay")
 

@@ -14,8 +14,8 @@ to stop the billing.
 from __future__ import annotations
 
 import asyncio
-import logging
 import json
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
