@@ -92,22 +92,13 @@ class Record:
                      nbytes=self.bytes, usage=self.usage)
 
 
-def _scrub(obj: dict[str, Any], key: str | None) -> dict[str, Any]:
-    """The error object with every occurrence of the relay's key blanked (belt and braces)."""
-    text = json.dumps(obj, ensure_ascii=False)
-    if key and key in text:
-        text = text.replace(key, "[redacted]")
-    result: dict[str, Any] = json.loads(text)
-    return result
-
-
 def _error_body(exc: UpstreamError, status: int | None) -> dict[str, Any]:
     if exc.body is not None and status not in (401, 403):
         return exc.body
     return {"error": {"message": exc.message, "type": "server_error", "param": None, "code": exc.code}}
 
 
-def upstream_error_response(exc: UpstreamError, config: Config) -> web.Response:
+def upstream_error_response(exc: UpstreamError) -> web.Response:
     """An upstream failure before the first byte, as the status and body an OpenAI SDK expects."""
     status = exc.status
     if status in (401, 403):
@@ -123,7 +114,7 @@ def upstream_error_response(exc: UpstreamError, config: Config) -> web.Response:
     headers = {name: value for name, value in (("retry-after", exc.retry_after),
                                                 ("retry-after-ms", exc.retry_after_ms),
                                                 ("x-request-id", exc.request_id)) if value}
-    return web.json_response(_scrub(body, config.api_key), status=status, headers=headers)
+    return web.json_response(body, status=status, headers=headers)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -173,7 +164,7 @@ async def _complete(request: web.Request, req: CompletionsRequest, record: Recor
         answer = await request.app[UPSTREAM].complete(req.body)
     except UpstreamError as exc:
         record.outcome = exc.code
-        return upstream_error_response(exc, request.app[CONFIG])
+        return upstream_error_response(exc)
     record.outcome = "done"
     record.first_delta = record.loop.time()
     record.deltas = len(answer.obj.get("choices") or ())
@@ -207,8 +198,8 @@ async def _stream(request: web.Request, req: CompletionsRequest, record: Record)
         except UpstreamError as exc:
             record.outcome = exc.code
             if out is None:
-                return upstream_error_response(exc, config)
-            await _send_error(out, exc, config)
+                return upstream_error_response(exc)
+            await _send_error(out, exc)
             return out
         if out is None:
             out = await _commit(request, config, upstream.request_id)
@@ -272,7 +263,7 @@ async def _pump(out: EventStream, upstream: UpstreamResponse, req: CompletionsRe
     except UpstreamError as exc:
         record.outcome = exc.code
         record.usage = upstream.usage
-        await _send_error(out, exc, config)
+        await _send_error(out, exc)
         return
     record.usage = upstream.usage
     await out.send_bytes(DONE)
@@ -280,8 +271,8 @@ async def _pump(out: EventStream, upstream: UpstreamResponse, req: CompletionsRe
     record.outcome = "done"
 
 
-async def _send_error(out: EventStream, exc: UpstreamError, config: Config) -> None:
-    body = _scrub(_error_body(exc, exc.status), config.api_key)
+async def _send_error(out: EventStream, exc: UpstreamError) -> None:
+    body = _error_body(exc, exc.status)
     await out.send_bytes(encode(json.dumps(body, ensure_ascii=False)))
 
 

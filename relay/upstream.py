@@ -58,6 +58,7 @@ class UpstreamResponse:
 
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, started: float) -> None:
         self._resp = resp
+        self._secret = config.api_key
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event)
         self._idle = config.idle_timeout
         self._first_token_timeout = config.first_token_timeout
@@ -164,7 +165,8 @@ class UpstreamResponse:
                 raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
                                     retriable=True, request_id=self.request_id)
             if "error" in obj and obj["error"]:
-                raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True)
+                raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
+                                      secret=self._secret)
             for choice in obj.get("choices") or ():
                 if isinstance(choice, dict) and choice.get("finish_reason"):
                     self.finish_reason = str(choice["finish_reason"])
@@ -260,7 +262,8 @@ class UpstreamClient:
             raise UpstreamError("upstream_error", "the upstream's answer is not a JSON object",
                                 retriable=True, request_id=request_id)
         if obj.get("error"):
-            raise error_from_body(obj, status=None, request_id=request_id, midstream=False)
+            raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
+                                  secret=self._config.api_key)
         return Completion(raw, obj, request_id)
 
     async def _post(self, body: dict[str, Any], accept: str, deadline: float,
@@ -286,7 +289,7 @@ class UpstreamClient:
                                 status=None, retriable=True) from None
         if resp.status >= 300:
             try:
-                raise await error_from_response(resp)
+                raise await error_from_response(resp, secret=self._config.api_key)
             finally:
                 resp.close()
         return resp

@@ -54,7 +54,7 @@ def request_id_of(headers: Any) -> str | None:
     return None
 
 
-async def error_from_response(resp: aiohttp.ClientResponse) -> UpstreamError:
+async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | None) -> UpstreamError:
     request_id = request_id_of(resp.headers)
     retry_after = resp.headers.get("retry-after")
     retry_after_ms = resp.headers.get("retry-after-ms")
@@ -80,7 +80,7 @@ async def error_from_response(resp: aiohttp.ClientResponse) -> UpstreamError:
         except ValueError:
             obj = None
     if isinstance(obj, dict) and obj.get("error"):
-        err = error_from_body(obj, status=status, request_id=request_id, midstream=False)
+        err = error_from_body(obj, status=status, request_id=request_id, midstream=False, secret=secret)
         err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
         return err
     reason = resp.reason or "error"
@@ -91,9 +91,23 @@ async def error_from_response(resp: aiohttp.ClientResponse) -> UpstreamError:
     )
 
 
+def redact(obj: dict[str, Any], secret: str | None) -> dict[str, Any]:
+    """``obj`` with every occurrence of ``secret`` (the relay's key) blanked, wherever it sits."""
+    text = json.dumps(obj, ensure_ascii=False)
+    if not secret or secret not in text:
+        return obj
+    result: dict[str, Any] = json.loads(text.replace(secret, "[redacted]"))
+    return result
+
+
 def error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str | None,
-                     midstream: bool) -> UpstreamError:
-    """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError."""
+                    midstream: bool, secret: str | None) -> UpstreamError:
+    """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError.
+
+    The upstream's text goes on to clients of /chat and /v1 alike, so the relay's key is blanked
+    here, once, for both (belt and braces: no known upstream quotes it outside a 401/403).
+    """
+    obj = redact(obj, secret)
     err = obj["error"]
     if isinstance(err, dict):
         message = str(err.get("message") or "no message")

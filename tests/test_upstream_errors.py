@@ -158,3 +158,15 @@ async def test_connection_refused_message_does_not_name_the_upstream_address(mak
     events = await run_chat(relay)
     assert events[-1]["message"] == "could not connect to the upstream (Connection refused)"
     assert str(port) not in json.dumps(events)
+
+
+@pytest.mark.parametrize("where", ["before-stream", "mid-stream"])
+async def test_relay_key_quoted_by_an_upstream_error_is_blanked_on_chat(relay: Client, upstream: FakeUpstream,
+                                                                        where: str) -> None:
+    quoted = openai_error(f"quota exceeded for key {TEST_KEY}", "server_error")
+    upstream.behaviour = (status(500, quoted) if where == "before-stream"
+                          else raw(sse(chunk("partial")), sse(quoted)))
+    events = await run_chat(relay)
+    assert events[-1]["code"] == "upstream_error"
+    assert "quota exceeded for key [redacted]" in events[-1]["message"]
+    assert TEST_KEY not in json.dumps(events)
