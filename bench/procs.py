@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import resource
 import shutil
 import signal
@@ -39,9 +40,27 @@ def use_fast_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, for a server process that will bind it in a moment.
+
+    Chosen below the kernel's ephemeral range: a port from inside it (what binding port 0 gives)
+    can be taken, between this check and the server's bind, by any outgoing connection of the
+    thousands the harness and the relay open.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    low = 10000 if ephemeral_low > 11000 else 1024
+    for _ in range(200):
+        port = random.randrange(low, ephemeral_low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port between {low} and {ephemeral_low}")
 
 
 def cpu_seconds(pids: list[int]) -> float:

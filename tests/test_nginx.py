@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,18 +20,13 @@ from typing import Any
 import httpx
 import pytest
 from aiohttp import web
-
 from conftest import FakeUpstream, RelayFactory, chunk, require, sse, wait_for
 from procs import first_delta_then_wait
+
+from bench.procs import free_port
 from relay.sse import SSEDecoder
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def site_for_test(text: str, *, tls_port: int, http_port: int, relay_port: int, cert: Path, key: Path) -> str:
