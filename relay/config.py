@@ -58,6 +58,8 @@ class Config:
     resume_grace: float = 5.0
     attach_timeout: float = 30.0
     stream_ttl: float = 300.0
+    #: Bytes of event log kept for all finished streams together; the oldest go first past it.
+    retention_bytes: int = 64 * MIB
     max_streams: int = 10_000
     replay_bytes: int = 1 * MIB
     send_buffer: int = 256 * KIB
@@ -126,7 +128,8 @@ def _validate(c: Config) -> None:
         raise ConfigError("--demo-token-delay must not be negative")
     counts = {
         "pool-limit": c.pool_limit, "max-body": c.max_body, "max-upstream-event": c.max_upstream_event,
-        "max-streams": c.max_streams, "replay-bytes": c.replay_bytes, "send-buffer": c.send_buffer,
+        "max-streams": c.max_streams, "replay-bytes": c.replay_bytes, "retention-bytes": c.retention_bytes,
+        "send-buffer": c.send_buffer,
         "backlog": c.backlog, "retry-ms": c.retry_ms,
     }
     for name, count in counts.items():

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from relay.app import make_app
+from relay.http.app import make_app
 from relay.config import Config
 from relay.sse import Event, SSEDecoder
 
@@ -230,3 +230,15 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: s
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+async def notify() -> AsyncIterator[Any]:
+    """A systemd notify socket (tests/procs.py's NotifyListener) for a spawned relay."""
+    from procs import NotifyListener
+
+    listener = NotifyListener()
+    try:
+        yield listener
+    finally:
+        listener.close()

@@ -156,13 +156,3 @@ def first_delta_then_wait(gates: dict[str, asyncio.Event], *, seen: list[str] | 
         await fake.send(resp, sse("[DONE]"))
         return resp
     return run
-
-
-@pytest.fixture
-async def notify() -> AsyncIterator[NotifyListener]:
-    """A systemd notify socket for a spawned relay; shared by the process-level tests."""
-    listener = NotifyListener()
-    try:
-        yield listener
-    finally:
-        listener.close()

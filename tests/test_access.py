@@ -11,9 +11,10 @@ import openai
 import pytest
 
 from conftest import TEST_KEY, FakeUpstream, RelayFactory, SSEClient, paused, text_of
-from relay.access import ACCESS, Access
+from relay.http.access import Access
+from relay.http.appkeys import ACCESS
 from relay.config import Config, ConfigError
-from relay.ratelimit import RateLimiter, StreamSlots, TooManyStreams
+from relay.http.ratelimit import RateLimiter, StreamSlots, TooManyStreams
 
 TOKEN = "tok-main-" + "m" * 24
 OTHER = "tok-other-" + "o" * 24
@@ -305,7 +306,7 @@ async def test_a_tokens_file_may_hold_digests_instead_of_tokens(make_relay: Rela
 # -- settings -------------------------------------------------------------------------------------
 
 def test_access_settings_come_from_flags_environment_and_the_config_file(tmp_path: Path, tokens_file: Path) -> None:
-    from relay.cli import build_parser, config_from_args
+    from relay.run.cli import build_parser, config_from_args
 
     def config(argv: list[str], environ: dict[str, str]) -> Config:
         return config_from_args(build_parser().parse_args(["serve", *argv]), environ)

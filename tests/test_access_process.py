@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 
 from conftest import TEST_KEY, FakeUpstream
-from procs import NotifyListener, listening_socket, port_of, spawn_relay, notify  # noqa: F401 (a fixture)
+from procs import NotifyListener, listening_socket, port_of, spawn_relay
 
 KEEP = "tok-keep-" + "k" * 24
 DROP = "tok-drop-" + "d" * 24

@@ -159,11 +159,11 @@ async def test_client_disconnect_while_upstream_silent_closes_upstream(make_rela
 async def test_one_log_line_per_finished_stream_with_outcome_and_tokens(
         relay: Client, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
     upstream.behaviour = tokens(["a", "b", "c"])
-    with caplog.at_level("INFO", logger="relay.streams"):
+    with caplog.at_level("INFO", logger="relay.generation"):
         events = await (await chat(relay)).all()
         await wait_for(lambda: any("outcome=" in r.getMessage() for r in caplog.records))
     lines = [r.getMessage() for r in caplog.records if "outcome=" in r.getMessage()]
     assert len(lines) == 1
-    assert lines[0].startswith(f"stream {events[0]['id']} model=fake-model outcome=done ttft=")
+    assert lines[0].startswith(f"chat {events[0]['id']} model=fake-model outcome=done ttft=")
     assert "deltas=3" in lines[0] and "tokens=3+3" in lines[0]
     assert TEST_KEY not in lines[0]

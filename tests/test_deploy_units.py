@@ -12,7 +12,7 @@ import pytest
 
 from conftest import require
 from relay.config import Config
-from relay.server import HANDLER_GRACE
+from relay.run.server import HANDLER_GRACE
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 SHIPPED_EXEC = "/opt/relay/bin/relay serve"

@@ -16,7 +16,7 @@ import pytest
 from aiohttp import web
 
 from conftest import FakeUpstream, SSEClient, chunk, open_connections, sse, text_of, tokens, wait_for
-from relay.keys import REGISTRY
+from relay.http.appkeys import REGISTRY
 
 BIG = [f"{i:04d}" + "x" * 32_000 for i in range(300)]  # ~9.6 MB: more than any kernel buffers hold
 
@@ -45,7 +45,7 @@ async def test_stalled_subscriber_is_aborted_and_others_get_every_event(
         await loop.sock_connect(stalled, (relay.host, relay.port))
         await loop.sock_sendall(stalled, f"GET /chat/{start['id']} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
         await wait_for(lambda: stream.subscribers == 2)
-        with caplog.at_level(logging.WARNING, logger="relay.handlers"):
+        with caplog.at_level(logging.WARNING, logger="relay.http"):
             upstream.release.set()
             events = await reader.all()
             assert text_of(events) == "".join(BIG)  # the reading client got every event

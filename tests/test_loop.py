@@ -8,8 +8,8 @@ from types import ModuleType
 
 import pytest
 
-from relay.cli import build_parser
-from relay.server import loop_factory
+from relay.run.cli import build_parser
+from relay.run.server import loop_factory
 
 
 def test_asyncio_means_the_default_loop() -> None:

@@ -125,7 +125,7 @@ async def test_one_log_line_per_request_with_counts_and_never_the_key(relay: Cli
     assert resp.status == 400
     text = await resp.text()
     assert TEST_KEY not in text and "[redacted]" in text
-    lines = [r.getMessage() for r in caplog.records if r.name == "relay.openai"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.generation"]
     assert len(lines) == 2
     assert "model=fake-model outcome=done" in lines[0] and "deltas=4" in lines[0] and "tokens=3+4" in lines[0]
     assert "outcome=upstream_error" in lines[1]
@@ -247,7 +247,7 @@ async def test_httpx_sse_reads_the_stream(relay: Client, path: str, body: dict[s
 ], ids=["flags", "env", "flags-over-env", "none"])
 def test_allow_model_flag_and_environment_build_the_allowlist(argv: list[str], environ: dict[str, str],
                                                                models: tuple[str, ...]) -> None:
-    from relay.cli import build_parser, config_from_args
+    from relay.run.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["serve", *argv])
     assert config_from_args(args, environ).models == models

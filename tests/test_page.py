@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from conftest import FakeUpstream, RelayFactory, chunk, require, sse, tokens, wait_for
-from relay.keys import REGISTRY
+from relay.http.appkeys import REGISTRY
 from relay.sse import SSEDecoder
 
 try:

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 
 from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, tokens, wait_for
-from relay.keys import REGISTRY
+from relay.http.appkeys import REGISTRY
 
 Client = Any
 

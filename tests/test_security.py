@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from conftest import TEST_KEY, FakeUpstream, RelayFactory, SSEClient, chunk, sse, text_of
-from relay.access import ACCESS
+from relay.http.appkeys import ACCESS
 
 TOKEN_A = "tok-A-" + "a" * 26  # the main client
 TOKEN_B = "tok-B-" + "b" * 26  # another client

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from conftest import FakeUpstream, SSEClient, text_of, wait_for
-from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay, notify  # noqa: F401 (a fixture)
+from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
 
 
 
@@ -112,7 +112,7 @@ async def test_restart_on_the_same_socket_serves_connections_made_during_the_dra
 
 
 def test_drain_timeout_is_a_setting_with_a_flag_and_rejects_negatives() -> None:
-    from relay.cli import build_parser, config_from_args
+    from relay.run.cli import build_parser, config_from_args
     from relay.config import ConfigError
 
     args = build_parser().parse_args(["serve", "--drain-timeout", "7.5"])

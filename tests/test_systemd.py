@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from conftest import FakeUpstream, SSEClient, text_of, tokens
-from procs import NotifyListener, first_delta_then_wait, listening_socket, port_of, spawn_relay, notify  # noqa: F401 (a fixture)
-from relay import systemd
+from procs import NotifyListener, first_delta_then_wait, listening_socket, port_of, spawn_relay
+from relay.run import systemd
 
 
 

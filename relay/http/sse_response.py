@@ -25,6 +25,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import StreamWriter
 from aiohttp_sse import EventSourceResponse
 
+from relay.core.generation import Generation, ResumeExpired, Subscriber
 from relay.sse import comment
 
 KEEPALIVE = comment("keepalive")
@@ -121,3 +122,22 @@ class EventStream(EventSourceResponse):
                 await self.write(KEEPALIVE)
             except (ConnectionResetError, RuntimeError):
                 return
+
+
+async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
+    """Send the generation's log from the subscriber's position until its end.
+
+    False when the position has left the bounded log (``ResumeExpired``).  A client that goes
+    away raises ``ConnectionResetError`` (or ``SlowClient``) out of here.
+    """
+    while True:
+        try:
+            data = gen.read(sub)
+        except ResumeExpired:
+            return False
+        if data:
+            await resp.send_bytes(data)
+        elif gen.finished:
+            return True
+        else:
+            await gen.changed()

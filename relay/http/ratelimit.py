@@ -14,7 +14,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from aiohttp import web
 
 from relay.config import Config
 
@@ -89,13 +88,14 @@ class StreamSlots:
         return release
 
 
-class Limits:
+class ClientLimits:
+    """Per-client limits: the request rate and the generations running at once."""
+
     def __init__(self, config: Config) -> None:
         self.rate = RateLimiter(config.rate_limit)
         self.streams = StreamSlots(config.max_streams_per_client)
 
 
-LIMITS = web.AppKey("limits", Limits)
 
 
 def retry_after(seconds: float) -> str:

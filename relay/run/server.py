@@ -20,12 +20,11 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import systemd
-from relay.access import ACCESS
-from relay.app import make_app
 from relay.config import Config, is_loopback
-from relay.keys import REGISTRY
-from relay.registry import Registry
+from relay.core.registry import Registry
+from relay.http.app import make_app
+from relay.http.appkeys import ACCESS, REGISTRY
+from relay.run import systemd
 
 log = logging.getLogger("relay")
 
@@ -132,19 +131,20 @@ async def shutdown(runner: web.AppRunner, drain_timeout: float, hurry: asyncio.E
     #    request (no new stream) reaches this process.
     if runner.server is not None:
         runner.server.pre_shutdown()
-    # 3. Streams in flight run on, up to the drain timeout (or a second signal).
+    # 3. Generations in flight, /chat and /v1 alike, run on up to the drain timeout (or a
+    #    second signal).
     await _drain(registry, drain_timeout, hurry)
-    # 4. The rest end with a retriable "shutdown" error carrying retry:, so clients come back.
+    # 4. The app's on_shutdown hook ends the rest with a retriable "shutdown" error (retry: on
+    #    /chat, 503 or an in-stream error on /v1), so clients come back; handlers send those
+    #    last events (up to HANDLER_GRACE each); then the app closes.
     left = len(registry.running())
     if left:
         log.info("drain over: ending %d streams with a retriable shutdown error", left)
-    await registry.close("shutdown", "the relay is restarting; send the request again")
-    # 5. Handlers send those last events (up to HANDLER_GRACE each); then the app closes.
     await runner.cleanup()
 
 
 async def _drain(registry: Registry, timeout: float, hurry: asyncio.Event) -> None:
-    producers = [stream.task for stream in registry.running()]
+    producers = [gen.task for gen in registry.running() if gen.task is not None]
     if not producers or timeout <= 0:
         return
     # asyncio.wait never cancels what it waits on, so leaving early leaves the streams running.

@@ -32,6 +32,7 @@ from typing import Final
 from aiohttp import web
 
 from relay.config import Config, ConfigError
+from relay.http.appkeys import ACCESS
 
 log = logging.getLogger("relay.access")
 
@@ -151,7 +152,6 @@ class Access:
         return None
 
 
-ACCESS = web.AppKey("access", Access)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
-from relay.keys import REGISTRY
+from relay.http.appkeys import PROBE, REGISTRY
 from relay.upstream import UpstreamClient
 
 PROBE_TTL: Final = 5.0
@@ -71,7 +71,6 @@ class ReadinessProbe:
             await asyncio.wait([task])
 
 
-PROBE = web.AppKey("readiness_probe", ReadinessProbe)
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""HTTP handlers for the /chat protocol (DESIGN.md): validate, negotiate, subscribe, follow.
+"""The ``/chat`` view (docs/architecture.md): validate, negotiate, subscribe, follow.
 
 Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`` with a 4xx or
 5xx status; once an event stream has begun (200 at byte zero) errors travel as ``error`` events.
@@ -12,18 +12,20 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import access
-from relay.access import ACCESS
 from relay.config import Config
-from relay.errors import error_response, read_json
-from relay.keys import CONFIG, REGISTRY
-from relay.ratelimit import LIMITS, TooManyStreams
-from relay.registry import StreamLimit
-from relay.response import EventStream, SlowClient
-from relay.streams import ResumeExpired, Stream, parse_event_id
-from relay.validation import BadRequest, Limits, chat_request
+from relay.core.generation import Generation
+from relay.core.ids import parse_event_id
+from relay.http import access
+from relay.http.admission import Refused, refusal, start_generation
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY
+from relay.http.body import BadRequest, read_json
+from relay.http.chat_body import chat_request
+from relay.http.chat_wire import ChatWire
+from relay.http.errors import error_response
+from relay.http.params import RequestBounds
+from relay.http.sse_response import EventStream, SlowClient, follow
 
-log = logging.getLogger("relay.handlers")
+log = logging.getLogger("relay.http")
 
 GET_PARAMS = frozenset({"prompt", "model", "lastEventId"})
 
@@ -38,33 +40,21 @@ def _last_event_id(request: web.Request) -> str | None:
     return request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
 
 
-def _start(request: web.Request, body: Any, *, wait: bool) -> Stream:
+def _start(request: web.Request, body: Any, *, wait: bool) -> Generation:
     config = request.app[CONFIG]
-    registry = request.app[REGISTRY]
-    model, upstream_body = chat_request(body, default_model=registry.default_model,
-                                        stream_usage=config.stream_usage, models=config.models,
-                                        limits=Limits.of(config))
-    client = access.client_of(request)
-    release = request.app[LIMITS].streams.acquire(client.identity)
-    try:
-        stream = registry.create(model=model, body=upstream_body,
-                                 wait_for_subscriber=config.attach_timeout if wait else None)
-    except BaseException:
-        release()
-        raise
-    stream.owner = client.owner
-    # The slot is the client's while the generation runs, whoever is attached to it.
-    stream.task.add_done_callback(lambda _task: release())
-    return stream
+    catalog = request.app[CATALOG]
+    model, upstream_body = chat_request(body, default_model=catalog.default_model,
+                                        stream_usage=config.stream_usage, models=catalog.allowed,
+                                        limits=RequestBounds.of(config))
+    return start_generation(request, kind="chat", model=model, body=upstream_body, resumable=True,
+                            wire=ChatWire(model=model, demo=catalog.demo, retry_ms=config.retry_ms),
+                            wait_for_subscriber=config.attach_timeout if wait else None)
 
 
 def _refusal(exc: Exception) -> web.Response:
-    """Why a new stream was not started, as the answer to the request that asked for it."""
     if isinstance(exc, BadRequest):
         return error_response(exc.status, exc.message, param=exc.param)
-    if isinstance(exc, TooManyStreams):
-        return error_response(429, str(exc), type_="requests", headers={"Retry-After": "5"})
-    return error_response(503, str(exc), headers={"Retry-After": "5"})
+    return refusal(exc)
 
 
 async def post_chat(request: web.Request) -> web.StreamResponse:
@@ -72,15 +62,15 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         if _wants_json(request):
             stream = _start(request, body, wait=True)
-            # With tokens, the URL carries a capability for this stream alone (relay/access.py),
+            # With tokens, the URL carries a capability for this stream alone (relay/http/access.py),
             # because EventSource cannot send the Authorization header.
             events = request.app[ACCESS].events_url(stream.id, stream.owner)
             return web.json_response({"id": stream.id, "events": events}, status=201,
                                      headers={"Location": f"/chat/{stream.id}"})
         stream = _start(request, body, wait=False)
-    except (BadRequest, StreamLimit, TooManyStreams) as exc:
+    except (BadRequest, *Refused) as exc:
         return _refusal(exc)
-    return await follow(request, stream, 0)
+    return await subscribe(request, stream, 0)
 
 
 async def get_chat(request: web.Request) -> web.StreamResponse:
@@ -101,9 +91,9 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
         body["model"] = request.query["model"]
     try:
         stream = _start(request, body, wait=False)
-    except (BadRequest, StreamLimit, TooManyStreams) as exc:
+    except (BadRequest, *Refused) as exc:
         return _refusal(exc)
-    return await follow(request, stream, 0)
+    return await subscribe(request, stream, 0)
 
 
 async def get_stream(request: web.Request) -> web.StreamResponse:
@@ -125,7 +115,7 @@ async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> 
     if last_seq is None or (stream.finished and last_seq + 1 >= stream.next_seq):
         # 204 is what stops EventSource from reconnecting forever.
         return web.Response(status=204)
-    return await follow(request, stream, last_seq + 1)
+    return await subscribe(request, stream, last_seq + 1)
 
 
 async def delete_stream(request: web.Request) -> web.StreamResponse:
@@ -134,12 +124,12 @@ async def delete_stream(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204)
 
 
-def _visible(request: web.Request, stream_id: str) -> Stream:
+def _visible(request: web.Request, stream_id: str) -> Generation:
     """The stream, if this request may read or stop it; else 404 (or 401 for a bad events URL).
 
     With tokens, a stream belongs to the token that started it: another token gets the same 404
     as an unknown id, so it learns nothing.  A request without a token gets here only with an
-    events URL's capability (relay/guard.py), which must be valid for this stream and owner.
+    events URL's capability (relay/http/guard.py), which must be valid for this stream and owner.
     """
     stream = request.app[REGISTRY].get(stream_id)
     if stream is None:
@@ -170,7 +160,7 @@ def _not_found() -> web.HTTPNotFound:
     )
 
 
-async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamResponse:
+async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.StreamResponse:
     """Send the stream's events from ``pos`` on, then follow live until its end."""
     config: Config = request.app[CONFIG]
     resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
@@ -178,20 +168,12 @@ async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamRe
     sub = stream.attach(pos)
     try:
         await resp.prepare(request)
-        while True:
-            try:
-                data = stream.read(sub)
-            except ResumeExpired:
-                await resp.send_bytes(stream.end_event({
-                    "type": "error", "code": "resume_expired", "retriable": False,
-                    "message": "the events after your position are no longer kept; start a new chat"}))
-                break
-            if data:
-                await resp.send_bytes(data)
-            elif stream.finished:
-                break
-            else:
-                await stream.changed()
+        if not await follow(resp, stream, sub):
+            wire = stream.wire
+            assert isinstance(wire, ChatWire)
+            await resp.send_bytes(wire.last({
+                "type": "error", "code": "resume_expired", "retriable": False,
+                "message": "the events after your position are no longer kept; start a new chat"}))
     except ConnectionResetError:
         pass
     except SlowClient as exc:
@@ -203,4 +185,3 @@ async def follow(request: web.Request, stream: Stream, pos: int) -> web.StreamRe
     if resp.prepared:
         await resp.wait()
     return resp
-

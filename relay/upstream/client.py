@@ -23,18 +23,19 @@ from typing import Any
 import aiohttp
 
 from relay.config import Config
+from relay.jsoncodec import dumps
 from relay.sse import EventTooLarge, SSEDecoder
-from relay.upstream_errors import UpstreamError, error_from_body, error_from_response, request_id_of
-
-__all__ = ["Chunk", "Completion", "UpstreamClient", "UpstreamError", "UpstreamResponse"]
+from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded, request_id_of
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """One upstream event: the data exactly as sent, and its parsed JSON."""
+    """One upstream event: the data exactly as sent, its parsed JSON, and whether it carries a delta
+    (content, reasoning or a tool call in any choice): the one rule every view counts deltas by."""
 
     data: str
     obj: dict[str, Any]
+    delta: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +168,20 @@ class UpstreamResponse:
             if "error" in obj and obj["error"]:
                 raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
                                       secret=self._secret)
+            delta = False
             for choice in obj.get("choices") or ():
-                if isinstance(choice, dict) and choice.get("finish_reason"):
-                    self.finish_reason = str(choice["finish_reason"])
+                if isinstance(choice, dict):
+                    if choice.get("finish_reason"):
+                        self.finish_reason = str(choice["finish_reason"])
+                    if not delta:
+                        d = choice.get("delta")
+                        delta = isinstance(d, dict) and bool(
+                            d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
+                            or d.get("reasoning"))
             if obj.get("usage"):
                 self.usage = obj["usage"]
             self._got_chunk = True
-            chunks.append(Chunk(data, obj))
+            chunks.append(Chunk(data, obj, delta))
 
     def _at_eof(self) -> list[Chunk]:
         self._ended = True
@@ -243,7 +251,7 @@ class UpstreamClient:
         request_id = request_id_of(resp.headers)
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await resp.content.read(self._config.max_upstream_event + 1)
+                raw = await read_bounded(resp.content, self._config.max_upstream_event + 1)
         except TimeoutError:
             raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
@@ -269,7 +277,7 @@ class UpstreamClient:
     async def _post(self, body: dict[str, Any], accept: str, deadline: float,
                     too_late: str) -> aiohttp.ClientResponse:
         """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx."""
-        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = dumps(body).encode()
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
@@ -288,8 +296,12 @@ class UpstreamClient:
             raise UpstreamError("upstream_error", f"the upstream request failed ({type(exc).__name__})",
                                 status=None, retriable=True) from None
         if resp.status >= 300:
+            # The error body is read under a deadline too: an upstream that sends its status and
+            # then nothing must not hold the stream past the timeouts.  Headers are the upstream's
+            # first sign of life, so from here silence is bounded by the idle timeout.
+            body_deadline = min(deadline, asyncio.get_running_loop().time() + self._config.idle_timeout)
             try:
-                raise await error_from_response(resp, secret=self._config.api_key)
+                raise await error_from_response(resp, secret=self._config.api_key, deadline=body_deadline)
             finally:
                 resp.close()
         return resp

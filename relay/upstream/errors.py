@@ -13,6 +13,8 @@ from typing import Any, Final
 
 import aiohttp
 
+from relay.jsoncodec import dumps
+
 #: How much of an error body is read: enough for any JSON error, bounded against a hostile upstream.
 ERROR_BODY_LIMIT: Final = 64 * 1024
 _REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "apim-request-id", "x-ms-request-id")
@@ -54,7 +56,22 @@ def request_id_of(headers: Any) -> str | None:
     return None
 
 
-async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | None) -> UpstreamError:
+async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """Up to ``limit`` bytes of a body, to its end (``read(n)`` alone stops at the first packet)."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        data = await content.read(limit - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
+
+
+async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | None,
+                              deadline: float) -> UpstreamError:
+    """The UpstreamError for a non-2xx answer; its body is read until ``deadline`` (loop time)."""
     request_id = request_id_of(resp.headers)
     retry_after = resp.headers.get("retry-after")
     retry_after_ms = resp.headers.get("retry-after-ms")
@@ -68,11 +85,18 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | Non
             "the relay's API key or upstream configuration needs fixing",
             status=status, retriable=False, request_id=request_id,
         )
-    try:
-        raw = await resp.content.read(ERROR_BODY_LIMIT)
-    except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
-        raw = b""
     retriable = status == 429 or status >= 500
+    try:
+        async with asyncio.timeout_at(deadline):
+            raw = await read_bounded(resp.content, ERROR_BODY_LIMIT)
+    except TimeoutError:
+        return UpstreamError(
+            "upstream_timeout", f"the upstream answered HTTP {status} and then sent nothing more within the timeout",
+            status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
+            request_id=request_id,
+        )
+    except (aiohttp.ClientError, ConnectionError):
+        raw = b""
     obj: Any = None
     if "json" in resp.headers.get("Content-Type", ""):
         try:
@@ -93,7 +117,7 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | Non
 
 def redact(obj: dict[str, Any], secret: str | None) -> dict[str, Any]:
     """``obj`` with every occurrence of ``secret`` (the relay's key) blanked, wherever it sits."""
-    text = json.dumps(obj, ensure_ascii=False)
+    text = dumps(obj)
     if not secret or secret not in text:
         return obj
     result: dict[str, Any] = json.loads(text.replace(secret, "[redacted]"))

@@ -16,7 +16,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay.errors import error_response
+from relay.http.errors import error_response
 
 #: Content types by suffix; anything else is served as bytes the browser must not interpret.
 TYPES: Final = {

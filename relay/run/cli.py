@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from relay import __version__
-from relay.access import read_tokens
+from relay.http.access import read_tokens
 from relay.config import (
     Config,
     ConfigError,
@@ -47,6 +47,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--attach-timeout", "attach_timeout", float, None,
      "seconds a stream started by POST /chat (201) waits for its first client"),
     ("--stream-ttl", "stream_ttl", float, None, "seconds a finished stream stays available for replay"),
+    ("--retention-bytes", "retention_bytes", int, None,
+     "bytes of event logs kept for all finished streams together (the oldest go first)"),
     ("--max-streams", "max_streams", int, "RELAY_MAX_STREAMS", "most live streams (more get 503)"),
     ("--replay-bytes", "replay_bytes", int, None, "bytes of events each stream keeps for replay"),
     ("--send-buffer", "send_buffer", int, None, "bytes queued for one client before the relay waits for it"),
@@ -204,6 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from relay.server import run
+    from relay.run.server import run
 
     return run(config, args.loop)

@@ -9,18 +9,19 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay import guard, handlers, openai_api, static
 from relay.config import Config
+from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
-from relay.health import PROBE, ReadinessProbe, healthz, readyz
-from relay.keys import CONFIG, REGISTRY, SESSION, UPSTREAM
-from relay.registry import Registry
+from relay.http import chat, guard, openai, static
+from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY, SESSION, UPSTREAM
+from relay.http.health import ReadinessProbe, healthz, readyz
 from relay.upstream import UpstreamClient
+from relay.upstream.catalog import Catalog
 
 log = logging.getLogger("relay")
 
 #: The page shipped beside the package in a source checkout.
-DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent.parent / "web"
 
 #: Sent with the page and its files: no inline script or style, nothing from another origin.
 PAGE_HEADERS = {
@@ -36,18 +37,16 @@ def make_app(config: Config) -> web.Application:
     # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
-    guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/guard.py
+    guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
     app.cleanup_ctx.append(_upstream_ctx)
-    app.on_shutdown.append(_cancel_streams)
-    app.router.add_post("/chat", handlers.post_chat)
-    app.router.add_get("/chat", handlers.get_chat, allow_head=False)
-    app.router.add_get("/chat/{id}", handlers.get_stream, allow_head=False)
-    app.router.add_delete("/chat/{id}", handlers.delete_stream)
-    app[openai_api.LIVE] = openai_api.Live()
-    app.on_shutdown.append(openai_api.cancel_live)
-    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
-    app.router.add_get("/v1/models", openai_api.list_models, allow_head=False)
-    app.router.add_get("/v1/models/{model}", openai_api.get_model, allow_head=False)
+    app.on_shutdown.append(_end_generations)
+    app.router.add_post("/chat", chat.post_chat)
+    app.router.add_get("/chat", chat.get_chat, allow_head=False)
+    app.router.add_get("/chat/{id}", chat.get_stream, allow_head=False)
+    app.router.add_delete("/chat/{id}", chat.delete_stream)
+    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_get("/v1/models", openai.list_models, allow_head=False)
+    app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
@@ -93,19 +92,21 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     upstream = UpstreamClient(session, config, base_url, config.api_key)
     app[SESSION] = session
     app[UPSTREAM] = upstream
-    app[REGISTRY] = Registry(config, upstream, demo=config.upstream is None, default_model=default_model)
+    app[CATALOG] = Catalog(default_model=default_model, allowed=config.models, demo=config.upstream is None)
+    app[REGISTRY] = Registry(config, upstream)
     app[PROBE] = ReadinessProbe(upstream)
     try:
         yield
     finally:
+        # The registry was closed by _end_generations, before aiohttp waited for the handlers.
         await app[PROBE].close()
-        await app[REGISTRY].close()
         await session.close()
         if demo_runner is not None:
             await demo_runner.cleanup()
 
 
-async def _cancel_streams(app: web.Application) -> None:
-    # Runs before aiohttp waits for handlers: each running stream ends with a retriable
-    # ``shutdown`` error (with a retry: hint), so its subscribers' handlers finish.
+async def _end_generations(app: web.Application) -> None:
+    # The one place generations end at shutdown (relay/run/server.py drains them first).  It
+    # runs before aiohttp waits for the handlers: each generation still running ends with a
+    # retriable ``shutdown`` error, so the handlers following it send that and finish.
     await app[REGISTRY].close()

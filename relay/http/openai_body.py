@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-from relay.validation import BadRequest, Limits, check_limits, check_model
+from relay.http.body import BadRequest
+from relay.http.params import V1_ROLES, RequestBounds, check_limits, check_model
 
 #: OpenAI's chat-completions request parameters (openai-python's CompletionCreateParams).
 FORWARDED: Final = frozenset({
@@ -24,7 +25,6 @@ FORWARDED: Final = frozenset({
     "service_tier", "stop", "store", "temperature", "tool_choice", "tools", "top_logprobs", "top_p",
     "user", "verbosity", "web_search_options",
 })
-ROLES: Final = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class CompletionsRequest:
 
 
 def completions_request(body: Any, *, default_model: str | None, models: tuple[str, ...],
-                        stream_usage: bool, limits: Limits = Limits()) -> CompletionsRequest:
+                        stream_usage: bool, limits: RequestBounds = RequestBounds()) -> CompletionsRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with 'messages' and 'model'")
     for key in body:
@@ -52,9 +52,9 @@ def completions_request(body: Any, *, default_model: str | None, models: tuple[s
     for i, msg in enumerate(messages):
         # Message fields are the upstream's to judge: SDKs echo back whole assistant messages
         # (refusal, annotations, audio, ...), and rejecting those would break existing clients.
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+        if not isinstance(msg, dict) or msg.get("role") not in V1_ROLES:
             raise BadRequest(f"'messages[{i}]' must be an object whose 'role' is one of "
-                             f"{', '.join(sorted(ROLES))}", f"messages[{i}]")
+                             f"{', '.join(sorted(V1_ROLES))}", f"messages[{i}]")
     model = check_model(body, default_model, models)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:

@@ -25,11 +25,11 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from relay.access import ACCESS, Access, client_of, from_trusted_proxy
 from relay.config import Config
-from relay.errors import error_response
-from relay.keys import CONFIG
-from relay.ratelimit import LIMITS, Limits, retry_after
+from relay.http.access import Access, client_of, from_trusted_proxy
+from relay.http.appkeys import ACCESS, CONFIG, GUARD, LIMITS
+from relay.http.errors import error_response
+from relay.http.ratelimit import ClientLimits, retry_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -76,7 +76,6 @@ class Guard:
         return proto is None or proto.split(",")[0].strip().lower() == parts.scheme
 
 
-GUARD = web.AppKey("guard", Guard)
 
 
 def _host_key(host: str, *, strip_port: bool = False) -> str:
@@ -170,10 +169,10 @@ async def on_response_prepare(request: web.Request, response: web.StreamResponse
 
 
 def install(app: web.Application) -> None:
-    """Add the checks to an app whose CONFIG is set (relay/app.py)."""
+    """Add the checks to an app whose CONFIG is set (relay/http/app.py)."""
     config: Config = app[CONFIG]
     app[GUARD] = Guard(config)
     app[ACCESS] = Access(config)
-    app[LIMITS] = Limits(config)
+    app[LIMITS] = ClientLimits(config)
     app.middlewares.append(guard)
     app.on_response_prepare.append(on_response_prepare)

@@ -1,0 +1,1 @@
+"""The generation core: one generation per answer, its event log and subscribers, the registry."""

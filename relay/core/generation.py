@@ -1,0 +1,306 @@
+"""A generation: one answer of the model, whichever endpoint asked for it.
+
+One producer task pulls the upstream and appends encoded events to a log bounded in bytes;
+any number of subscribers (HTTP responses) read the log from their own position and wait on
+one pulse per batch.  That meeting point makes a reconnect cheap (replay what was missed, then
+follow) and a disconnect precise: when the last subscriber leaves and nobody comes back within
+the grace, the producer is cancelled and the upstream connection closed.
+
+What the events look like is the view's business, not the core's: each generation is given a
+``Wire`` (``/chat``'s typed events, ``/v1``'s pass-through chunks) that turns upstream chunks and
+the ending into bytes.  Everything else (the cap, the drain, the delta count, the log line,
+cancellation) is the same for every endpoint, because it is this one class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from relay.config import Config
+from relay.core.ids import new_stream_id
+from relay.core.logline import log_finished
+from relay.upstream import Chunk, Completion, UpstreamClient, UpstreamError, UpstreamResponse
+
+log = logging.getLogger("relay.generation")
+
+
+class ResumeExpired(Exception):
+    """The position asked for has already left the bounded log."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """How a generation ended: ``code`` is ``done`` or one of the ``/chat`` error codes."""
+
+    code: str
+    message: str = ""
+    retriable: bool = False
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    #: The upstream's failure, when it was one (its status, body and headers, for the views).
+    error: UpstreamError | None = None
+
+
+class Wire(Protocol):
+    """One view's wire format: the bytes of each event, given its position in the log."""
+
+    def start(self, stream_id: str) -> bytes | None:
+        """The first event, before the upstream has said anything (or None)."""
+
+    def chunk(self, chunk: Chunk, seq: int) -> bytes | None:
+        """One upstream chunk as an event at ``seq`` (None: nothing for this view)."""
+
+    def end(self, ending: Ending, seq: int) -> bytes | None:
+        """The last event."""
+
+
+class Subscriber:
+    """One connected client's position: the sequence number of the next event it needs."""
+
+    __slots__ = ("pos",)
+
+    def __init__(self, pos: int) -> None:
+        self.pos = pos
+
+
+class Generation:
+    """One answer: its producer task, its event log and its subscribers.
+
+    ``resumable`` generations (``/chat``) keep ``replay_bytes`` of log for reconnects, wait out
+    the resume grace when their last client leaves and are kept after they finish; the others
+    (``/v1``, OpenAI's semantics) keep only what their client has yet to read and stop the
+    moment it leaves.  ``streaming=False`` asks the upstream for one JSON answer (``answer``).
+    """
+
+    def __init__(self, *, kind: str, config: Config, upstream: UpstreamClient, wire: Wire, model: str,
+                 body: dict[str, Any], on_finished: Callable[[Generation], None],
+                 resumable: bool = True, streaming: bool = True) -> None:
+        self.id = new_stream_id()
+        self.kind = kind
+        self.model = model
+        self.resumable = resumable
+        self.streaming = streaming
+        #: The access token (its digest) that started it; None without tokens (relay/http/access.py).
+        self.owner: str | None = None
+        self._config = config
+        self._upstream = upstream
+        self.wire = wire
+        self._body = body
+        self._on_finished = on_finished
+        self._keep = config.replay_bytes if resumable else 0
+        self._grace = config.resume_grace if resumable else 0.0
+        self._events: list[bytes] = []
+        self._base = 0  # sequence number of _events[0]
+        self.log_bytes = 0
+        self.next_seq = 0
+        #: The upstream answered 2xx (headers in): from here its failures are in-stream, not a status.
+        self.opened = False
+        self.request_id: str | None = None
+        self.answer: Completion | None = None
+        self.finished = False
+        self.ending: Ending | None = None
+        self._subscribers: set[Subscriber] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._loop = asyncio.get_running_loop()
+        self._started = self._loop.time()
+        self._first_delta: float | None = None
+        self._deltas = 0
+        self._bytes = 0
+        self._cancel_code = "cancelled"
+        self._cancel_message = "the stream was stopped"
+        self._timer: asyncio.TimerHandle | None = None
+        self._resp: UpstreamResponse | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, wait_for_subscriber: float | None = None) -> None:
+        """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
+        if no client has attached by then."""
+        data = self.wire.start(self.id)
+        if data is not None:
+            self._append(data)
+        self.task = asyncio.create_task(self._produce(), name=f"{self.kind}-{self.id}")
+        if wait_for_subscriber is not None:
+            self._arm(wait_for_subscriber, "nobody attached to the stream in time")
+
+    # -- the log -------------------------------------------------------------------------
+
+    def _append(self, data: bytes) -> None:
+        self._events.append(data)
+        self.next_seq += 1
+        self.log_bytes += len(data)
+        self._bytes += len(data)
+
+    def _trim(self) -> None:
+        """Keep the log within its bound, but never drop what an attached client has yet to read.
+
+        A burst larger than the log must not cost a live reader its events; a reader that lags
+        by more than four replay logs' worth loses them (its next read is ``ResumeExpired``),
+        so memory stays bounded even before its send timeout aborts it.
+        """
+        keep = self._keep
+        if self.log_bytes <= keep:
+            return
+        floor = min((sub.pos for sub in self._subscribers), default=self.next_seq)
+        hard = self.log_bytes > 4 * self._config.replay_bytes
+        target = keep * 3 // 4  # drop down to three quarters so eviction is amortised
+        events = self._events
+        drop = 0
+        while (drop < len(events) - 1 and self.log_bytes > target
+               and (hard or self._base + drop < floor)):
+            self.log_bytes -= len(events[drop])
+            drop += 1
+        if drop:
+            del events[:drop]
+            self._base += drop
+
+    def _publish(self) -> None:
+        self._trim()
+        # One wake-up per batch for every waiting subscriber.
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():  # a cancelled subscriber's
+                    waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait for the next batch of events, the upstream's answer, or the end."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def read(self, sub: Subscriber) -> bytes:
+        """Everything the subscriber has not yet read, joined; advances its position."""
+        pos = sub.pos
+        if pos < self._base:
+            raise ResumeExpired
+        if pos >= self.next_seq:
+            return b""
+        start = pos - self._base
+        sub.pos = self.next_seq
+        if start == len(self._events) - 1:
+            return self._events[start]
+        return b"".join(self._events[start:])
+
+    # -- subscribers and cancellation ------------------------------------------------------
+
+    @property
+    def outcome(self) -> str:
+        """``done`` or the error code it ended with; empty while it runs."""
+        return self.ending.code if self.ending is not None else ""
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def attach(self, pos: int) -> Subscriber:
+        sub = Subscriber(pos)
+        self._subscribers.add(sub)
+        self._disarm()
+        return sub
+
+    def detach(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+        self._trim()  # what only this client still needed can go now
+        if not self._subscribers and not self.finished:
+            if self._grace <= 0:
+                self.cancel("cancelled", "every client disconnected")
+            else:
+                self._arm(self._grace, "every client disconnected and none came back within the resume grace")
+
+    def _arm(self, delay: float, why: str) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(delay, self.cancel, "cancelled", why)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def cancel(self, code: str = "cancelled", message: str = "the stream was stopped by a client") -> None:
+        """Stop the generation now; the upstream connection is closed at once."""
+        task = self.task
+        if self.finished or task is None or task.done():
+            return
+        self._cancel_code, self._cancel_message = code, message
+        task.cancel()
+        if self._resp is not None:
+            # Close the upstream connection now rather than when the producer next runs: on a busy
+            # loop that is a whole iteration later, and closing is what stops the billing.  (After
+            # task.cancel(), so the producer sees its cancellation, not the closed connection.)
+            self._resp.close()
+
+    # -- the producer --------------------------------------------------------------------
+
+    async def _produce(self) -> None:
+        try:
+            ending = await (self._stream() if self.streaming else self._complete())
+        except UpstreamError as exc:
+            ending = Ending(exc.code, exc.message, exc.retriable, error=exc)
+        except asyncio.CancelledError:
+            self._finish(Ending(self._cancel_code, self._cancel_message, retriable=self._cancel_code == "shutdown"))
+            raise
+        except Exception:
+            log.exception("%s %s: internal error", self.kind, self.id)
+            ending = Ending("internal", "the relay failed internally", retriable=True)
+        self._finish(ending)
+
+    def _answered(self, request_id: str | None) -> None:
+        self.opened = True
+        self.request_id = request_id
+        self._publish()  # a view holding its status line for this can commit now
+
+    async def _stream(self) -> Ending:
+        resp = self._resp = await self._upstream.open(self._body)
+        self._answered(resp.request_id)
+        wire = self.wire
+        try:
+            while chunks := await resp.read():
+                for chunk in chunks:
+                    if chunk.delta:
+                        if self._first_delta is None:
+                            self._first_delta = self._loop.time()
+                        self._deltas += 1
+                    data = wire.chunk(chunk, self.next_seq)
+                    if data is not None:
+                        self._append(data)
+                self._publish()
+        finally:
+            resp.close()
+        return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
+
+    async def _complete(self) -> Ending:
+        answer = await self._upstream.complete(self._body)
+        self.answer = answer
+        self._first_delta = self._loop.time()
+        choices = answer.obj.get("choices")
+        self._deltas = len(choices) if isinstance(choices, list) else 0
+        self._bytes += len(answer.raw)
+        usage = answer.obj.get("usage")
+        self._answered(answer.request_id)
+        return Ending("done", usage=usage if isinstance(usage, dict) else None)
+
+    def _finish(self, ending: Ending) -> None:
+        if self.finished:
+            return
+        self._disarm()
+        data = self.wire.end(ending, self.next_seq)
+        if data is not None:
+            self._append(data)
+        self.finished = True
+        self.ending = ending
+        self._publish()
+        self._on_finished(self)
+        usage = ending.usage if ending.usage is not None else (self._resp.usage if self._resp is not None else None)
+        log_finished(log, self.kind, self.id, self.model, ending.code, started=self._started,
+                     first_delta=self._first_delta, now=self._loop.time(), deltas=self._deltas,
+                     nbytes=self._bytes, usage=usage)

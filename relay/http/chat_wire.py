@@ -1,0 +1,82 @@
+"""The ``/chat`` view's wire format: unnamed events whose data is one JSON object with a ``type``.
+
+``start`` first (with the ``retry:`` hint), a ``delta`` per upstream chunk that carries content,
+reasoning or tool calls, then exactly one ``done`` or ``error``.  Every event has the id
+``<stream id>.<position>`` (relay/core/ids.py).  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.core.generation import Ending
+from relay.core.ids import event_id
+from relay.jsoncodec import dumps
+from relay.sse import encode
+from relay.upstream import Chunk
+
+
+class ChatWire:
+    def __init__(self, *, model: str, demo: bool, retry_ms: int) -> None:
+        self._model = model
+        self._demo = demo
+        self._retry_ms = retry_ms
+        self._id = ""
+
+    def start(self, stream_id: str) -> bytes:
+        self._id = stream_id
+        return encode(dumps({"type": "start", "id": stream_id, "model": self._model, "demo": self._demo}),
+                      id=event_id(stream_id, 0), retry=self._retry_ms)
+
+    def chunk(self, chunk: Chunk, seq: int) -> bytes | None:
+        data = delta_event(chunk.obj) if chunk.delta else None
+        return None if data is None else encode(data, id=f"{self._id}.{seq}")
+
+    def end(self, ending: Ending, seq: int) -> bytes:
+        retry = None
+        if ending.code == "done":
+            event: dict[str, Any] = {"type": "done", "finish_reason": ending.finish_reason, "usage": ending.usage}
+        else:
+            event = {"type": "error", "code": ending.code, "message": ending.message, "retriable": ending.retriable}
+            exc = ending.error
+            if exc is not None and exc.status is not None:
+                event["status"] = exc.status
+            if exc is not None and exc.retry_after is not None:
+                event["retry_after"] = exc.retry_after
+            if ending.code == "shutdown":
+                retry = self._retry_ms  # so EventSource and the page come back after the restart
+        return encode(dumps(event), id=f"{self._id}.{seq}", retry=retry)
+
+    def last(self, event: dict[str, Any]) -> bytes:
+        """An event for one subscriber only (not in the log), after which it has nothing more to get."""
+        return encode(dumps(event), id=event_id(self._id, None))
+
+
+def delta_event(obj: dict[str, Any]) -> str | None:
+    """The delta event's JSON for one upstream chunk, or None when its first choice carries nothing.
+
+    Most chunks carry only text: their event is built around the encoded string alone, which
+    is the same JSON as encoding the whole object, at a fraction of the cost.
+    """
+    choices = obj.get("choices")
+    if not choices or not isinstance(choices, list):
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        return None
+    delta = choice.get("delta")
+    if not isinstance(delta, dict):
+        return None
+    content = delta.get("content")
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    tool_calls = delta.get("tool_calls")
+    if not reasoning and not tool_calls:
+        return '{"type":"delta","content":' + dumps(content) + "}" if content else None
+    out: dict[str, Any] = {"type": "delta"}
+    if content:
+        out["content"] = content
+    if reasoning and isinstance(reasoning, str):
+        out["reasoning"] = reasoning
+    if tool_calls:
+        out["tool_calls"] = tool_calls
+    return dumps(out) if len(out) > 1 else None

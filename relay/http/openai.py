@@ -1,0 +1,150 @@
+"""The OpenAI-compatible view: ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+For clients that already speak OpenAI (the official SDKs, LangChain, curl scripts): point
+their base URL at the relay and the relay's key does the paying.  Each request is a generation
+in the one registry (counted, capped, drained and logged like a ``/chat`` one), but keeps the
+OpenAI wire's semantics: no resume, no grace (a client that leaves stops the upstream at once),
+nothing kept once it is over.
+
+Decisions (docs/architecture.md, "Errors and status codes"):
+
+1. Real status codes where possible.  SDKs map statuses to exceptions and retry 429/5xx, so
+   the response headers are held until the upstream answers: an upstream error then comes
+   back with the upstream's status, OpenAI's error JSON and its ``retry-after``,
+   ``retry-after-ms`` and ``x-request-id`` headers.  An upstream 401/403 is the relay's own
+   credentials failing: 502, and never the upstream's text (OpenAI's 401 quotes the key).
+2. If the first keepalive falls due before the upstream has answered, the relay commits to
+   200 (a proxy would otherwise cut a reasoning model's long silence) and a later error
+   travels in-stream as ``data: {"error": {...}}``, which the SDKs raise as ``APIError``.
+3. Chunks go out as the upstream sent them (relay/http/openai_wire.py), then ``data: [DONE]``
+   once the upstream finished.  A failure mid-answer is an in-stream error object and the end:
+   never a synthesized ``finish_reason`` or ``[DONE]``.
+4. The relay asks for ``stream_options.include_usage`` so its log line has token counts, and
+   drops that usage chunk again for a client that did not ask for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final
+
+from aiohttp import web
+
+from relay.config import Config
+from relay.core.generation import Generation, Subscriber
+from relay.http.admission import Refused, refusal, start_generation
+from relay.http.appkeys import CATALOG, CONFIG
+from relay.http.body import BadRequest, read_json
+from relay.http.errors import error_response
+from relay.http.openai_body import completions_request
+from relay.http.openai_wire import OpenAIWire, failure_response
+from relay.http.params import RequestBounds
+from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, follow
+from relay.jsoncodec import dumps
+from relay.sse import encode
+
+log = logging.getLogger("relay.http")
+
+LAGGED: Final = encode(dumps({"error": {
+    "message": "the client read the stream too slowly and fell behind what the relay keeps",
+    "type": "server_error", "param": None, "code": "client_too_slow"}}))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG]
+    catalog = request.app[CATALOG]
+    try:
+        req = completions_request(await read_json(request), default_model=catalog.default_model,
+                                  models=catalog.allowed, stream_usage=config.stream_usage,
+                                  limits=RequestBounds.of(config))
+        wire = OpenAIWire(drop_usage=config.stream_usage and not req.client_usage)
+        gen = start_generation(request, kind="v1", model=req.model, body=req.body, wire=wire,
+                               resumable=False, streaming=req.stream)
+    except BadRequest as exc:
+        return error_response(exc.status, exc.message, param=exc.param)
+    except Refused as exc:
+        return refusal(exc)
+    # Attached before anything can wait: a client that leaves from here on detaches, and a
+    # generation without a grace is cancelled the moment its last client has gone.
+    sub = gen.attach(0)
+    try:
+        if req.stream:
+            return await _stream(request, config, gen, sub)
+        return await _complete(gen)
+    finally:
+        gen.detach(sub)
+
+
+async def _answered(gen: Generation) -> None:
+    while not gen.opened and not gen.finished:
+        await gen.changed()
+
+
+async def _complete(gen: Generation) -> web.StreamResponse:
+    """Non-streaming: the upstream's own JSON answer, passed through as sent."""
+    while not gen.finished:
+        await gen.changed()
+    assert gen.ending is not None
+    if gen.answer is None:
+        return failure_response(gen.ending)
+    headers = {"x-request-id": gen.answer.request_id} if gen.answer.request_id else None
+    return web.Response(body=gen.answer.raw, content_type="application/json", headers=headers)
+
+
+async def _stream(request: web.Request, config: Config, gen: Generation, sub: Subscriber) -> web.StreamResponse:
+    out: EventStream | None = None
+    try:
+        try:
+            await asyncio.wait_for(_answered(gen), timeout=config.keepalive)
+        except TimeoutError:
+            # The first keepalive is due and the upstream has not answered: commit to 200 so
+            # proxies and clients keep the connection; from here errors go in-stream.
+            out = await _commit(request, config, None)
+            await out.send_bytes(KEEPALIVE)
+            await _answered(gen)
+        if out is None:
+            if not gen.opened:
+                assert gen.ending is not None
+                return failure_response(gen.ending)
+            out = await _commit(request, config, gen.request_id)
+        if not await follow(out, gen, sub):
+            # Four replay logs behind: what it missed is gone, so it gets an honest end, never a gap.
+            log.warning("v1 %s: the client fell too far behind the stream; ended", gen.id)
+            await out.send_bytes(LAGGED)
+    except ConnectionResetError:
+        pass
+    except SlowClient as exc:
+        log.warning("v1 %s: %s (bound %d)", gen.id, exc, config.send_buffer)
+    finally:
+        if out is not None and out.prepared:
+            out.stop_streaming()
+    if out is None or not out.prepared:
+        return web.Response(status=499)  # the client left before the headers went out; nobody reads this
+    await out.wait()
+    return out
+
+
+async def _commit(request: web.Request, config: Config, request_id: str | None) -> EventStream:
+    out = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                      send_buffer=config.send_buffer,
+                      headers={"x-request-id": request_id} if request_id else None)
+    await out.prepare(request)
+    return out
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "relay"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """The models this relay allows: the allowlist, else the default model."""
+    return web.json_response({"object": "list", "data": [_model(m) for m in request.app[CATALOG].listed()]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    if name not in request.app[CATALOG].listed():
+        return error_response(404, f"The model '{name}' does not exist or is not available on this relay",
+                              param="model", code="model_not_found")
+    return web.json_response(_model(name))

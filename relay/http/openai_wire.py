@@ -1,0 +1,84 @@
+"""The ``/v1`` view's wire format: the upstream's chunks as sent, and OpenAI's error shapes.
+
+Each upstream event's ``data`` string goes out byte-identical, re-framed as ``data: …`` and a
+blank line; ``data: [DONE]`` follows only when the upstream finished.  A failure is OpenAI's
+error object (``{"error": {...}}``), in-stream once the status line is out, else as the
+response's status and body.  Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from relay.core.generation import Ending
+from relay.jsoncodec import dumps
+from relay.sse import encode
+from relay.upstream import Chunk, UpstreamError
+
+DONE: Final = encode("[DONE]")
+
+
+class OpenAIWire:
+    def __init__(self, *, drop_usage: bool) -> None:
+        # Only the usage chunk the relay itself asked for is removed.
+        self._drop_usage = drop_usage
+
+    def start(self, stream_id: str) -> None:
+        return None
+
+    def chunk(self, chunk: Chunk, seq: int) -> bytes | None:
+        if self._drop_usage and not chunk.delta:
+            obj = chunk.obj
+            if not obj.get("choices") and obj.get("usage"):
+                return None
+        return encode(chunk.data)
+
+    def end(self, ending: Ending, seq: int) -> bytes:
+        if ending.code == "done":
+            return DONE
+        return encode(dumps(error_body(ending)))
+
+
+def error_body(ending: Ending) -> dict[str, Any]:
+    """OpenAI's error object for how a generation failed."""
+    exc = ending.error
+    if exc is not None and exc.body is not None and exc.status not in (401, 403):
+        return exc.body
+    return {"error": {"message": ending.message, "type": "server_error", "param": None, "code": ending.code}}
+
+
+def failure_response(ending: Ending) -> web.Response:
+    """A failure before the status line went out, as the status and body an OpenAI SDK expects."""
+    exc = ending.error
+    if exc is None:
+        if ending.code == "shutdown":
+            # The SDKs retry a 503 (after Retry-After): the next process answers.
+            return _json(503, {"error": {"message": "the relay is shutting down; retry the request",
+                                         "type": "server_error", "param": None, "code": "shutdown"}},
+                         {"Retry-After": "1"})
+        return _json(500 if ending.code == "internal" else 499, error_body(ending), {})
+    return upstream_error_response(exc, ending)
+
+
+def upstream_error_response(exc: UpstreamError, ending: Ending) -> web.Response:
+    status = exc.status
+    if status in (401, 403):
+        # relay/upstream already replaced the upstream's text with one about the relay's credentials.
+        body = {"error": {"message": exc.message, "type": "server_error", "param": None,
+                          "code": "upstream_auth_failed"}}
+        status = 502
+    elif status is not None and 400 <= status < 600:
+        body = error_body(ending)
+    else:
+        status = 504 if exc.code == "upstream_timeout" else 502
+        body = error_body(ending)
+    headers = {name: value for name, value in (("retry-after", exc.retry_after),
+                                                ("retry-after-ms", exc.retry_after_ms),
+                                                ("x-request-id", exc.request_id)) if value}
+    return _json(status, body, headers)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
+    return web.Response(text=dumps(body), status=status, content_type="application/json", headers=headers)

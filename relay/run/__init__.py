@@ -1,0 +1,1 @@
+"""Running the relay: the CLI, the server's start and shutdown, systemd."""

@@ -1,0 +1,245 @@
+"""One generation core behind /chat and /v1: one cap, one drain, bounded retention, every read under a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, wait_for
+from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
+
+Client = Any
+V1 = "/v1/chat/completions"
+
+
+def v1_body(prompt: str) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": prompt}], "stream": True}
+
+
+async def open_chat(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
+    """POST /chat and read up to the prompt's first delta: the stream is then in flight."""
+    client = SSEClient(await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": prompt}))
+    assert (await client.next_json() or {})["type"] == "start"
+    assert await client.next_json() == {"type": "delta", "content": prompt}
+    return client
+
+
+async def open_v1(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
+    """A streaming /v1 request read up to the prompt's delta: in flight."""
+    client = SSEClient(await session.post(f"http://127.0.0.1:{port}{V1}", json=v1_body(prompt)))
+    assert client.resp.status == 200
+    while True:
+        event = await client.next()
+        assert event is not None
+        if json.loads(event.data)["choices"][0]["delta"].get("content") == prompt:
+            return client
+
+
+async def v1_rest(client: SSEClient) -> list[str]:
+    out = []
+    while (event := await client.next()) is not None:
+        out.append(event.data)
+    return out
+
+
+def v1_text(datas: list[str]) -> str:
+    return "".join(json.loads(d)["choices"][0]["delta"].get("content") or ""
+                   for d in datas if d != "[DONE]" and json.loads(d).get("choices"))
+
+
+# -- 1. SIGTERM drains /v1 like /chat ---------------------------------------------------------
+
+async def test_sigterm_drains_a_v1_stream_that_outlasts_a_chat_stream(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    upstream.behaviour = first_delta_then_wait(gates)
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            chat = await open_chat(session, port, "chat")
+            v1 = await open_v1(session, port, "v1")
+            relay.proc.send_signal(signal.SIGTERM)
+            await notify.until("STOPPING")
+            gates["chat"].set()
+            chat_events = await chat.all()
+            assert chat_events[-1]["type"] == "done", chat_events
+            # The /chat stream is over; the /v1 one is still draining, not cut.
+            assert relay.proc.returncode is None
+            gates["v1"].set()
+            rest = await v1_rest(v1)
+            assert rest[-1] == "[DONE]", rest
+            assert v1_text(rest) == " done"
+            assert not any("error" in json.loads(d) for d in rest if d != "[DONE]")
+            assert await relay.exit_status() == 0, relay.output()
+
+
+async def test_sigterm_drains_a_v1_stream_in_flight_alone(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    upstream.behaviour = first_delta_then_wait(gates)
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            v1 = await open_v1(session, port, "alone")
+            relay.proc.send_signal(signal.SIGTERM)
+            await notify.until("STOPPING")
+            assert relay.proc.returncode is None
+            gates["alone"].set()
+            rest = await v1_rest(v1)
+            assert rest[-1] == "[DONE]" and v1_text(rest) == " done", rest
+            assert await relay.exit_status() == 0, relay.output()
+
+
+async def test_drain_timeout_ends_a_v1_stream_with_an_in_stream_shutdown_error(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    upstream.behaviour = first_delta_then_wait({})  # never released
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "0.2", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            v1 = await open_v1(session, port, "stuck")
+            relay.proc.send_signal(signal.SIGTERM)
+            rest = await v1_rest(v1)
+            assert [json.loads(d)["error"]["code"] for d in rest] == ["shutdown"]  # and no [DONE]
+            assert await relay.exit_status() == 0, relay.output()
+            await wait_for(upstream.closed.is_set)
+
+
+# -- 2. One cap for both endpoints ------------------------------------------------------------
+
+def held() -> Any:
+    """An upstream that sends a first delta and then waits for ``fake.release``."""
+    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        await fake.send(resp, sse(chunk("first", role="assistant")))
+        await fake.release.wait()
+        await fake.send(resp, sse(chunk(" end", finish_reason="stop")))
+        await fake.send(resp, sse("[DONE]"))
+        return resp
+    return run
+
+
+async def test_a_running_v1_stream_counts_against_max_streams_for_chat(make_relay: Any,
+                                                                       upstream: FakeUpstream) -> None:
+    upstream.behaviour = held()
+    relay = await make_relay(max_streams=1)
+    v1 = SSEClient(await relay.post(V1, json=v1_body("hi")))
+    assert v1.resp.status == 200 and await v1.next() is not None
+    health = await (await relay.get("/healthz")).json()
+    assert health["live_streams"] == 1
+    resp = await relay.post("/chat", json={"prompt": "x"})
+    assert resp.status == 503 and "limit of 1 live streams" in (await resp.json())["error"]["message"]
+    upstream.release.set()
+    assert (await v1_rest(v1))[-1] == "[DONE]"
+    await wait_for(lambda: upstream.calls == 1)
+    assert upstream.calls == 1  # the refused /chat request never reached the upstream
+
+
+async def test_a_running_chat_stream_counts_against_max_streams_for_v1(make_relay: Any,
+                                                                       upstream: FakeUpstream) -> None:
+    upstream.behaviour = held()
+    relay = await make_relay(max_streams=1)
+    chat = SSEClient(await relay.post("/chat", json={"prompt": "hi"}))
+    assert (await chat.next_json() or {})["type"] == "start"
+    resp = await relay.post(V1, json=v1_body("x"))
+    assert resp.status == 503
+    upstream.release.set()
+    assert (await chat.all())[-1]["type"] == "done"
+
+
+async def test_a_v1_stream_is_not_reachable_through_the_chat_routes(make_relay: Any,
+                                                                    upstream: FakeUpstream) -> None:
+    from relay.http.appkeys import REGISTRY
+
+    upstream.behaviour = held()
+    relay = await make_relay()
+    v1 = SSEClient(await relay.post(V1, json=v1_body("hi")))
+    assert await v1.next() is not None
+    [gen] = relay.app[REGISTRY].running()
+    assert gen.kind == "v1"
+    assert (await relay.get(f"/chat/{gen.id}")).status == 404
+    assert (await relay.delete(f"/chat/{gen.id}")).status == 404
+    upstream.release.set()
+    assert (await v1_rest(v1))[-1] == "[DONE]"
+    await wait_for(lambda: relay.app[REGISTRY].live == 0)
+    assert len(relay.app[REGISTRY]) == 0  # not retained once finished
+
+
+# -- 3. Bounded retention of finished streams --------------------------------------------------
+
+async def test_finished_streams_are_kept_within_a_byte_budget_oldest_evicted_first(make_relay: Any) -> None:
+    relay = await make_relay(retention_bytes=4096, stream_ttl=600)
+    ids = []
+    for i in range(12):
+        events = await SSEClient(await relay.post("/chat", json={"prompt": f"p{i}"})).all()
+        assert events[-1]["type"] == "done"
+        ids.append(events[0]["id"])
+    from relay.http.appkeys import REGISTRY
+
+    registry = relay.app[REGISTRY]
+    await wait_for(lambda: registry.live == 0)
+    assert 0 < registry.kept_bytes <= 4096
+    # The newest is still there to replay; the oldest is gone, answered like an expired one.
+    newest = await SSEClient(await relay.get(f"/chat/{ids[-1]}")).all()
+    assert text_of(newest) == "Hello, world!"
+    oldest = await relay.get(f"/chat/{ids[0]}")
+    assert oldest.status == 404
+    assert "unknown or the stream has expired" in (await oldest.json())["error"]["message"]
+
+
+def test_retention_bytes_is_a_setting_with_a_flag_and_rejects_zero() -> None:
+    import pytest
+
+    from relay.config import ConfigError
+    from relay.run.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["serve", "--retention-bytes", "1000"])
+    assert config_from_args(args, {}).retention_bytes == 1000
+    with pytest.raises(ConfigError, match="--retention-bytes"):
+        config_from_args(build_parser().parse_args(["serve", "--retention-bytes", "0"]), {})
+
+
+# -- 4. Every upstream read under a deadline, error bodies included ----------------------------
+
+def error_headers_then_silence() -> Any:
+    """500 with a JSON content type and a length, then no body until ``fake.release``."""
+    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = web.StreamResponse(status=500, headers={"Content-Type": "application/json"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await fake.release.wait()
+        return resp
+    return run
+
+
+async def test_an_error_body_that_never_arrives_ends_chat_within_the_timeout(make_relay: Any,
+                                                                            upstream: FakeUpstream) -> None:
+    upstream.behaviour = error_headers_then_silence()
+    relay = await make_relay(first_token_timeout=600, idle_timeout=0.2, total_timeout=900)
+    events = await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all()
+    assert events[-1]["type"] == "error"
+    assert events[-1]["code"] in ("upstream_timeout", "upstream_error") and events[-1]["status"] == 500
+    assert not upstream.release.is_set()  # it came while the upstream still held its body back
+    await asyncio.wait_for(upstream.closed.wait(), 10)
+
+
+async def test_an_error_body_that_never_arrives_ends_v1_within_the_timeout(make_relay: Any,
+                                                                          upstream: FakeUpstream) -> None:
+    upstream.behaviour = error_headers_then_silence()
+    relay = await make_relay(first_token_timeout=600, idle_timeout=0.2, total_timeout=900, keepalive=600)
+    for stream in (True, False):
+        resp = await relay.post(V1, json={**v1_body("hi"), "stream": stream})
+        assert resp.status == 500
+        assert "error" in await resp.json()
+    assert not upstream.release.is_set()
