@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
+import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +23,7 @@ from relay.config import Config
 from relay.sse import Event, SSEDecoder
 
 TEST_KEY = "sk-test-SECRET-0123456789abcdef"
+PR_SET_CHILD_SUBREAPER = 36
 REQUIRE_ALL = os.environ.get("RELAY_REQUIRE_ALL") == "1"
 
 
@@ -198,8 +203,13 @@ RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]
 
 
 @pytest.fixture
-def make_relay(aiohttp_client: Any, upstream: FakeUpstream) -> RelayFactory:
-    """Start the relay (real server, real client) against the fake upstream; overrides go to Config."""
+def make_relay(upstream: FakeUpstream, aiohttp_client: Any) -> RelayFactory:
+    """Start the relay (real server, real client) against the fake upstream; overrides go to Config.
+
+    ``upstream`` comes first so that it is torn down last: the relay closes first, which closes
+    its upstream connections, so the fake's handlers (perhaps waiting on a gate) end at once
+    instead of holding the fake's shutdown for its whole handler timeout.
+    """
     async def factory(**overrides: Any) -> TestClient[web.Request, web.Application]:
         # Every test client is 127.0.0.1: per-client limits are off unless a test sets them
         # (tests/test_security.py), so tests of volume measure what they mean to.
@@ -242,3 +252,70 @@ async def notify() -> AsyncIterator[Any]:
         yield listener
     finally:
         listener.close()
+
+
+# -- No process left behind ----------------------------------------------------------------
+# pytest is made a child subreaper, so a process that a test started and that outlived its
+# parent (an nginx worker whose master was killed, a relay's child) is re-parented to pytest
+# instead of to init, where it could not be seen.  At the end of the session every child of
+# pytest must be gone; one that is still alive fails the run (and is killed).
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing re-parents to us, the check sees less
+        pass
+
+
+def _children() -> dict[int, str]:
+    """Live (non-zombie) children of this process: pid → command line."""
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+            if int(ppid) != me or state == "Z":
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    deadline = time.monotonic() + 10  # a process told to stop may take a moment to exit
+    left = _children()
+    while left and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.05)
+        left = _children()
+    _reap()
+    if not left:
+        return
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _reap()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    text = "\n".join(f"  pid {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+    if reporter is not None:
+        reporter.write_line(f"FAILED: the tests left {len(left)} processes running (now killed):\n{text}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -91,6 +92,35 @@ def port_of(message: dict[str, str]) -> int:
     """The port in READY's ``STATUS=listening on http://127.0.0.1:PORT/``."""
     url = message["STATUS"].split("listening on ", 1)[1].split()[0]
     return int(url.rstrip("/").rsplit(":", 1)[1])
+
+
+async def stop_group(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM, timeout: float = 20.0) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group, and wait.
+
+    ``sig`` first (the graceful stop); whatever is still alive after ``timeout`` is killed.
+    Returns once the leader is reaped and no process of the group is left.
+    """
+    pgid = proc.pid
+
+    def signal_group(s: int) -> bool:
+        try:
+            os.killpg(pgid, s)
+        except ProcessLookupError:
+            return False
+        return True
+
+    signal_group(sig)
+    try:
+        async with asyncio.timeout(timeout):
+            await proc.wait()
+            while signal_group(0):  # the leader's children may outlive it by a moment
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        signal_group(signal.SIGKILL)
+        await proc.wait()
+        async with asyncio.timeout(timeout):
+            while signal_group(0):
+                await asyncio.sleep(0.02)
 
 
 @dataclass

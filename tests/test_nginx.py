@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import httpx
 import pytest
 from aiohttp import web
 from conftest import FakeUpstream, RelayFactory, chunk, require, sse, wait_for
-from procs import first_delta_then_wait
+from procs import first_delta_then_wait, stop_group
 
 from bench.procs import free_port
 from relay.sse import SSEDecoder
@@ -95,7 +96,7 @@ async def front(tmp_path: Path, make_relay: RelayFactory) -> AsyncIterator[Front
         proc = await asyncio.create_subprocess_exec(
             "nginx", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
             "-g", f"daemon off; pid {prefix / 'nginx.pid'}; error_log stderr notice;",
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
     try:
         async with asyncio.timeout(20):  # bounded poll for the port, failing early if nginx exits
             while True:
@@ -110,9 +111,9 @@ async def front(tmp_path: Path, make_relay: RelayFactory) -> AsyncIterator[Front
                 break
         yield Front(f"https://127.0.0.1:{tls_port}", ssl.create_default_context(cafile=str(cert)))
     finally:
-        if proc.returncode is None:
-            proc.kill()
-        await proc.wait()
+        # The master and its workers, by their process group: a SIGKILLed master leaves its
+        # workers behind, still listening.  SIGQUIT is nginx's graceful stop.
+        await stop_group(proc, signal.SIGQUIT)
 
 
 async def read_events(lines: AsyncIterator[bytes], decoder: SSEDecoder, until: str) -> list[str]:

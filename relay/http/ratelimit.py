@@ -1,6 +1,6 @@
 """Per-client limits: requests per minute (a token bucket) and generations running at once.
 
-A client is its access token, else its address (relay/access.py).  The bucket table is an LRU
+A client is its access token, else its address (relay/http/access.py).  The bucket table is an LRU
 bounded by ``max_clients``: the identity evicted first is the one idle longest, whose bucket
 has most likely refilled, so evicting it forgets nothing.  The stream counter only holds
 identities with a generation running, so it is bounded by the number of live streams.

@@ -4,7 +4,7 @@ It builds the request (URL, key header, extra headers and query from configurati
 nothing a client sends can change where the relay connects), maps HTTP failures to one
 ``UpstreamError``, decodes the event stream incrementally and enforces the timeouts.
 
-Decisions (DESIGN.md): read with ``readany()`` and decode incrementally, because
+Decisions (docs/architecture.md): read with ``readany()`` and decode incrementally, because
 ``readline()`` splits on LF only and caps line length; EOF after a ``finish_reason``
 counts as finished (some servers omit ``[DONE]``), EOF before one is ``upstream_ended``;
 the response is closed, never drained, because closing the connection is the only way
