@@ -137,10 +137,8 @@ class Relay:
                 "--log-level", "warning", *extra]
         if loop:
             args += ["--loop", loop]
-        if src is None:
-            # One load generator on 127.0.0.1 is one "client" to the access limits: lift them.
-            # (Not passed to an older --relay-src, which predates these flags.)
-            args += ["--rate-limit", "0", "--max-streams-per-client", "1000000"]
+        # One load generator on 127.0.0.1 is one "client" to the access limits: lift them.
+        args += ["--rate-limit", "0", "--max-streams-per-client", "1000000"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
         env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
         # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).

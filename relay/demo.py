@@ -7,7 +7,6 @@ same code path it uses for a real upstream.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import signal
@@ -16,6 +15,8 @@ import uuid
 from typing import Any
 
 from aiohttp import web
+
+from relay.jsoncodec import dumps
 
 DEMO_MODEL = "relay-demo"
 
@@ -83,11 +84,7 @@ def compose_reply(prompt: str) -> str:
 
 def _error(message: str, param: str | None, status: int = 400) -> web.Response:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": None}}
-    return web.json_response(body, status=status)
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return web.json_response(body, status=status, dumps=dumps)
 
 
 async def _chat_completions(request: web.Request) -> web.StreamResponse:
@@ -136,9 +133,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
             "message": {"role": "assistant", "content": "".join(tokens)},
             "finish_reason": finish_reason,
         }
-        return web.json_response(
-            envelope("chat.completion", choices=[choice], usage=usage), dumps=_dumps
-        )
+        return web.json_response(envelope("chat.completion", choices=[choice], usage=usage), dumps=dumps)
 
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -149,7 +144,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
     def chunk(delta: dict[str, str], finish: str | None) -> bytes:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        return f"data: {_dumps(envelope('chat.completion.chunk', choices=[choice]))}\n\n".encode()
+        return f"data: {dumps(envelope('chat.completion.chunk', choices=[choice]))}\n\n".encode()
 
     delay = request.app[TOKEN_DELAY]
     try:
@@ -161,7 +156,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         await response.write(chunk({}, finish_reason))
         if include_usage:
             payload = envelope("chat.completion.chunk", choices=[], usage=usage)
-            await response.write(f"data: {_dumps(payload)}\n\n".encode())
+            await response.write(f"data: {dumps(payload)}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:
@@ -173,7 +168,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _models(request: web.Request) -> web.Response:
     model = {"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "relay"}
-    return web.json_response({"object": "list", "data": [model]})
+    return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
 
 
 def make_demo_app(*, token_delay: float = 0.03) -> web.Application:

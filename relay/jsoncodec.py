@@ -15,3 +15,4 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 def dumps(obj: Any) -> str:
     result: str = _encode(obj)
     return result
+

@@ -174,6 +174,13 @@ class SSEClient:
         event = await self.next()
         return None if event is None else json.loads(event.data)
 
+    async def all_data(self) -> list[str]:
+        """Every remaining event's data string (``/v1``'s last one, ``[DONE]``, is not JSON)."""
+        out = []
+        while (event := await self.next()) is not None:
+            out.append(event.data)
+        return out
+
     async def all(self) -> list[dict[str, Any]]:
         out = []
         while (obj := await self.next_json()) is not None:

@@ -1,18 +1,16 @@
-"""One generation core behind /chat and /v1: one cap, one drain, bounded retention, every read under a deadline."""
+"""One generation core behind /chat and /v1: one cap, bounded retention, every read under a deadline.
+
+(The drain, the same for both endpoints, is tested with real processes in tests/test_shutdown.py.)
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import signal
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, wait_for
-from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
 
 Client = Any
 V1 = "/v1/chat/completions"
@@ -22,101 +20,7 @@ def v1_body(prompt: str) -> dict[str, Any]:
     return {"model": "fake-model", "messages": [{"role": "user", "content": prompt}], "stream": True}
 
 
-async def open_chat(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
-    """POST /chat and read up to the prompt's first delta: the stream is then in flight."""
-    client = SSEClient(await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": prompt}))
-    assert (await client.next_json() or {})["type"] == "start"
-    assert await client.next_json() == {"type": "delta", "content": prompt}
-    return client
-
-
-async def open_v1(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
-    """A streaming /v1 request read up to the prompt's delta: in flight."""
-    client = SSEClient(await session.post(f"http://127.0.0.1:{port}{V1}", json=v1_body(prompt)))
-    assert client.resp.status == 200
-    while True:
-        event = await client.next()
-        assert event is not None
-        if json.loads(event.data)["choices"][0]["delta"].get("content") == prompt:
-            return client
-
-
-async def v1_rest(client: SSEClient) -> list[str]:
-    out = []
-    while (event := await client.next()) is not None:
-        out.append(event.data)
-    return out
-
-
-def v1_text(datas: list[str]) -> str:
-    return "".join(json.loads(d)["choices"][0]["delta"].get("content") or ""
-                   for d in datas if d != "[DONE]" and json.loads(d).get("choices"))
-
-
-# -- 1. SIGTERM drains /v1 like /chat ---------------------------------------------------------
-
-async def test_sigterm_drains_a_v1_stream_that_outlasts_a_chat_stream(
-        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
-    gates: dict[str, asyncio.Event] = {}
-    upstream.behaviour = first_delta_then_wait(gates)
-    with listening_socket() as sock:
-        port = sock.getsockname()[1]
-        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify, listen=sock) as relay, \
-                aiohttp.ClientSession() as session:
-            await notify.until("READY")
-            chat = await open_chat(session, port, "chat")
-            v1 = await open_v1(session, port, "v1")
-            relay.proc.send_signal(signal.SIGTERM)
-            await notify.until("STOPPING")
-            gates["chat"].set()
-            chat_events = await chat.all()
-            assert chat_events[-1]["type"] == "done", chat_events
-            # The /chat stream is over; the /v1 one is still draining, not cut.
-            assert relay.proc.returncode is None
-            gates["v1"].set()
-            rest = await v1_rest(v1)
-            assert rest[-1] == "[DONE]", rest
-            assert v1_text(rest) == " done"
-            assert not any("error" in json.loads(d) for d in rest if d != "[DONE]")
-            assert await relay.exit_status() == 0, relay.output()
-
-
-async def test_sigterm_drains_a_v1_stream_in_flight_alone(
-        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
-    gates: dict[str, asyncio.Event] = {}
-    upstream.behaviour = first_delta_then_wait(gates)
-    with listening_socket() as sock:
-        port = sock.getsockname()[1]
-        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify, listen=sock) as relay, \
-                aiohttp.ClientSession() as session:
-            await notify.until("READY")
-            v1 = await open_v1(session, port, "alone")
-            relay.proc.send_signal(signal.SIGTERM)
-            await notify.until("STOPPING")
-            assert relay.proc.returncode is None
-            gates["alone"].set()
-            rest = await v1_rest(v1)
-            assert rest[-1] == "[DONE]" and v1_text(rest) == " done", rest
-            assert await relay.exit_status() == 0, relay.output()
-
-
-async def test_drain_timeout_ends_a_v1_stream_with_an_in_stream_shutdown_error(
-        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
-    upstream.behaviour = first_delta_then_wait({})  # never released
-    with listening_socket() as sock:
-        port = sock.getsockname()[1]
-        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "0.2", notify=notify, listen=sock) as relay, \
-                aiohttp.ClientSession() as session:
-            await notify.until("READY")
-            v1 = await open_v1(session, port, "stuck")
-            relay.proc.send_signal(signal.SIGTERM)
-            rest = await v1_rest(v1)
-            assert [json.loads(d)["error"]["code"] for d in rest] == ["shutdown"]  # and no [DONE]
-            assert await relay.exit_status() == 0, relay.output()
-            await wait_for(upstream.closed.is_set)
-
-
-# -- 2. One cap for both endpoints ------------------------------------------------------------
+# -- One cap for both endpoints ------------------------------------------------------------
 
 def held() -> Any:
     """An upstream that sends a first delta and then waits for ``fake.release``."""
@@ -141,8 +45,7 @@ async def test_a_running_v1_stream_counts_against_max_streams_for_chat(make_rela
     resp = await relay.post("/chat", json={"prompt": "x"})
     assert resp.status == 503 and "limit of 1 live streams" in (await resp.json())["error"]["message"]
     upstream.release.set()
-    assert (await v1_rest(v1))[-1] == "[DONE]"
-    await wait_for(lambda: upstream.calls == 1)
+    assert (await v1.all_data())[-1] == "[DONE]"
     assert upstream.calls == 1  # the refused /chat request never reached the upstream
 
 
@@ -171,12 +74,12 @@ async def test_a_v1_stream_is_not_reachable_through_the_chat_routes(make_relay: 
     assert (await relay.get(f"/chat/{gen.id}")).status == 404
     assert (await relay.delete(f"/chat/{gen.id}")).status == 404
     upstream.release.set()
-    assert (await v1_rest(v1))[-1] == "[DONE]"
+    assert (await v1.all_data())[-1] == "[DONE]"
     await wait_for(lambda: relay.app[REGISTRY].live == 0)
     assert len(relay.app[REGISTRY]) == 0  # not retained once finished
 
 
-# -- 3. Bounded retention of finished streams --------------------------------------------------
+# -- Bounded retention of finished streams --------------------------------------------------
 
 async def test_finished_streams_are_kept_within_a_byte_budget_oldest_evicted_first(make_relay: Any) -> None:
     relay = await make_relay(retention_bytes=4096, stream_ttl=600)
@@ -210,7 +113,7 @@ def test_retention_bytes_is_a_setting_with_a_flag_and_rejects_zero() -> None:
         config_from_args(build_parser().parse_args(["serve", "--retention-bytes", "0"]), {})
 
 
-# -- 4. Every upstream read under a deadline, error bodies included ----------------------------
+# -- Every upstream read under a deadline, error bodies included ----------------------------
 
 def error_headers_then_silence() -> Any:
     """500 with a JSON content type and a length, then no body until ``fake.release``."""

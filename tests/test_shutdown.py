@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,11 @@ import pytest
 from conftest import FakeUpstream, SSEClient, text_of, wait_for
 from procs import NotifyListener, first_delta_then_wait, listening_socket, spawn_relay
 
+V1 = "/v1/chat/completions"
+
+
+def v1_body(prompt: str) -> dict[str, Any]:
+    return {"model": "fake-model", "messages": [{"role": "user", "content": prompt}], "stream": True}
 
 
 async def open_stream(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
@@ -22,6 +28,22 @@ async def open_stream(session: aiohttp.ClientSession, port: int, prompt: str) ->
     assert (await client.next_json() or {})["type"] == "start"
     assert await client.next_json() == {"type": "delta", "content": prompt}
     return client
+
+
+async def open_v1(session: aiohttp.ClientSession, port: int, prompt: str) -> SSEClient:
+    """A streaming /v1 request read up to the prompt's delta: in flight."""
+    client = SSEClient(await session.post(f"http://127.0.0.1:{port}{V1}", json=v1_body(prompt)))
+    assert client.resp.status == 200
+    while True:
+        event = await client.next()
+        assert event is not None
+        if json.loads(event.data)["choices"][0]["delta"].get("content") == prompt:
+            return client
+
+
+def v1_text(datas: list[str]) -> str:
+    return "".join(json.loads(d)["choices"][0]["delta"].get("content") or ""
+                   for d in datas if d != "[DONE]" and json.loads(d).get("choices"))
 
 
 def last_event_block(client: SSEClient) -> str:
@@ -109,6 +131,47 @@ async def test_restart_on_the_same_socket_serves_connections_made_during_the_dra
                 assert text_of(events) == "during restart done", new.output()
                 assert events[-1]["type"] == "done"
                 assert seen == ["in flight", "during restart"]
+
+
+@pytest.mark.parametrize("with_chat", [True, False], ids=["v1-outlasts-chat", "v1-alone"])
+async def test_sigterm_lets_a_v1_stream_in_flight_finish_like_a_chat_stream(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener, with_chat: bool) -> None:
+    gates: dict[str, asyncio.Event] = {}
+    upstream.behaviour = first_delta_then_wait(gates)
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "600", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            chat = await open_stream(session, port, "chat") if with_chat else None
+            v1 = await open_v1(session, port, "v1")
+            relay.proc.send_signal(signal.SIGTERM)
+            await notify.until("STOPPING")
+            if chat is not None:
+                gates["chat"].set()
+                assert (await chat.all())[-1] == {"type": "done", "finish_reason": "stop", "usage": None}
+            # The /v1 stream is still draining, not cut.
+            assert relay.proc.returncode is None
+            gates["v1"].set()
+            rest = await v1.all_data()
+            assert rest[-1] == "[DONE]" and v1_text(rest) == " done", rest
+            assert not any("error" in json.loads(d) for d in rest if d != "[DONE]")
+            assert await relay.exit_status() == 0, relay.output()
+
+
+async def test_a_v1_stream_still_running_at_the_drain_timeout_ends_with_an_in_stream_shutdown_error(
+        tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    upstream.behaviour = first_delta_then_wait({})  # never released
+    with listening_socket() as sock:
+        port = sock.getsockname()[1]
+        async with spawn_relay(tmp_path, upstream, "--drain-timeout", "0.2", notify=notify, listen=sock) as relay, \
+                aiohttp.ClientSession() as session:
+            await notify.until("READY")
+            v1 = await open_v1(session, port, "stuck")
+            relay.proc.send_signal(signal.SIGTERM)
+            assert [json.loads(d)["error"]["code"] for d in await v1.all_data()] == ["shutdown"]  # and no [DONE]
+            assert await relay.exit_status() == 0, relay.output()
+            await wait_for(upstream.closed.is_set)
 
 
 def test_drain_timeout_is_a_setting_with_a_flag_and_rejects_negatives() -> None:

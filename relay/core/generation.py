@@ -76,6 +76,12 @@ class Generation:
     moment it leaves.  ``streaming=False`` asks the upstream for one JSON answer (``answer``).
     """
 
+    # Thousands are alive at once: slots keep each one small.
+    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config", "_deltas", "_events",
+                 "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp", "_started", "_subscribers",
+                 "_timer", "_upstream", "_waiters", "answer", "ending", "finished", "id", "kind", "log_bytes",
+                 "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming", "task", "wire")
+
     def __init__(self, *, kind: str, config: Config, upstream: UpstreamClient, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
                  resumable: bool = True, streaming: bool = True) -> None:

@@ -6,7 +6,6 @@ Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -21,9 +20,10 @@ from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY
 from relay.http.body import BadRequest, read_json
 from relay.http.chat_body import chat_request
 from relay.http.chat_wire import ChatWire
-from relay.http.errors import error_response
+from relay.http.errors import error_response, json_response
 from relay.http.params import RequestBounds
 from relay.http.sse_response import EventStream, SlowClient, follow
+from relay.jsoncodec import dumps
 
 log = logging.getLogger("relay.http")
 
@@ -65,7 +65,7 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
             # With tokens, the URL carries a capability for this stream alone (relay/http/access.py),
             # because EventSource cannot send the Authorization header.
             events = request.app[ACCESS].events_url(stream.id, stream.owner)
-            return web.json_response({"id": stream.id, "events": events}, status=201,
+            return json_response({"id": stream.id, "events": events}, status=201,
                                      headers={"Location": f"/chat/{stream.id}"})
         stream = _start(request, body, wait=False)
     except (BadRequest, *Refused) as exc:
@@ -146,7 +146,7 @@ def _visible(request: web.Request, stream_id: str) -> Generation:
                                    request.query.get("sig", ""))
     if why is not None:
         raise web.HTTPUnauthorized(
-            text=json.dumps({"error": {"message": why, "type": "invalid_request_error", "param": None,
+            text=dumps({"error": {"message": why, "type": "invalid_request_error", "param": None,
                                        "code": "invalid_api_key"}}),
             content_type="application/json")
     return stream

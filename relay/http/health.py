@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.http.appkeys import PROBE, REGISTRY
+from relay.http.errors import json_response
 from relay.upstream import UpstreamClient
 
 PROBE_TTL: Final = 5.0
@@ -75,10 +76,10 @@ class ReadinessProbe:
 
 async def healthz(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    return web.json_response({"status": "ok", "live_streams": registry.live})
+    return json_response({"status": "ok", "live_streams": registry.live})
 
 
 async def readyz(request: web.Request) -> web.Response:
     ready, reason = await request.app[PROBE].check()
-    return web.json_response({"status": "ready" if ready else "not ready", "reason": reason},
+    return json_response({"status": "ready" if ready else "not ready", "reason": reason},
                              status=200 if ready else 503, headers={"Cache-Control": "no-store"})

@@ -36,7 +36,7 @@ from relay.core.generation import Generation, Subscriber
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import CATALOG, CONFIG
 from relay.http.body import BadRequest, read_json
-from relay.http.errors import error_response
+from relay.http.errors import error_response, json_response
 from relay.http.openai_body import completions_request
 from relay.http.openai_wire import OpenAIWire, failure_response
 from relay.http.params import RequestBounds
@@ -139,7 +139,7 @@ def _model(name: str) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """The models this relay allows: the allowlist, else the default model."""
-    return web.json_response({"object": "list", "data": [_model(m) for m in request.app[CATALOG].listed()]})
+    return json_response({"object": "list", "data": [_model(m) for m in request.app[CATALOG].listed()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
@@ -147,4 +147,4 @@ async def get_model(request: web.Request) -> web.Response:
     if name not in request.app[CATALOG].listed():
         return error_response(404, f"The model '{name}' does not exist or is not available on this relay",
                               param="model", code="model_not_found")
-    return web.json_response(_model(name))
+    return json_response(_model(name))

@@ -13,6 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.core.generation import Ending
+from relay.http.errors import json_response
 from relay.jsoncodec import dumps
 from relay.sse import encode
 from relay.upstream import Chunk, UpstreamError
@@ -21,6 +22,8 @@ DONE: Final = encode("[DONE]")
 
 
 class OpenAIWire:
+    __slots__ = ("_drop_usage",)
+
     def __init__(self, *, drop_usage: bool) -> None:
         # Only the usage chunk the relay itself asked for is removed.
         self._drop_usage = drop_usage
@@ -55,10 +58,10 @@ def failure_response(ending: Ending) -> web.Response:
     if exc is None:
         if ending.code == "shutdown":
             # The SDKs retry a 503 (after Retry-After): the next process answers.
-            return _json(503, {"error": {"message": "the relay is shutting down; retry the request",
-                                         "type": "server_error", "param": None, "code": "shutdown"}},
-                         {"Retry-After": "1"})
-        return _json(500 if ending.code == "internal" else 499, error_body(ending), {})
+            return json_response({"error": {"message": "the relay is shutting down; retry the request",
+                                            "type": "server_error", "param": None, "code": "shutdown"}},
+                                 status=503, headers={"Retry-After": "1"})
+        return json_response(error_body(ending), status=500 if ending.code == "internal" else 499)
     return upstream_error_response(exc, ending)
 
 
@@ -77,8 +80,6 @@ def upstream_error_response(exc: UpstreamError, ending: Ending) -> web.Response:
     headers = {name: value for name, value in (("retry-after", exc.retry_after),
                                                 ("retry-after-ms", exc.retry_after_ms),
                                                 ("x-request-id", exc.request_id)) if value}
-    return _json(status, body, headers)
+    return json_response(body, status=status, headers=headers)
 
 
-def _json(status: int, body: dict[str, Any], headers: dict[str, str]) -> web.Response:
-    return web.Response(text=dumps(body), status=status, content_type="application/json", headers=headers)
