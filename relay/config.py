@@ -77,6 +77,8 @@ class Config:
     allow_anonymous: bool = False
     #: ``Host`` names accepted besides the bind address and localhost (DNS rebinding); ``*``: any.
     allow_hosts: tuple[str, ...] = ()
+    #: Accept requests without a ``Host`` header (HTTP/1.0 clients); off: they get 400.
+    allow_missing_host: bool = False
     #: Browser origins (``https://app.example``) allowed besides the relay's own page.
     allow_origins: tuple[str, ...] = ()
     #: Proxies (addresses or CIDRs) whose ``X-Forwarded-For`` / ``X-Forwarded-Proto`` are believed.

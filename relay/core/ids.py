@@ -29,6 +29,11 @@ def parse_event_id(value: str) -> tuple[str, int | None] | None:
         return None
     if pos == END_MARK:
         return stream_id, None
-    if not pos.isdigit() or len(pos) > 12:
+    if not is_ascii_digits(pos) or len(pos) > 12:
         return None
     return stream_id, int(pos)
+
+
+def is_ascii_digits(text: str) -> bool:
+    """0-9 only: ``str.isdigit`` also accepts "³" and "٣", which ``int()`` reads or rejects."""
+    return text.isascii() and text.isdigit()

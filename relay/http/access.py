@@ -32,6 +32,7 @@ from typing import Final
 from aiohttp import web
 
 from relay.config import Config, ConfigError
+from relay.core.ids import is_ascii_digits
 from relay.http.appkeys import ACCESS
 
 log = logging.getLogger("relay.access")
@@ -141,9 +142,9 @@ class Access:
     def capability_error(self, stream_id: str, owner: str | None, exp: str, sig: str,
                          now: float | None = None) -> str | None:
         """Why the capability in an events URL does not open this stream; None when it does."""
-        if owner is None or not exp.isdigit() or len(exp) > 12:
+        if owner is None or not is_ascii_digits(exp) or len(exp) > 12 or not sig.isascii():
             return "this events URL is not valid"
-        if not hmac.compare_digest(self._mac(stream_id, int(exp), owner), sig):
+        if not hmac.compare_digest(self._mac(stream_id, int(exp), owner).encode(), sig.encode()):
             return "this events URL is not valid"
         if int(exp) < (now if now is not None else time.time()):
             return "this events URL has expired; start a new chat"

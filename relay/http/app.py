@@ -40,11 +40,11 @@ def make_app(config: Config) -> web.Application:
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
     app.cleanup_ctx.append(_upstream_ctx)
     app.on_shutdown.append(_end_generations)
-    app.router.add_post("/chat", chat.post_chat)
+    app.router.add_post("/chat", chat.post_chat, expect_handler=guard.expect_handler)
     app.router.add_get("/chat", chat.get_chat, allow_head=False)
     app.router.add_get("/chat/{id}", chat.get_stream, allow_head=False)
     app.router.add_delete("/chat/{id}", chat.delete_stream)
-    app.router.add_post("/v1/chat/completions", openai.chat_completions)
+    app.router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=guard.expect_handler)
     app.router.add_get("/v1/models", openai.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
     app.router.add_get("/healthz", healthz, allow_head=True)

@@ -1,5 +1,9 @@
 """The checks every request passes before a handler runs, in this order (docs/security.md):
 
+0. A ``Content-Length`` over ``--max-body`` is refused (413) before the body is read, and a
+   request with ``Expect: 100-continue`` gets that 413 instead of ``100 Continue``
+   (``expect_handler``).  A request without ``Host`` (HTTP/1.0) is refused (400) unless
+   ``--allow-missing-host``: aiohttp would fill in the machine's own name, which passes 1.
 1. ``Host`` must name this relay (``--allow-host``; the bind address and localhost names by
    default): a DNS-rebinding page reaches a loopback relay under its own name.  421.
 2. ``Origin``, when sent, must be the relay's own page or an ``--allow-origin``: any web page
@@ -24,8 +28,10 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http import HttpVersion11
 
 from relay.config import Config
+from relay.core.ids import is_ascii_digits
 from relay.http.access import Access, client_of, from_trusted_proxy
 from relay.http.appkeys import ACCESS, CONFIG, GUARD, LIMITS
 from relay.http.errors import error_response
@@ -52,6 +58,7 @@ class Guard:
     def __init__(self, config: Config) -> None:
         hosts = {_host_key(h) for h in (*LOCAL_NAMES, config.host, *config.allow_hosts)}
         self.any_host = "*" in config.allow_hosts
+        self.missing_host_allowed = config.allow_missing_host
         self.hosts = frozenset(hosts)
         self.origins = frozenset(o.lower().rstrip("/") for o in config.allow_origins)
 
@@ -85,15 +92,46 @@ def _host_key(host: str, *, strip_port: bool = False) -> str:
     if host.startswith("["):  # [v6]:port
         return host.split("]", 1)[0] + "]"
     name, sep, port = host.rpartition(":")
-    return name if sep and port.isdigit() and ":" not in name else host
+    return name if sep and is_ascii_digits(port) and ":" not in name else host
+
+
+def _too_large(request: web.Request) -> web.Response | None:
+    limit = request.app[CONFIG].max_body
+    length = request.content_length
+    if length is None or length <= limit:
+        return None
+    resp = error_response(413, f"the request body ({length} bytes) is larger than the limit of {limit} bytes "
+                          "(--max-body)", code="request_too_large")
+    resp.force_close()  # the body that may follow is never read
+    return resp
+
+
+async def expect_handler(request: web.Request) -> web.StreamResponse | None:
+    """``Expect: 100-continue``: a body over the limit is refused before the client sends it."""
+    refused = _too_large(request)
+    if refused is not None:
+        return refused
+    if request.version == HttpVersion11:
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return error_response(417, "the only Expect this relay knows is 100-continue",
+                                  code="expectation_failed")
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not begun
+    return None
 
 
 @web.middleware
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    refused = _too_large(request)
+    if refused is not None:
+        return refused
     if request.path in OPEN_PATHS:
         return await handler(request)
     app = request.app
     checks = app[GUARD]
+    if "Host" not in request.headers and not checks.missing_host_allowed:
+        return error_response(400, "the request has no Host header; this relay answers only requests that name it "
+                              "(--allow-missing-host to accept them)", code="host_missing")
     if not checks.host_allowed(request.host):
         return error_response(421, "this relay does not answer to that Host name; if it is yours, add it with "
                      "--allow-host (this check stops DNS-rebinding pages)", code="host_not_allowed")

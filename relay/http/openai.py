@@ -68,12 +68,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # Attached before anything can wait: a client that leaves from here on detaches, and a
     # generation without a grace is cancelled the moment its last client has gone.
     sub = gen.attach(0)
-    try:
-        if req.stream:
-            return await _stream(request, config, gen, sub)
-        return await _complete(gen)
-    finally:
-        gen.detach(sub)
+    if req.stream:
+        return await _stream(request, config, gen, sub)
+    return await _complete(gen, sub)
 
 
 async def _answered(gen: Generation) -> None:
@@ -81,10 +78,13 @@ async def _answered(gen: Generation) -> None:
         await gen.changed()
 
 
-async def _complete(gen: Generation) -> web.StreamResponse:
+async def _complete(gen: Generation, sub: Subscriber) -> web.StreamResponse:
     """Non-streaming: the upstream's own JSON answer, passed through as sent."""
-    while not gen.finished:
-        await gen.changed()
+    try:
+        while not gen.finished:
+            await gen.changed()
+    finally:
+        gen.detach(sub)
     assert gen.ending is not None
     if gen.answer is None:
         return failure_response(gen.ending)
@@ -117,6 +117,9 @@ async def _stream(request: web.Request, config: Config, gen: Generation, sub: Su
     except SlowClient as exc:
         log.warning("v1 %s: %s (bound %d)", gen.id, exc, config.send_buffer)
     finally:
+        # First: a client that has gone stops the upstream now, not after the response's own
+        # wind-down below (which takes a loop iteration or more).
+        gen.detach(sub)
         if out is not None and out.prepared:
             out.stop_streaming()
     if out is None or not out.prepared:

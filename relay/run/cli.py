@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
                        help="listen on a non-loopback address without --tokens-file (only when something "
                        "else guards the relay)")
+    serve.add_argument("--allow-missing-host", dest="allow_missing_host", action="store_true", default=None,
+                       help="accept requests without a Host header (HTTP/1.0 clients); by default they get 400")
     serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
                        help="do not ask the upstream for stream_options.include_usage (for upstreams that "
                        "reject it)")
@@ -180,6 +182,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["stream_usage"] = args.stream_usage
     if args.allow_anonymous is not None:
         values["allow_anonymous"] = args.allow_anonymous
+    if args.allow_missing_host is not None:
+        values["allow_missing_host"] = args.allow_missing_host
     values["api_key"] = read_api_key(key_file, environ)
     config = from_mapping(values)
     if config.tokens_file is not None:

@@ -24,6 +24,7 @@ from relay.config import Config, is_loopback
 from relay.core.registry import Registry
 from relay.http.app import make_app
 from relay.http.appkeys import ACCESS, REGISTRY
+from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd
 
 log = logging.getLogger("relay")
@@ -37,7 +38,8 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     app = make_app(config)
     # aiohttp's run_app leaves handler cancellation off: without it a client that goes away
     # while the upstream is silent is only noticed at the next write, and the upstream bills on.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE,
+                           logger=ClientErrorLog(logging.getLogger("aiohttp.server")))
     await runner.setup()
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:

@@ -25,7 +25,8 @@ import aiohttp
 from relay.config import Config
 from relay.jsoncodec import dumps
 from relay.sse import EventTooLarge, SSEDecoder
-from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded, request_id_of
+from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded
+from relay.upstream.metadata import Redactor, request_id_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +58,19 @@ log = logging.getLogger("relay.upstream")
 class UpstreamResponse:
     """One streamed answer.  ``await read()`` returns the next batch of chunks, ``[]`` at the end."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, config: Config, started: float) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, config: Config, started: float, redact: Redactor) -> None:
         self._resp = resp
-        self._secret = config.api_key
+        self._redact = redact
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event)
         self._idle = config.idle_timeout
         self._first_token_timeout = config.first_token_timeout
         self._first_deadline = started + config.first_token_timeout
         self._total_timeout = config.total_timeout
         self._total_deadline = started + config.total_timeout
-        self._got_chunk = False
+        #: When the last delta (content, reasoning, a tool call, the finish) arrived; None: none yet.
+        #: The idle timeout counts from here, not from the last byte: comments and a trickle of
+        #: bytes that never make an event do not keep a stream alive.
+        self._last_delta: float | None = None
         self._ended = False
         self._loop = asyncio.get_running_loop()
         self._deadline = 0.0
@@ -75,7 +79,7 @@ class UpstreamResponse:
         self._failed: UpstreamError | None = None
         self.status = resp.status
         self.headers = resp.headers
-        self.request_id = request_id_of(resp.headers)
+        self.request_id = request_id_of(resp.headers, redact)
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
 
@@ -86,8 +90,8 @@ class UpstreamResponse:
         loop = self._loop
         content = self._resp.content
         while not self._ended:
-            if self._got_chunk:
-                deadline = loop.time() + self._idle
+            if self._last_delta is not None:
+                deadline = self._last_delta + self._idle
                 if deadline > self._total_deadline:
                     deadline = self._total_deadline
             else:
@@ -101,7 +105,10 @@ class UpstreamResponse:
                 data = await content.readany()
             except _Deadline:
                 raise self._timeout_error(loop.time()) from None
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError) as exc:
+            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                # RuntimeError: aiohttp's "Connection closed." when the connection dropped between
+                # two reads (a broken chunked framing, say).  Every failure of the read is this
+                # one honest end, never an exception out of the stream.
                 raise UpstreamError(
                     "upstream_ended",
                     "the upstream connection broke before the answer was finished",
@@ -167,7 +174,7 @@ class UpstreamResponse:
                                     retriable=True, request_id=self.request_id)
             if "error" in obj and obj["error"]:
                 raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
-                                      secret=self._secret)
+                                      redact=self._redact)
             delta = False
             for choice in obj.get("choices") or ():
                 if isinstance(choice, dict):
@@ -180,7 +187,8 @@ class UpstreamResponse:
                             or d.get("reasoning"))
             if obj.get("usage"):
                 self.usage = obj["usage"]
-            self._got_chunk = True
+            if delta or self.finish_reason is not None:
+                self._last_delta = self._loop.time()
             chunks.append(Chunk(data, obj, delta))
 
     def _at_eof(self) -> list[Chunk]:
@@ -193,7 +201,7 @@ class UpstreamResponse:
     def _timeout_error(self, now: float) -> UpstreamError:
         if now >= self._total_deadline:
             msg = f"the answer did not finish within the total timeout ({self._total_timeout:g} s)"
-        elif not self._got_chunk:
+        elif self._last_delta is None:
             msg = f"the upstream sent no answer within the first-token timeout ({self._first_token_timeout:g} s)"
         else:
             msg = f"the upstream went silent for longer than the idle timeout ({self._idle:g} s)"
@@ -224,6 +232,7 @@ class UpstreamClient:
             else:
                 headers[config.api_key_header] = api_key
         self._headers = headers
+        self._redact = Redactor([api_key, config.api_key])
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=config.connect_timeout, sock_connect=config.connect_timeout
         )
@@ -240,21 +249,21 @@ class UpstreamClient:
             raise UpstreamError("upstream_error",
                                 f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
                                 "not an event stream", status=resp.status, retriable=False,
-                                request_id=request_id_of(resp.headers))
-        return UpstreamResponse(resp, self._config, started)
+                                request_id=request_id_of(resp.headers, self._redact))
+        return UpstreamResponse(resp, self._config, started, self._redact)
 
     async def complete(self, body: dict[str, Any]) -> Completion:
         """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
         deadline = asyncio.get_running_loop().time() + self._config.total_timeout
         too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
         resp = await self._post(body, "application/json", deadline, too_late)
-        request_id = request_id_of(resp.headers)
+        request_id = request_id_of(resp.headers, self._redact)
         try:
             async with asyncio.timeout_at(deadline):
                 raw = await read_bounded(resp.content, self._config.max_upstream_event + 1)
         except TimeoutError:
             raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
+        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
                                 retriable=True, request_id=request_id) from exc
         finally:
@@ -271,7 +280,7 @@ class UpstreamClient:
                                 retriable=True, request_id=request_id)
         if obj.get("error"):
             raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
-                                  secret=self._config.api_key)
+                                  redact=self._redact)
         return Completion(raw, obj, request_id)
 
     async def _post(self, body: dict[str, Any], accept: str, deadline: float,
@@ -301,7 +310,7 @@ class UpstreamClient:
             # first sign of life, so from here silence is bounded by the idle timeout.
             body_deadline = min(deadline, asyncio.get_running_loop().time() + self._config.idle_timeout)
             try:
-                raise await error_from_response(resp, secret=self._config.api_key, deadline=body_deadline)
+                raise await error_from_response(resp, redact=self._redact, deadline=body_deadline)
             finally:
                 resp.close()
         return resp

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from typing import Any, Final
 
 import aiohttp
 
 from relay.jsoncodec import dumps
+from relay.upstream.metadata import Redactor, request_id_of, retry_after_ms_of, retry_after_of
 
 #: How much of an error body is read: enough for any JSON error, bounded against a hostile upstream.
 ERROR_BODY_LIMIT: Final = 64 * 1024
-_REQUEST_ID_HEADERS: Final = ("x-request-id", "request-id", "apim-request-id", "x-ms-request-id")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 class UpstreamError(Exception):
@@ -48,14 +46,6 @@ class UpstreamError(Exception):
         self.body = body
 
 
-def request_id_of(headers: Any) -> str | None:
-    for name in _REQUEST_ID_HEADERS:
-        value = headers.get(name)
-        if value:
-            return str(value)[:200]
-    return None
-
-
 async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     """Up to ``limit`` bytes of a body, to its end (``read(n)`` alone stops at the first packet)."""
     parts: list[bytes] = []
@@ -69,12 +59,12 @@ async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | None,
+async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
                               deadline: float) -> UpstreamError:
     """The UpstreamError for a non-2xx answer; its body is read until ``deadline`` (loop time)."""
-    request_id = request_id_of(resp.headers)
-    retry_after = resp.headers.get("retry-after")
-    retry_after_ms = resp.headers.get("retry-after-ms")
+    request_id = request_id_of(resp.headers, redact)
+    retry_after = retry_after_of(resp.headers)
+    retry_after_ms = retry_after_ms_of(resp.headers)
     status = resp.status
     if status in (401, 403):
         # The relay's own credentials failed.  Never pass the upstream's text on: OpenAI's 401
@@ -104,10 +94,10 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | Non
         except ValueError:
             obj = None
     if isinstance(obj, dict) and obj.get("error"):
-        err = error_from_body(obj, status=status, request_id=request_id, midstream=False, secret=secret)
+        err = error_from_body(obj, status=status, request_id=request_id, midstream=False, redact=redact)
         err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
         return err
-    reason = resp.reason or "error"
+    reason = redact.text(resp.reason or "error", 100)
     return UpstreamError(
         "upstream_error", f"the upstream answered HTTP {status} {reason}",
         status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
@@ -115,23 +105,23 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, secret: str | Non
     )
 
 
-def redact(obj: dict[str, Any], secret: str | None) -> dict[str, Any]:
-    """``obj`` with every occurrence of ``secret`` (the relay's key) blanked, wherever it sits."""
+def redact_object(obj: dict[str, Any], redact: Redactor) -> dict[str, Any]:
+    """``obj`` with every key of the relay's blanked, in any letter case, wherever it sits."""
     text = dumps(obj)
-    if not secret or secret not in text:
+    if not redact.hides(text):
         return obj
-    result: dict[str, Any] = json.loads(text.replace(secret, "[redacted]"))
+    result: dict[str, Any] = json.loads(redact(text))
     return result
 
 
 def error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str | None,
-                    midstream: bool, secret: str | None) -> UpstreamError:
+                    midstream: bool, redact: Redactor) -> UpstreamError:
     """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError.
 
     The upstream's text goes on to clients of /chat and /v1 alike, so the relay's key is blanked
     here, once, for both (belt and braces: no known upstream quotes it outside a 401/403).
     """
-    obj = redact(obj, secret)
+    obj = redact_object(obj, redact)
     err = obj["error"]
     if isinstance(err, dict):
         message = str(err.get("message") or "no message")
@@ -143,7 +133,7 @@ def error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str 
     else:
         message = str(err)
         body = {"error": {"message": message, "type": None, "param": None, "code": None}}
-    message = _CONTROL.sub(" ", message)[:500]
+    message = redact.text(message)
     body["error"]["message"] = message
     where = "mid-answer" if midstream else f"HTTP {status}"
     return UpstreamError(

@@ -1,0 +1,62 @@
+"""aiohttp's server log, with a client's malformed request turned into one concise line.
+
+aiohttp logs every request it cannot parse at ERROR with a full traceback, whatever the log
+level: 100 requests of 60 bytes wrote 55 KB.  A malformed request is the client's error, not
+the relay's, so here it is one line at INFO naming the client and the problem, at most once per
+client per ``interval`` (with a count of what was folded into it), so an attacker cannot fill the
+disk or the journal.  Anything else aiohttp logs (a handler's own failure: our bug) is untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Final
+
+log = logging.getLogger("relay.http")
+
+INTERVAL: Final = 60.0
+MAX_CLIENTS: Final = 10_000
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+class ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
+    """Give it to the server as its ``logger``."""
+
+    def __init__(self, logger: logging.Logger, *, interval: float = INTERVAL, max_clients: int = MAX_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(logger, {})
+        self._interval = interval
+        self._max_clients = max_clients
+        self._clock = clock
+        #: client → (when its last line was written, requests folded since)
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(msg, str) and msg.startswith("Error handling request"):
+            self.malformed(str(args[0]) if args else "unknown", exc_info)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+    def malformed(self, client: str, exc: Any) -> None:
+        now = self._clock()
+        last, folded = self._seen.pop(client, (None, 0))
+        if last is not None and now - last < self._interval:
+            self._seen[client] = (last, folded + 1)
+            return
+        self._seen[client] = (now, 0)
+        while len(self._seen) > self._max_clients:
+            self._seen.popitem(last=False)
+        more = f" ({folded} more since the last line)" if folded else ""
+        log.info("malformed request from %s: %s%s", client, describe(exc), more)
+
+
+def describe(exc: Any) -> str:
+    """The problem in a few words: the exception's type and first line, control characters folded."""
+    if not isinstance(exc, BaseException):
+        return "unreadable request"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return _CONTROL.sub(" ", f"{type(exc).__name__}: {first}" if first else type(exc).__name__)[:120]
