@@ -59,12 +59,20 @@ class Wire(Protocol):
 
 
 class Subscriber:
-    """One connected client's position: the sequence number of the next event it needs."""
+    """One connected client: the sequence number of the next event it needs, and how to wake it.
 
-    __slots__ = ("pos",)
+    ``sink``, when given, takes bytes synchronously if it can without waiting (True) or refuses
+    (False).  While the subscriber waits, the producer hands each batch straight to its sink
+    instead of waking it: the client's bytes go out in the producer's own step, with no task
+    switch per batch (most batches are one event).  A refusal, or the end, wakes it as usual.
+    """
 
-    def __init__(self, pos: int) -> None:
+    __slots__ = ("pos", "sink", "waiter")
+
+    def __init__(self, pos: int, sink: Callable[[bytes], bool] | None = None) -> None:
         self.pos = pos
+        self.sink = sink
+        self.waiter: asyncio.Future[None] | None = None
 
 
 class Generation:
@@ -79,7 +87,7 @@ class Generation:
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config", "_deltas", "_events",
                  "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp", "_started", "_subscribers",
-                 "_timer", "_upstream", "_waiters", "answer", "ending", "finished", "id", "kind", "log_bytes",
+                 "_timer", "_upstream", "answer", "ending", "finished", "id", "kind", "log_bytes",
                  "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: UpstreamClient, wire: Wire, model: str,
@@ -110,7 +118,6 @@ class Generation:
         self.finished = False
         self.ending: Ending | None = None
         self._subscribers: set[Subscriber] = set()
-        self._waiters: list[asyncio.Future[None]] = []
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._first_delta: float | None = None
@@ -165,24 +172,27 @@ class Generation:
 
     def _publish(self) -> None:
         self._trim()
-        # One wake-up per batch for every waiting subscriber.
-        waiters = self._waiters
-        if waiters:
-            self._waiters = []
-            for waiter in waiters:
-                if not waiter.done():  # a cancelled subscriber's
-                    waiter.set_result(None)
+        # One wake-up per batch for every waiting subscriber, unless its sink took the batch.
+        for sub in self._subscribers:
+            waiter = sub.waiter
+            if waiter is None:
+                continue
+            if sub.sink is not None and not self.finished and self._base <= sub.pos < self.next_seq:
+                if sub.sink(self._since(sub.pos)):
+                    sub.pos = self.next_seq
+                    continue
+            sub.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def changed(self) -> None:
-        """Wait for the next batch of events, the upstream's answer, or the end."""
-        waiter = self._loop.create_future()
-        self._waiters.append(waiter)
+    async def changed(self, sub: Subscriber) -> None:
+        """Wait for the next batch of events (unless the sink took it), the upstream's answer, or the end."""
+        waiter = sub.waiter = self._loop.create_future()
         try:
             await waiter
-        except asyncio.CancelledError:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-            raise
+        finally:
+            if sub.waiter is waiter:
+                sub.waiter = None
 
     def read(self, sub: Subscriber) -> bytes:
         """Everything the subscriber has not yet read, joined; advances its position."""
@@ -191,8 +201,11 @@ class Generation:
             raise ResumeExpired
         if pos >= self.next_seq:
             return b""
-        start = pos - self._base
         sub.pos = self.next_seq
+        return self._since(pos)
+
+    def _since(self, pos: int) -> bytes:
+        start = pos - self._base
         if start == len(self._events) - 1:
             return self._events[start]
         return b"".join(self._events[start:])
@@ -208,8 +221,8 @@ class Generation:
     def subscribers(self) -> int:
         return len(self._subscribers)
 
-    def attach(self, pos: int) -> Subscriber:
-        sub = Subscriber(pos)
+    def attach(self, pos: int, sink: Callable[[bytes], bool] | None = None) -> Subscriber:
+        sub = Subscriber(pos, sink)
         self._subscribers.add(sub)
         self._disarm()
         return sub

@@ -165,7 +165,7 @@ async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.S
     config: Config = request.app[CONFIG]
     resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
                        send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream.id}"})
-    sub = stream.attach(pos)
+    sub = stream.attach(pos, resp.try_send)
     try:
         await resp.prepare(request)
         if not await follow(resp, stream, sub):

@@ -73,16 +73,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _complete(gen, sub)
 
 
-async def _answered(gen: Generation) -> None:
+async def _answered(gen: Generation, sub: Subscriber) -> None:
     while not gen.opened and not gen.finished:
-        await gen.changed()
+        await gen.changed(sub)
 
 
 async def _complete(gen: Generation, sub: Subscriber) -> web.StreamResponse:
     """Non-streaming: the upstream's own JSON answer, passed through as sent."""
     try:
         while not gen.finished:
-            await gen.changed()
+            await gen.changed(sub)
     finally:
         gen.detach(sub)
     assert gen.ending is not None
@@ -96,18 +96,19 @@ async def _stream(request: web.Request, config: Config, gen: Generation, sub: Su
     out: EventStream | None = None
     try:
         try:
-            await asyncio.wait_for(_answered(gen), timeout=config.keepalive)
+            await asyncio.wait_for(_answered(gen, sub), timeout=config.keepalive)
         except TimeoutError:
             # The first keepalive is due and the upstream has not answered: commit to 200 so
             # proxies and clients keep the connection; from here errors go in-stream.
             out = await _commit(request, config, None)
             await out.send_bytes(KEEPALIVE)
-            await _answered(gen)
+            await _answered(gen, sub)
         if out is None:
             if not gen.opened:
                 assert gen.ending is not None
                 return failure_response(gen.ending)
             out = await _commit(request, config, gen.request_id)
+        sub.sink = out.try_send
         if not await follow(out, gen, sub):
             # Four replay logs behind: what it missed is gone, so it gets an honest end, never a gap.
             log.warning("v1 %s: the client fell too far behind the stream; ended", gen.id)

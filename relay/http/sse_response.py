@@ -104,6 +104,37 @@ class EventStream(EventSourceResponse):
         finally:
             self._sending = False
 
+    def try_send(self, data: bytes) -> bool:
+        """Write ``data`` now, from any task, if it fits under the bound without waiting; else False.
+
+        The generation's producer calls this for a subscriber that is waiting (its ``sink``), so
+        the common batch goes out without a task switch.  It is the common case of
+        ``send_bytes`` done synchronously: ``StreamWriter.write(drain=False)`` completes without
+        suspending (no compression, no chunk-sent hook on a server response), so driving its
+        coroutine by one step writes the bytes; should it ever suspend, it is closed before it
+        has written anything and the caller falls back to ``send_bytes``.
+        """
+        transport = self._req.transport if self._req is not None else None
+        writer = self._payload_writer
+        if (transport is None or transport.is_closing() or self._sending or self._eof_sent
+                or not isinstance(writer, StreamWriter) or len(data) > self._piece):
+            return False
+        queued = transport.get_write_buffer_size()
+        if queued > self._high:
+            return False
+        step = writer.write(data, drain=False)
+        try:
+            step.send(None)
+        except StopIteration:
+            if queued + len(data) + _CHUNK_OVERHEAD > self.peak_queued:
+                self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
+            self._last_write = self._loop.time()
+            return True
+        except ConnectionError:
+            return False
+        step.close()
+        return False
+
     async def _ping(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -140,4 +171,4 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
         elif gen.finished:
             return True
         else:
-            await gen.changed()
+            await gen.changed(sub)
