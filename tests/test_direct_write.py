@@ -38,7 +38,7 @@ async def test_a_waiting_subscriber_gets_every_batch_through_its_sink_and_is_wok
         events = SSEDecoder().feed(first + b"".join(taken) + rest)
         objs = [json.loads(e.data) for e in events]
         assert text_of(objs) == "abcd" and objs[0]["type"] == "start" and objs[-1]["type"] == "done"
-        assert len(taken) >= 4
+        assert taken  # (batches may hold several events)
         await registry.close()
 
 
