@@ -61,8 +61,8 @@ class Wire(Protocol):
 class Subscriber:
     """One connected client: the sequence number of the next event it needs, and how to wake it.
 
-    ``sink``, when given, takes bytes synchronously if it can without waiting (True) or refuses
-    (False).  While the subscriber waits, the producer hands each batch straight to its sink
+    ``sink``, when given, takes bytes synchronously if it can without waiting (True), refuses
+    (False), or raises ``ConnectionError`` when the client has gone.  While the subscriber waits, the producer hands each batch straight to its sink
     instead of waking it: the client's bytes go out in the producer's own step, with no task
     switch per batch (most batches are one event).  A refusal, or the end, wakes it as usual.
     """
@@ -173,17 +173,25 @@ class Generation:
     def _publish(self) -> None:
         self._trim()
         # One wake-up per batch for every waiting subscriber, unless its sink took the batch.
+        gone = None
         for sub in self._subscribers:
             waiter = sub.waiter
             if waiter is None:
                 continue
             if sub.sink is not None and not self.finished and self._base <= sub.pos < self.next_seq:
-                if sub.sink(self._since(sub.pos)):
-                    sub.pos = self.next_seq
-                    continue
+                try:
+                    if sub.sink(self._since(sub.pos)):
+                        sub.pos = self.next_seq
+                        continue
+                except ConnectionError:
+                    gone = [*(gone or ()), sub]
             sub.waiter = None
             if not waiter.done():
                 waiter.set_result(None)
+        for sub in gone or ():
+            # Its client has gone: leave now rather than when its handler next runs, so the last
+            # one leaving closes the upstream in this very step.
+            self.detach(sub)
 
     async def changed(self, sub: Subscriber) -> None:
         """Wait for the next batch of events (unless the sink took it), the upstream's answer, or the end."""
@@ -228,6 +236,8 @@ class Generation:
         return sub
 
     def detach(self, sub: Subscriber) -> None:
+        if sub not in self._subscribers:
+            return
         self._subscribers.discard(sub)
         self._trim()  # what only this client still needed can go now
         if not self._subscribers and not self.finished:

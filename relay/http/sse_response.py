@@ -107,6 +107,8 @@ class EventStream(EventSourceResponse):
     def try_send(self, data: bytes) -> bool:
         """Write ``data`` now, from any task, if it fits under the bound without waiting; else False.
 
+        ``ConnectionResetError`` when the client has gone (the generation then drops it at once).
+
         The generation's producer calls this for a subscriber that is waiting (its ``sink``), so
         the common batch goes out without a task switch.  It is the common case of
         ``send_bytes`` done synchronously: ``StreamWriter.write(drain=False)`` completes without
@@ -115,9 +117,12 @@ class EventStream(EventSourceResponse):
         has written anything and the caller falls back to ``send_bytes``.
         """
         transport = self._req.transport if self._req is not None else None
+        if transport is None or transport.is_closing():
+            if self.prepared:
+                raise ConnectionResetError("the client connection is closed")
+            return False
         writer = self._payload_writer
-        if (transport is None or transport.is_closing() or self._sending or self._eof_sent
-                or not isinstance(writer, StreamWriter) or len(data) > self._piece):
+        if self._sending or self._eof_sent or not isinstance(writer, StreamWriter) or len(data) > self._piece:
             return False
         queued = transport.get_write_buffer_size()
         if queued > self._high:
@@ -130,8 +135,6 @@ class EventStream(EventSourceResponse):
                 self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
             self._last_write = self._loop.time()
             return True
-        except ConnectionError:
-            return False
         step.close()
         return False
 
