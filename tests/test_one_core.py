@@ -146,3 +146,28 @@ async def test_an_error_body_that_never_arrives_ends_v1_within_the_timeout(make_
         assert resp.status == 500
         assert "error" in await resp.json()
     assert not upstream.release.is_set()
+
+
+async def test_a_v1_client_that_leaves_mid_stream_is_logged_as_cancelled(
+        make_relay: Any, upstream: FakeUpstream, caplog: Any) -> None:
+    import logging
+
+    from relay.http.appkeys import REGISTRY
+
+    async def steady(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        while True:  # until the relay closes the connection
+            await fake.send(resp, sse(chunk("tick")))
+            await asyncio.sleep(0.005)  # the upstream's pace, not synchronisation
+    upstream.behaviour = steady
+    relay = await make_relay()
+    caplog.set_level(logging.INFO, logger="relay.generation")
+    for _ in range(5):  # the client may be found gone by its handler or by the producer's write
+        upstream.closed.clear()
+        client = SSEClient(await relay.post(V1, json=v1_body("hi")))
+        assert await client.next() is not None
+        client.resp.close()
+        await asyncio.wait_for(upstream.closed.wait(), 10)
+        await wait_for(lambda: relay.app[REGISTRY].live == 0)
+    outcomes = [r.getMessage().split("outcome=")[1].split()[0] for r in caplog.records if "outcome=" in r.getMessage()]
+    assert outcomes == ["cancelled"] * 5

@@ -62,9 +62,10 @@ class Subscriber:
     """One connected client: the sequence number of the next event it needs, and how to wake it.
 
     ``sink``, when given, takes bytes synchronously if it can without waiting (True), refuses
-    (False), or raises ``ConnectionError`` when the client has gone.  While the subscriber waits, the producer hands each batch straight to its sink
-    instead of waking it: the client's bytes go out in the producer's own step, with no task
-    switch per batch (most batches are one event).  A refusal, or the end, wakes it as usual.
+    (False), or raises ``ConnectionError`` when the client has gone.  While the subscriber waits,
+    the producer hands each batch straight to its sink instead of waking it: the client's bytes go
+    out in the producer's own step, with no task switch per batch (most batches are one event).
+    A refusal, or the end, wakes it as usual.
     """
 
     __slots__ = ("pos", "sink", "waiter")
@@ -85,10 +86,11 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config", "_deltas", "_events",
-                 "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp", "_started", "_subscribers",
-                 "_timer", "_upstream", "answer", "ending", "finished", "id", "kind", "log_bytes",
-                 "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming", "task", "wire")
+    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_cancel_requested", "_config",
+                 "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
+                 "_started", "_subscribers", "_timer", "_upstream", "answer", "ending", "finished", "id", "kind",
+                 "log_bytes", "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming",
+                 "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: UpstreamClient, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
@@ -125,6 +127,7 @@ class Generation:
         self._bytes = 0
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
+        self._cancel_requested = False
         self._timer: asyncio.TimerHandle | None = None
         self._resp: UpstreamResponse | None = None
         self.task: asyncio.Task[None] | None = None
@@ -261,6 +264,7 @@ class Generation:
         if self.finished or task is None or task.done():
             return
         self._cancel_code, self._cancel_message = code, message
+        self._cancel_requested = True
         task.cancel()
         if self._resp is not None:
             # Close the upstream connection now rather than when the producer next runs: on a busy
@@ -274,14 +278,20 @@ class Generation:
         try:
             ending = await (self._stream() if self.streaming else self._complete())
         except UpstreamError as exc:
-            ending = Ending(exc.code, exc.message, exc.retriable, error=exc)
+            # Cancelled from within its own step (the last client found gone), the closed
+            # connection can surface before the cancellation does: it is still a cancel.
+            ending = self._cancelled() if self._cancel_requested else Ending(exc.code, exc.message, exc.retriable,
+                                                                             error=exc)
         except asyncio.CancelledError:
-            self._finish(Ending(self._cancel_code, self._cancel_message, retriable=self._cancel_code == "shutdown"))
+            self._finish(self._cancelled())
             raise
         except Exception:
             log.exception("%s %s: internal error", self.kind, self.id)
             ending = Ending("internal", "the relay failed internally", retriable=True)
         self._finish(ending)
+
+    def _cancelled(self) -> Ending:
+        return Ending(self._cancel_code, self._cancel_message, retriable=self._cancel_code == "shutdown")
 
     def _answered(self, request_id: str | None) -> None:
         self.opened = True

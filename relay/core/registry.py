@@ -84,7 +84,8 @@ class Registry:
             self.kept_bytes -= nbytes
         self._by_id.pop(stream_id, None)
 
-    async def close(self, code: str = "shutdown", message: str = "the relay is restarting; send the request again") -> None:
+    async def close(self, code: str = "shutdown",
+                    message: str = "the relay is restarting; send the request again") -> None:
         """The end: refuse new generations, cancel every running one with ``code`` and wait for them."""
         self.closed = True
         tasks = []
