@@ -67,3 +67,4 @@ def test_an_unknown_loop_is_refused_with_status_2(capsys: pytest.CaptureFixture[
         build_parser().parse_args(["serve", "--loop", "trio"])
     assert exc.value.code == 2
     assert "--loop" in capsys.readouterr().err
+
