@@ -139,6 +139,7 @@ class Generation:
         if data is not None:
             self._append(data)
         self.task = asyncio.create_task(self._produce(), name=f"{self.kind}-{self.id}")
+        self.task.add_done_callback(self._producer_done)
         if wait_for_subscriber is not None:
             self._arm(wait_for_subscriber, "nobody attached to the stream in time")
 
@@ -289,6 +290,14 @@ class Generation:
             log.exception("%s %s: internal error", self.kind, self.id)
             ending = Ending("internal", "the relay failed internally", retriable=True)
         self._finish(ending)
+
+    def _producer_done(self, task: asyncio.Task[None]) -> None:
+        # A cancelled producer's task holds its CancelledError, whose traceback holds the
+        # producer's frame, which holds this generation: forget the task, or every cancelled
+        # generation is a reference cycle that only the cyclic GC frees (its pauses were most of
+        # the disconnect tail in bench/RESULTS.md).
+        if self.task is task:
+            self.task = None
 
     def _cancelled(self) -> Ending:
         return Ending(self._cancel_code, self._cancel_message, retriable=self._cancel_code == "shutdown")
