@@ -66,7 +66,7 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
             # because EventSource cannot send the Authorization header.
             events = request.app[ACCESS].events_url(stream.id, stream.owner)
             return json_response({"id": stream.id, "events": events}, status=201,
-                                     headers={"Location": f"/chat/{stream.id}"})
+                                 headers={"Location": f"/chat/{stream.id}"})
         stream = _start(request, body, wait=False)
     except (BadRequest, *Refused) as exc:
         return _refusal(exc)

@@ -19,7 +19,7 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
                    type_: str | None = None, headers: dict[str, str] | None = None) -> web.Response:
     error_type = type_ or ("invalid_request_error" if status < 500 else "server_error")
     return json_response({"error": {"message": message, "type": error_type, "param": param, "code": code}},
-                             status=status, headers=headers)
+                         status=status, headers=headers)
 
 
 def json_response(obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:

@@ -82,4 +82,4 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     ready, reason = await request.app[PROBE].check()
     return json_response({"status": "ready" if ready else "not ready", "reason": reason},
-                             status=200 if ready else 503, headers={"Cache-Control": "no-store"})
+                         status=200 if ready else 503, headers={"Cache-Control": "no-store"})
