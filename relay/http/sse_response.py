@@ -70,19 +70,13 @@ class EventStream(EventSourceResponse):
         Pieces may split an event: the byte stream is the same, and the keepalive never
         writes while a send is under way.
         """
+        if self.try_send(data):
+            # The common case: it fits under the bound.  Nothing waited (no drain), so it needed
+            # no send timeout, and the keepalive cannot have interleaved.
+            return
         transport = self._req.transport if self._req is not None else None
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
-        writer = self._payload_writer
-        queued = transport.get_write_buffer_size()
-        if isinstance(writer, StreamWriter) and not self._eof_sent and queued <= self._high and len(data) <= self._piece:
-            # The common case: it fits under the bound.  Nothing here waits (no drain), so it
-            # needs no send timeout, and the keepalive cannot interleave.
-            if queued + len(data) + _CHUNK_OVERHEAD > self.peak_queued:
-                self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
-            self._last_write = self._loop.time()
-            await writer.write(data, drain=False)
-            return
         self._sending = True
         try:
             view = memoryview(data)
@@ -110,8 +104,8 @@ class EventStream(EventSourceResponse):
         ``ConnectionResetError`` when the client has gone (the generation then drops it at once).
 
         The generation's producer calls this for a subscriber that is waiting (its ``sink``), so
-        the common batch goes out without a task switch.  It is the common case of
-        ``send_bytes`` done synchronously: ``StreamWriter.write(drain=False)`` completes without
+        the common batch goes out without a task switch; ``send_bytes`` tries it first.  It is
+        done synchronously: ``StreamWriter.write(drain=False)`` completes without
         suspending (no compression, no chunk-sent hook on a server response), so driving its
         coroutine by one step writes the bytes; should it ever suspend, it is closed before it
         has written anything and the caller falls back to ``send_bytes``.
