@@ -86,7 +86,7 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_cancel_requested", "_config",
+    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
                  "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
                  "_started", "_subscribers", "_timer", "_upstream", "answer", "ending", "finished", "id", "kind",
                  "log_bytes", "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming",
@@ -127,7 +127,6 @@ class Generation:
         self._bytes = 0
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
-        self._cancel_requested = False
         self._timer: asyncio.TimerHandle | None = None
         self._resp: UpstreamResponse | None = None
         self.task: asyncio.Task[None] | None = None
@@ -265,7 +264,6 @@ class Generation:
         if self.finished or task is None or task.done():
             return
         self._cancel_code, self._cancel_message = code, message
-        self._cancel_requested = True
         task.cancel()
         if self._resp is not None:
             # Close the upstream connection now rather than when the producer next runs: on a busy
@@ -281,8 +279,9 @@ class Generation:
         except UpstreamError as exc:
             # Cancelled from within its own step (the last client found gone), the closed
             # connection can surface before the cancellation does: it is still a cancel.
-            ending = self._cancelled() if self._cancel_requested else Ending(exc.code, exc.message, exc.retriable,
-                                                                             error=exc)
+            task = asyncio.current_task()
+            cancelled = task is not None and task.cancelling() > 0
+            ending = self._cancelled() if cancelled else Ending(exc.code, exc.message, exc.retriable, error=exc)
         except asyncio.CancelledError:
             self._finish(self._cancelled())
             raise
