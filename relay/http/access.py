@@ -153,8 +153,6 @@ class Access:
         return None
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class Client:
     """Who sent a request.  Derived from the request each time it is needed (a hash and a few
@@ -183,10 +181,6 @@ def client_of(request: web.Request) -> Client:
 def owner(request: web.Request) -> str | None:
     """The token owner id the request authenticated with (None: no token, or tokens are off)."""
     return client_of(request).owner
-
-
-def identity(request: web.Request) -> str:
-    return client_of(request).identity
 
 
 def short(owner_id: str | None) -> str:

@@ -13,7 +13,7 @@ from relay.config import Config
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, static
-from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY, SESSION, UPSTREAM
+from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY
 from relay.http.health import ReadinessProbe, healthz, readyz
 from relay.upstream import UpstreamClient
 from relay.upstream.catalog import Catalog
@@ -90,8 +90,6 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=config.pool_limit)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
     upstream = UpstreamClient(session, config, base_url, config.api_key)
-    app[SESSION] = session
-    app[UPSTREAM] = upstream
     app[CATALOG] = Catalog(default_model=default_model, allowed=config.models, demo=config.upstream is None)
     app[REGISTRY] = Registry(config, upstream)
     app[PROBE] = ReadinessProbe(upstream)

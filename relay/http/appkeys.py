@@ -11,22 +11,17 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from relay.config import Config
     from relay.core.registry import Registry
     from relay.http.access import Access
     from relay.http.guard import Guard
     from relay.http.health import ReadinessProbe
     from relay.http.ratelimit import ClientLimits
-    from relay.upstream import UpstreamClient
     from relay.upstream.catalog import Catalog
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
-UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 CATALOG: web.AppKey[Catalog] = web.AppKey("catalog")
-SESSION: web.AppKey[aiohttp.ClientSession] = web.AppKey("session")
 ACCESS: web.AppKey[Access] = web.AppKey("access")
 GUARD: web.AppKey[Guard] = web.AppKey("guard")
 LIMITS: web.AppKey[ClientLimits] = web.AppKey("limits")

@@ -128,7 +128,7 @@ class UpstreamResponse:
                 return chunks
         return []
 
-    # One timer per stream instead of an asyncio.timeout per read: every read moves the idle
+    # One timer per stream instead of an asyncio.timeout per read: every delta moves the idle
     # deadline, so the timer is only re-armed (at the latest deadline) when it fires early.
     # It interrupts a read in progress by failing the response's stream reader; a timer that
     # fires between reads does nothing, the next read arms it again.
