@@ -56,12 +56,16 @@ def request_id_of(headers: Any, redact: Redactor) -> str | None:
     return None
 
 
+def _header(headers: Any, name: str) -> str | None:
+    value = headers.get(name)
+    return None if value is None else str(value).strip()
+
+
 def retry_after_of(headers: Any) -> str | None:
     """``retry-after`` when it is delay-seconds or an HTTP date (RFC 9110), else None."""
-    value = headers.get("retry-after")
+    value = _header(headers, "retry-after")
     if value is None:
         return None
-    value = str(value).strip()
     if _SECONDS.fullmatch(value):
         return value
     if len(value) <= 40 and value.isascii():
@@ -75,8 +79,5 @@ def retry_after_of(headers: Any) -> str | None:
 
 def retry_after_ms_of(headers: Any) -> str | None:
     """``retry-after-ms`` (OpenAI's, Azure's) when it is a non-negative number, else None."""
-    value = headers.get("retry-after-ms")
-    if value is None:
-        return None
-    value = str(value).strip()
-    return value if _MILLISECONDS.fullmatch(value) else None
+    value = _header(headers, "retry-after-ms")
+    return value if value is not None and _MILLISECONDS.fullmatch(value) else None
