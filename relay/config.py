@@ -92,6 +92,10 @@ class Config:
     max_output_tokens: int | None = None
     #: Ceiling on ``n`` (choices per request, each one billed) on /v1.
     max_n: int = 4
+    #: /v1 forwards only the documented chat-completions parameters (vendor fields are a 400).
+    strict_fields: bool = False
+    #: Top-level /v1 fields refused besides the built-in ones that get around a guard.
+    refuse_fields: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -143,6 +147,11 @@ def _validate(c: Config) -> None:
     if c.models and c.model is not None and c.model not in c.models:
         raise ConfigError(f"--model {c.model!r} is not one of the allowed models (--allow-model): "
                           f"{', '.join(c.models)}")
+    for name in c.refuse_fields:
+        if not isinstance(name, str) or not name.strip() or any(ch.isspace() for ch in name):
+            raise ConfigError(f"--refuse-field must name a request field, not {name!r}")
+        if name in ("messages", "model", "stream", "stream_options"):
+            raise ConfigError(f"--refuse-field {name!r}: the relay cannot work without it")
     for header, header_value in c.upstream_headers:
         _check_header(header, header_value)
     _check_header(c.api_key_header, "x")

@@ -36,6 +36,8 @@ class Event:
     data: str
     event: str = "message"
     id: str = ""  # the last event ID in force at dispatch (persisting, per spec)
+    #: The value of an ``error:`` field line, only with ``SSEDecoder(error_field=True)``.
+    error: str | None = None
 
 
 class EventTooLarge(ValueError):
@@ -61,7 +63,7 @@ class SSEDecoder:
     raises again): the stream position is mid-event and cannot be trusted.
     """
 
-    def __init__(self, *, max_event_size: int | None = None) -> None:
+    def __init__(self, *, max_event_size: int | None = None, error_field: bool = False) -> None:
         if max_event_size is not None and max_event_size < 1:
             raise ValueError(f"max_event_size must be a positive integer, got {max_event_size!r}")
         self.retry: int | None = None
@@ -76,6 +78,11 @@ class SSEDecoder:
         self._data_size = 0
         self._event_type = ""
         self._failed: str | None = None
+        # Off by default (the spec ignores unknown fields).  The upstream reader turns it on:
+        # llama.cpp's server through 2025 reported a failure mid-stream as an ``error:`` line,
+        # which a spec decoder drops, leaving an empty answer that looks finished.
+        self._error_field = error_field
+        self._error: list[str] = []
 
     def feed(self, data: bytes) -> list[Event]:
         if self._failed is not None:
@@ -125,9 +132,16 @@ class SSEDecoder:
             if not line:
                 if self._data:
                     events.append(
-                        Event("\n".join(self._data), self._event_type or "message", self.last_event_id)
+                        Event("\n".join(self._data), self._event_type or "message", self.last_event_id,
+                              "\n".join(self._error) if self._error else None)
                     )
                     self._data = []
+                    self._data_size = 0
+                    self._error = []
+                elif self._error:
+                    events.append(Event("", self._event_type or "message", self.last_event_id,
+                                        "\n".join(self._error)))
+                    self._error = []
                     self._data_size = 0
                 self._event_type = ""
                 continue
@@ -148,6 +162,10 @@ class SSEDecoder:
             elif name == "id":
                 if "\0" not in value:
                     self.last_event_id = value
+            elif name == "error" and self._error_field:
+                self._error.append(value)
+                if limit is not None:
+                    self._data_size += _utf8_len(value) + 1
             elif name == "retry":
                 # isdigit() alone accepts "³" and other non-ASCII digits.
                 if value.isascii() and value.isdigit():
@@ -168,6 +186,7 @@ class SSEDecoder:
         self._data = []
         self._data_size = 0
         self._event_type = ""
+        self._error = []
         self._skip_lf = False
 
     def _check(self, line_size: int, events: list[Event]) -> None:

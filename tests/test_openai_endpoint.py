@@ -47,8 +47,9 @@ async def test_every_documented_parameter_is_forwarded_as_sent(relay: Client, up
 
 
 @pytest.mark.parametrize("field", ["top_k", "api_key", "base_url"])
-async def test_unknown_field_is_a_400_in_openai_shape_naming_it(relay: Client, upstream: FakeUpstream,
-                                                                field: str) -> None:
+async def test_under_strict_fields_an_unknown_field_is_a_400_in_openai_shape_naming_it(
+        make_relay: Any, upstream: FakeUpstream, field: str) -> None:
+    relay = await make_relay(strict_fields=True)
     resp = await relay.post("/v1/chat/completions", json={**STREAM, field: 1})
     assert resp.status == 400
     error = (await resp.json())["error"]

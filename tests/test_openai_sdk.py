@@ -201,10 +201,19 @@ async def test_error_after_the_first_keepalive_commits_to_200_and_arrives_in_str
     assert isinstance(info.value.body, dict) and info.value.body["code"] == "rate_limit_exceeded"
 
 
-async def test_unknown_parameter_is_a_bad_request_naming_it(sdk: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_vendor_parameter_from_extra_body_reaches_the_upstream(sdk: openai.AsyncOpenAI,
+                                                                     upstream: FakeUpstream) -> None:
+    stream = await sdk.chat.completions.create(model="fake-model", messages=MESSAGES, stream=True,
+                                               extra_body={"top_k": 5})
+    assert await collect_text(stream) == "Hello, world!"
+    assert upstream.requests[-1]["top_k"] == 5
+
+
+async def test_guard_walking_parameter_is_a_bad_request_naming_it(sdk: openai.AsyncOpenAI,
+                                                                  upstream: FakeUpstream) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        await sdk.chat.completions.create(model="fake-model", messages=MESSAGES, extra_body={"top_k": 5})
-    assert info.value.param == "top_k" and "top_k" in info.value.message
+        await sdk.chat.completions.create(model="fake-model", messages=MESSAGES, extra_body={"best_of": 5})
+    assert info.value.param == "best_of" and "best_of" in info.value.message and "--max-n" in info.value.message
     assert upstream.calls == 0
 
 

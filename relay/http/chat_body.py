@@ -9,12 +9,9 @@ from __future__ import annotations
 from typing import Any, Final
 
 from relay.http.body import BadRequest
-from relay.http.params import ROLES, RequestBounds, check_limits, check_model, is_int, is_number
+from relay.http.fields import CHAT_FIELDS, check_chat_field
+from relay.http.params import ROLES, RequestBounds, check_limits, check_model
 
-ALLOWED_FIELDS: Final = frozenset({
-    "messages", "prompt", "model", "temperature", "top_p", "max_tokens", "max_completion_tokens",
-    "stop", "seed", "tools", "tool_choice",
-})
 MESSAGE_FIELDS: Final = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
@@ -59,9 +56,8 @@ def chat_request(body: Any, *, default_model: str | None, stream_usage: bool,
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with 'messages' or 'prompt'")
     for key in body:
-        if key not in ALLOWED_FIELDS:
-            raise BadRequest(f"'{key}' is not a supported field; supported: {', '.join(sorted(ALLOWED_FIELDS))}",
-                             key)
+        if key not in CHAT_FIELDS:
+            check_chat_field(key, body[key])  # raises, naming the field and why
     if ("messages" in body) == ("prompt" in body):
         raise BadRequest("send exactly one of 'messages' or 'prompt'", "messages")
     if "prompt" in body:
@@ -76,35 +72,10 @@ def chat_request(body: Any, *, default_model: str | None, stream_usage: bool,
     check_limits(body, messages, limits)
     model = check_model(body, default_model, models)
     out: dict[str, Any] = {"model": model, "messages": messages}
-    for key, low, high in (("temperature", 0, 2), ("top_p", 0, 1)):
-        if key in body:
-            if not is_number(body[key]) or not low <= body[key] <= high:
-                raise BadRequest(f"'{key}' must be a number from {low} to {high}", key)
-            out[key] = body[key]
-    for key in ("max_tokens", "max_completion_tokens"):
-        if key in body:
-            if not is_int(body[key]) or body[key] < 1:
-                raise BadRequest(f"'{key}' must be a positive integer", key)
-            out[key] = body[key]
-    if "seed" in body:
-        if not is_int(body["seed"]):
-            raise BadRequest("'seed' must be an integer", "seed")
-        out["seed"] = body["seed"]
-    if "stop" in body:
-        stop = body["stop"]
-        if not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4
-                                          and all(isinstance(s, str) for s in stop))):
-            raise BadRequest("'stop' must be a string or a list of up to 4 strings", "stop")
-        out["stop"] = stop
-    if "tools" in body:
-        tools = body["tools"]
-        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-            raise BadRequest("'tools' must be a list of tool objects", "tools")
-        out["tools"] = tools
-    if "tool_choice" in body:
-        if not isinstance(body["tool_choice"], (str, dict)):
-            raise BadRequest("'tool_choice' must be a string or an object", "tool_choice")
-        out["tool_choice"] = body["tool_choice"]
+    for key, value in body.items():
+        if key not in ("messages", "prompt", "model"):
+            check_chat_field(key, value)
+            out[key] = value
     out["stream"] = True
     if stream_usage:
         out["stream_options"] = {"include_usage": True}

@@ -45,6 +45,8 @@ class ChatWire:
                 event["status"] = exc.status
             if exc is not None and exc.retry_after is not None:
                 event["retry_after"] = exc.retry_after
+            if exc is not None and exc.upstream is not None and exc.status not in (401, 403):
+                event["upstream"] = exc.upstream
             if ending.code == "shutdown":
                 retry = self._retry_ms  # so EventSource and the page come back after the restart
         return encode(dumps(event), id=f"{self._id}.{seq}", retry=retry)
@@ -72,13 +74,45 @@ def delta_event(obj: dict[str, Any]) -> str | None:
     content = delta.get("content")
     reasoning = delta.get("reasoning_content") or delta.get("reasoning")
     tool_calls = delta.get("tool_calls")
-    if not reasoning and not tool_calls:
+    if not reasoning and not tool_calls and not isinstance(content, list):
         return '{"type":"delta","content":' + dumps(content) + "}" if content else None
     out: dict[str, Any] = {"type": "delta"}
+    parts: list[Any] = []
+    if isinstance(content, list):
+        content, thinking, parts = split_parts(content)
+        if thinking and not (reasoning and isinstance(reasoning, str)):
+            reasoning = thinking
     if content:
         out["content"] = content
     if reasoning and isinstance(reasoning, str):
         out["reasoning"] = reasoning
     if tool_calls:
         out["tool_calls"] = tool_calls
+    if parts:
+        out["parts"] = parts
     return dumps(out) if len(out) > 1 else None
+
+
+def split_parts(parts: list[Any]) -> tuple[str, str, list[Any]]:
+    """Content as typed parts (Mistral's reasoning models) → (text, thinking, the other parts).
+
+    ``{"type": "text", "text": ...}`` is answer text; ``{"type": "thinking", "thinking": [...]}``
+    (a list of text parts, or a string) is reasoning; any other part is kept whole, in order,
+    rather than dropped or turned into a string.
+    """
+    text: list[str] = []
+    thinking: list[str] = []
+    other: list[Any] = []
+    for part in parts:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            text.append(part["text"])
+        elif kind == "thinking":
+            inner = part.get("thinking")
+            if isinstance(inner, str):
+                thinking.append(inner)
+            elif isinstance(inner, list):
+                thinking.extend(p["text"] for p in inner if isinstance(p, dict) and isinstance(p.get("text"), str))
+        else:
+            other.append(part)
+    return "".join(text), "".join(thinking), other

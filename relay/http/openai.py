@@ -37,6 +37,7 @@ from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import CATALOG, CONFIG
 from relay.http.body import BadRequest, read_json
 from relay.http.errors import error_response, json_response
+from relay.http.fields import FieldPolicy
 from relay.http.openai_body import completions_request
 from relay.http.openai_wire import OpenAIWire, failure_response
 from relay.http.params import RequestBounds
@@ -57,7 +58,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         req = completions_request(await read_json(request), default_model=catalog.default_model,
                                   models=catalog.allowed, stream_usage=config.stream_usage,
-                                  limits=RequestBounds.of(config))
+                                  limits=RequestBounds.of(config), policy=field_policy(config, catalog.allowed))
         wire = OpenAIWire(drop_usage=config.stream_usage and not req.client_usage)
         gen = start_generation(request, kind="v1", model=req.model, body=req.body, wire=wire,
                                resumable=False, streaming=req.stream)
@@ -71,6 +72,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if req.stream:
         return await _stream(request, config, gen, sub)
     return await _complete(gen, sub)
+
+
+def field_policy(config: Config, allowed: tuple[str, ...]) -> FieldPolicy:
+    return FieldPolicy.of(strict=config.strict_fields, refused=config.refuse_fields, allowlist=bool(allowed),
+                          max_n=True, max_output_tokens=config.max_output_tokens is not None)
 
 
 async def _answered(gen: Generation, sub: Subscriber) -> None:

@@ -1,10 +1,10 @@
 """Checks a ``/v1/chat/completions`` body and turns it into the upstream request body.
 
-The relay holds the key, so it decides which parameters travel: the documented
-chat-completions parameters below are forwarded as sent; any other field is a 400 naming it
-(in OpenAI's error shape), so a typo or a vendor extension never reaches a paid API silently.
-Values are the upstream's to judge (it answers a 400 that the relay passes on); only what the
-relay itself relies on is checked here: ``model``, ``messages``, ``stream``, ``stream_options``.
+Every field is forwarded as sent (the documented parameters and vendors' own, relay/http/fields.py)
+except those that would get around a guard of the relay's, which are a 400 naming them.  Values
+are the upstream's to judge (it answers a 400 that the relay passes on); only what the relay
+itself relies on or guards is checked here: ``model``, ``messages``, ``stream``,
+``stream_options``, the output-token ceiling and ``n``.
 """
 
 from __future__ import annotations
@@ -13,18 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from relay.http.body import BadRequest
+from relay.http.fields import FieldPolicy
 from relay.http.params import V1_ROLES, RequestBounds, check_limits, check_model
 
-#: OpenAI's chat-completions request parameters (openai-python's CompletionCreateParams).
-FORWARDED: Final = frozenset({
-    "messages", "model", "stream", "stream_options",
-    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs",
-    "max_completion_tokens", "max_tokens", "metadata", "modalities", "moderation", "n",
-    "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options",
-    "prompt_cache_retention", "reasoning_effort", "response_format", "safety_identifier", "seed",
-    "service_tier", "stop", "store", "temperature", "tool_choice", "tools", "top_logprobs", "top_p",
-    "user", "verbosity", "web_search_options",
-})
+#: The fields this module reads itself; every other one goes through the field policy.
+_OWN: Final = frozenset({"messages", "model", "stream", "stream_options"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +31,13 @@ class CompletionsRequest:
 
 
 def completions_request(body: Any, *, default_model: str | None, models: tuple[str, ...],
-                        stream_usage: bool, limits: RequestBounds = RequestBounds()) -> CompletionsRequest:
+                        stream_usage: bool, limits: RequestBounds = RequestBounds(),
+                        policy: FieldPolicy = FieldPolicy()) -> CompletionsRequest:
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object with 'messages' and 'model'")
     for key in body:
-        if key not in FORWARDED:
-            raise BadRequest(f"Unrecognized request argument supplied: {key} (this relay forwards only "
-                             "the documented chat-completions parameters)", key)
+        if key not in _OWN:
+            policy.check(key)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of message objects", "messages")

@@ -41,15 +41,17 @@ class OpenAIWire:
     def end(self, ending: Ending, seq: int) -> bytes:
         if ending.code == "done":
             return DONE
-        return encode(dumps(error_body(ending)))
+        return encode(error_body(ending))
 
 
-def error_body(ending: Ending) -> dict[str, Any]:
-    """OpenAI's error object for how a generation failed."""
+def error_body(ending: Ending) -> str:
+    """The error JSON for how a generation failed: the upstream's own as it sent it, when it sent
+    one (relay/upstream/errors.py), else OpenAI's shape with the relay's code."""
     exc = ending.error
-    if exc is not None and exc.body is not None and exc.status not in (401, 403):
-        return exc.body
-    return {"error": {"message": ending.message, "type": "server_error", "param": None, "code": ending.code}}
+    if exc is not None and exc.raw is not None and exc.status not in (401, 403):
+        return exc.raw
+    return dumps({"error": {"message": ending.message, "type": "server_error", "param": None,
+                            "code": ending.code}})
 
 
 def failure_response(ending: Ending) -> web.Response:
@@ -61,7 +63,7 @@ def failure_response(ending: Ending) -> web.Response:
             return json_response({"error": {"message": "the relay is shutting down; retry the request",
                                             "type": "server_error", "param": None, "code": "shutdown"}},
                                  status=503, headers={"Retry-After": "1"})
-        return json_response(error_body(ending), status=500 if ending.code == "internal" else 499)
+        return _json(error_body(ending), status=500 if ending.code == "internal" else 499)
     return upstream_error_response(exc, ending)
 
 
@@ -72,14 +74,19 @@ def upstream_error_response(exc: UpstreamError, ending: Ending) -> web.Response:
         body = {"error": {"message": exc.message, "type": "server_error", "param": None,
                           "code": "upstream_auth_failed"}}
         status = 502
-    elif status is not None and 400 <= status < 600:
-        body = error_body(ending)
-    else:
+        return json_response(body, status=status, headers=_passed_headers(exc))
+    if status is None or not 400 <= status < 600:
         status = 504 if exc.code == "upstream_timeout" else 502
-        body = error_body(ending)
-    headers = {name: value for name, value in (("retry-after", exc.retry_after),
-                                                ("retry-after-ms", exc.retry_after_ms),
-                                                ("x-request-id", exc.request_id)) if value}
-    return json_response(body, status=status, headers=headers)
+    return _json(error_body(ending), status=status, headers=_passed_headers(exc))
+
+
+def _passed_headers(exc: UpstreamError) -> dict[str, str]:
+    return {name: value for name, value in (("retry-after", exc.retry_after),
+                                            ("retry-after-ms", exc.retry_after_ms),
+                                            ("x-request-id", exc.request_id)) if value}
+
+
+def _json(text: str, *, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=text, status=status, headers=headers, content_type="application/json")
 
 

@@ -81,6 +81,8 @@ _LISTS: list[tuple[str, str, str | None, str]] = [
      "(repeatable)"),
     ("--trust-proxy", "trust_proxy", "RELAY_TRUST_PROXY",
      "a proxy address or CIDR whose X-Forwarded-For / X-Forwarded-Proto are believed (repeatable)"),
+    ("--refuse-field", "refuse_fields", "RELAY_REFUSE_FIELDS",
+     "a top-level /v1 request field refused with a 400 instead of forwarded, e.g. provider (repeatable)"),
 ]
 
 
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "else guards the relay)")
     serve.add_argument("--allow-missing-host", dest="allow_missing_host", action="store_true", default=None,
                        help="accept requests without a Host header (HTTP/1.0 clients); by default they get 400")
+    serve.add_argument("--strict-fields", dest="strict_fields", action="store_true", default=None,
+                       help="/v1 forwards only the documented chat-completions parameters; any vendor field "
+                       "(top_k, provider, ...) is a 400 (default: vendor fields are forwarded)")
     serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
                        help="do not ask the upstream for stream_options.include_usage (for upstreams that "
                        "reject it)")
@@ -184,6 +189,8 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["allow_anonymous"] = args.allow_anonymous
     if args.allow_missing_host is not None:
         values["allow_missing_host"] = args.allow_missing_host
+    if args.strict_fields is not None:
+        values["strict_fields"] = args.strict_fields
     values["api_key"] = read_api_key(key_file, environ)
     config = from_mapping(values)
     if config.tokens_file is not None:

@@ -24,7 +24,7 @@ import aiohttp
 
 from relay.config import Config
 from relay.jsoncodec import dumps
-from relay.sse import EventTooLarge, SSEDecoder
+from relay.sse import Event, EventTooLarge, SSEDecoder
 from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded
 from relay.upstream.metadata import Redactor, request_id_of
 
@@ -61,7 +61,7 @@ class UpstreamResponse:
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, started: float, redact: Redactor) -> None:
         self._resp = resp
         self._redact = redact
-        self._decoder = SSEDecoder(max_event_size=config.max_upstream_event)
+        self._decoder = SSEDecoder(max_event_size=config.max_upstream_event, error_field=True)
         self._idle = config.idle_timeout
         self._first_token_timeout = config.first_token_timeout
         self._first_deadline = started + config.first_token_timeout
@@ -147,7 +147,7 @@ class UpstreamResponse:
         else:
             self._arm(self._deadline)
 
-    def _chunks(self, events: list[Any]) -> list[Chunk]:
+    def _chunks(self, events: list[Event]) -> list[Chunk]:
         chunks: list[Chunk] = []
         try:
             self._parse(events, chunks)
@@ -158,9 +158,11 @@ class UpstreamResponse:
             self._failed = exc
         return chunks
 
-    def _parse(self, events: list[Any], chunks: list[Chunk]) -> None:
+    def _parse(self, events: list[Event], chunks: list[Chunk]) -> None:
         for event in events:
-            data: str = event.data
+            data = event.data
+            if event.error is not None or event.event == "error":
+                raise self._event_error(event)
             if data == "[DONE]":
                 self._ended = True
                 break
@@ -172,9 +174,10 @@ class UpstreamResponse:
             if not isinstance(obj, dict):
                 raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
                                     retriable=True, request_id=self.request_id)
-            if "error" in obj and obj["error"]:
+            if obj.get("error") or obj.get("object") == "error":
+                # ``{"object": "error", ...}``: vLLM's ErrorResponse before it nested the error.
                 raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
-                                      redact=self._redact)
+                                      redact=self._redact, raw=data)
             delta = False
             for choice in obj.get("choices") or ():
                 if isinstance(choice, dict):
@@ -190,6 +193,26 @@ class UpstreamResponse:
             if delta or self.finish_reason is not None:
                 self._last_delta = self._loop.time()
             chunks.append(Chunk(data, obj, delta))
+
+    def _event_error(self, event: Event) -> UpstreamError:
+        """An error that is not a ``data:`` chunk: llama.cpp's ``error:`` field line (its value is
+        the error object itself), or an ``event: error`` whose data may lack the ``error`` key or
+        not be JSON.  Either becomes ``{"error": ...}``, the form every OpenAI client reads."""
+        text = event.error if event.error is not None else event.data
+        try:
+            obj: Any = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and obj.get("error"):
+            return error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
+                                   redact=self._redact, raw=text)
+        if isinstance(obj, dict):
+            raw = '{"error":' + text.strip() + "}"  # the upstream's own object, byte for byte inside
+        else:
+            obj = {"message": text.strip() or "the upstream sent an error event"}
+            raw = None
+        return error_from_body({"error": obj}, status=None, request_id=self.request_id, midstream=True,
+                               redact=self._redact, raw=raw)
 
     def _at_eof(self) -> list[Chunk]:
         self._ended = True
@@ -280,7 +303,7 @@ class UpstreamClient:
                                 retriable=True, request_id=request_id)
         if obj.get("error"):
             raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
-                                  redact=self._redact)
+                                  redact=self._redact, raw=raw.decode("utf-8", "replace"))
         return Completion(raw, obj, request_id)
 
     async def _post(self, body: dict[str, Any], accept: str, deadline: float,

@@ -1,5 +1,9 @@
 """Upstream failures: the one exception, and the mapping of HTTP error answers and error objects to it.
 
+An upstream's error object is carried, not rebuilt: ``/v1`` passes its JSON text on as sent
+(``raw``: keys and values intact, only the relay's own key blanked), ``/chat`` keeps its own
+event shape and adds the upstream's type, code and extra fields (``upstream``, bounded).
+A body that is not JSON, or larger than the read bound, gets the relay's own error instead.
 An upstream 401/403 is the relay's own credentials failing; its text is never passed on
 (OpenAI's 401 message quotes part of the key).
 """
@@ -17,6 +21,11 @@ from relay.upstream.metadata import Redactor, request_id_of, retry_after_ms_of, 
 
 #: How much of an error body is read: enough for any JSON error, bounded against a hostile upstream.
 ERROR_BODY_LIMIT: Final = 64 * 1024
+#: Bounds on what /chat's error event carries of the upstream's error object.
+DETAIL_LIMIT: Final = 4096
+DETAIL_STRING: Final = 1000
+#: The fields of an error object that /chat's event names itself (the rest is ``detail``).
+NAMED: Final = frozenset({"message", "type", "code", "param"})
 
 
 class UpstreamError(Exception):
@@ -32,7 +41,8 @@ class UpstreamError(Exception):
         retry_after: str | None = None,
         retry_after_ms: str | None = None,
         request_id: str | None = None,
-        body: dict[str, Any] | None = None,
+        raw: str | None = None,
+        upstream: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -42,8 +52,11 @@ class UpstreamError(Exception):
         self.retry_after = retry_after
         self.retry_after_ms = retry_after_ms
         self.request_id = request_id
-        #: The upstream's OpenAI-shaped error object, for the /v1 pass-through (None when unsafe to pass).
-        self.body = body
+        #: The upstream's error JSON as sent (the relay's key blanked), for /v1 to pass on;
+        #: None when the relay speaks for itself (not JSON, too large, a 401/403, a timeout).
+        self.raw = raw
+        #: The upstream's ``type``, ``code`` and other fields, bounded, for /chat's error event.
+        self.upstream = upstream
 
 
 async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
@@ -78,7 +91,8 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
     retriable = status == 429 or status >= 500
     try:
         async with asyncio.timeout_at(deadline):
-            raw = await read_bounded(resp.content, ERROR_BODY_LIMIT)
+            # One byte past the bound tells a body that fits from one that was cut.
+            raw = await read_bounded(resp.content, ERROR_BODY_LIMIT + 1)
     except TimeoutError:
         return UpstreamError(
             "upstream_timeout", f"the upstream answered HTTP {status} and then sent nothing more within the timeout",
@@ -87,57 +101,134 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
         )
     except (aiohttp.ClientError, ConnectionError):
         raw = b""
-    obj: Any = None
-    if "json" in resp.headers.get("Content-Type", ""):
-        try:
-            obj = json.loads(raw)
-        except ValueError:
-            obj = None
-    if isinstance(obj, dict) and obj.get("error"):
-        err = error_from_body(obj, status=status, request_id=request_id, midstream=False, redact=redact)
-        err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
-        return err
-    reason = redact.text(resp.reason or "error", 100)
-    return UpstreamError(
-        "upstream_error", f"the upstream answered HTTP {status} {reason}",
-        status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
-        request_id=request_id,
-    )
+    err = None
+    if len(raw) <= ERROR_BODY_LIMIT:
+        err = error_from_json(raw, status=status, request_id=request_id, midstream=False, redact=redact)
+    if err is None:
+        reason = redact.text(resp.reason or "error", 100)
+        err = UpstreamError("upstream_error", f"the upstream answered HTTP {status} {reason}",
+                            status=status, request_id=request_id)
+    err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
+    return err
 
 
-def redact_object(obj: dict[str, Any], redact: Redactor) -> dict[str, Any]:
+def redact_object(obj: Any, redact: Redactor) -> Any:
     """``obj`` with every key of the relay's blanked, in any letter case, wherever it sits."""
     text = dumps(obj)
     if not redact.hides(text):
         return obj
-    result: dict[str, Any] = json.loads(redact(text))
-    return result
+    return json.loads(redact(text))
 
 
-def error_from_body(obj: dict[str, Any], *, status: int | None, request_id: str | None,
-                    midstream: bool, redact: Redactor) -> UpstreamError:
-    """``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (some servers) → UpstreamError.
+def error_from_json(raw: bytes | str, *, status: int | None, request_id: str | None, midstream: bool,
+                    redact: Redactor) -> UpstreamError | None:
+    """An error body or event data that is JSON (an object or a list) → UpstreamError carrying it; else None."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(obj, (dict, list)):
+        return None
+    return error_from_body(obj, status=status, request_id=request_id, midstream=midstream, redact=redact,
+                           raw=text)
+
+
+def error_object(obj: Any) -> Any:
+    """The error inside a body: ``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (TGI, some servers),
+    ``[{"error": {...}}]`` (Gemini), or the body itself (``{"object": "error", ...}``, ``{"detail": ...}``)."""
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        obj = obj[0]
+    if isinstance(obj, dict) and obj.get("error"):
+        return obj["error"]
+    return obj
+
+
+def _message_of(err: Any) -> str:
+    if isinstance(err, dict):
+        for key in ("message", "detail", "error"):
+            if isinstance(err.get(key), str) and err[key]:
+                return str(err[key])
+        return "no message"
+    if isinstance(err, str) and err:
+        return err
+    return "no message"
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` with every string cut to DETAIL_STRING characters (iterative: deep JSON is fine)."""
+    if isinstance(value, str):
+        return value[:DETAIL_STRING]
+    if not isinstance(value, (dict, list)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    todo = [(value, root)]
+    while todo:
+        src, dst = todo.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for key, item in items:
+            if isinstance(item, (dict, list)):
+                child: Any = {} if isinstance(item, dict) else []
+                todo.append((item, child))
+                item = child
+            elif isinstance(item, str):
+                item = item[:DETAIL_STRING]
+            if isinstance(dst, dict):
+                dst[key] = item
+            else:
+                dst.append(item)
+    return root
+
+
+def upstream_fields(err: Any) -> dict[str, Any] | None:
+    """What /chat's error event shows of the upstream's error: type, code, param, and the other
+    fields as ``detail`` (OpenRouter's ``metadata.raw``, Groq's ``failed_generation``...), bounded."""
+    if not isinstance(err, dict):
+        return None
+    out: dict[str, Any] = {}
+    for key in ("type", "code", "param"):
+        value = err.get(key)
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            out[key] = value[:200] if isinstance(value, str) else value
+    detail: dict[str, Any] = {}
+    size = len(dumps(out))
+    for key, value in err.items():
+        if key in NAMED or not isinstance(key, str):
+            continue
+        piece = _bounded(value)
+        cost = len(dumps(piece)) + len(key) + 4
+        if size + cost > DETAIL_LIMIT:
+            out["truncated"] = True
+            continue
+        detail[key[:100]] = piece
+        size += cost
+    if detail:
+        out["detail"] = detail
+    return out or None
+
+
+def error_from_body(obj: dict[str, Any] | list[Any], *, status: int | None, request_id: str | None,
+                    midstream: bool, redact: Redactor, raw: str | None = None) -> UpstreamError:
+    """An upstream error body or event → UpstreamError; ``raw`` is its JSON text as sent.
 
     The upstream's text goes on to clients of /chat and /v1 alike, so the relay's key is blanked
     here, once, for both (belt and braces: no known upstream quotes it outside a 401/403).
     """
-    obj = redact_object(obj, redact)
-    err = obj["error"]
-    if isinstance(err, dict):
-        message = str(err.get("message") or "no message")
-        code = err.get("code")
-        if status is None and isinstance(code, int) and 400 <= code < 600:
-            status = code
-        body = {"error": {"message": message, "type": err.get("type"), "param": err.get("param"),
-                          "code": code}}
-    else:
-        message = str(err)
-        body = {"error": {"message": message, "type": None, "param": None, "code": None}}
-    message = redact.text(message)
-    body["error"]["message"] = message
+    if raw is None or redact.hides(raw):
+        obj = redact_object(obj, redact)
+        raw = redact(raw) if raw is not None else dumps(obj)
+        try:
+            json.loads(raw)
+        except ValueError:  # a key that held JSON syntax: the re-encoded object instead
+            raw = dumps(obj)
+    err = error_object(obj)
+    code = err.get("code") if isinstance(err, dict) else None
+    if status is None and isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        status = code
+    message = redact.text(_message_of(err))
     where = "mid-answer" if midstream else f"HTTP {status}"
     return UpstreamError(
         "upstream_error", f"the upstream reported an error ({where}): {message}",
         status=status, retriable=midstream or (status is not None and (status == 429 or status >= 500)),
-        request_id=request_id, body=body,
+        request_id=request_id, raw=raw, upstream=upstream_fields(err),
     )
