@@ -279,3 +279,23 @@ async def test_chat_refuses_what_it_does_not_carry(relay: Client, upstream: Fake
     got = await resp.json()
     assert resp.status == 400 and got["error"]["param"] == param and words in got["error"]["message"]
     assert upstream.calls == 0
+
+
+def test_field_settings_come_from_flags_environment_and_file(tmp_path: Any) -> None:
+    from relay.config import ConfigError
+    from relay.run.cli import build_parser, config_from_args
+
+    def config(*argv: str, environ: dict[str, str] | None = None) -> Any:
+        return config_from_args(build_parser().parse_args(["serve", *argv]), environ or {})
+
+    assert config().strict_fields is False and config().refuse_fields == ()
+    assert config("--strict-fields").strict_fields is True
+    assert config("--refuse-field", "provider", "--refuse-field", "top_k").refuse_fields == ("provider", "top_k")
+    assert config(environ={"RELAY_REFUSE_FIELDS": "a, b"}).refuse_fields == ("a", "b")
+    path = tmp_path / "relay.toml"
+    path.write_text('strict-fields = true\nrefuse-fields = ["transforms"]\n')
+    loaded = config("--config", str(path))
+    assert loaded.strict_fields is True and loaded.refuse_fields == ("transforms",)
+    for bad in ("messages", "two words", ""):
+        with pytest.raises(ConfigError, match="--refuse-field"):
+            config("--refuse-field", bad)

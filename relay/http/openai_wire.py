@@ -8,7 +8,7 @@ response's status and body.  Pure: no I/O.
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Final
 
 from aiohttp import web
 
