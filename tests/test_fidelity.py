@@ -84,6 +84,16 @@ async def test_v1_error_body_is_blanked_only_where_it_quotes_the_key(relay: Clie
     assert got["message"] == "bad key [redacted]"
 
 
+async def test_v1_error_body_quoting_the_key_in_json_escapes_is_blanked_too(relay: Client,
+                                                                          upstream: FakeUpstream) -> None:
+    escaped = "".join(f"\\u{ord(ch):04x}" for ch in TEST_KEY[:4]) + TEST_KEY[4:]
+    upstream.behaviour = answer(400, ('{"error":{"message":"bad key ' + escaped + '","code":"x"}}').encode())
+    resp = await v1_stream(relay)
+    assert resp.status == 400
+    got = await resp.json()
+    assert TEST_KEY not in json.dumps(got) and got["error"] == {"message": "bad key [redacted]", "code": "x"}
+
+
 @pytest.mark.parametrize("body,ctype", [
     (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
     (json.dumps({"error": {"message": "x" * (70 * 1024)}}).encode(), "application/json"),

@@ -134,6 +134,13 @@ def error_from_json(raw: bytes | str, *, status: int | None, request_id: str | N
                            raw=text)
 
 
+def _decodes_to(text: str, obj: Any) -> bool:
+    try:
+        return bool(json.loads(text) == obj)
+    except ValueError:
+        return False
+
+
 def error_object(obj: Any) -> Any:
     """The error inside a body: ``{"error": {...}}`` (OpenAI), ``{"error": "text"}`` (TGI, some servers),
     ``[{"error": {...}}]`` (Gemini), or the body itself (``{"object": "error", ...}``, ``{"detail": ...}``)."""
@@ -214,13 +221,15 @@ def error_from_body(obj: dict[str, Any] | list[Any], *, status: int | None, requ
     The upstream's text goes on to clients of /chat and /v1 alike, so the relay's key is blanked
     here, once, for both (belt and braces: no known upstream quotes it outside a 401/403).
     """
-    if raw is None or redact.hides(raw):
-        obj = redact_object(obj, redact)
-        raw = redact(raw) if raw is not None else dumps(obj)
-        try:
-            json.loads(raw)
-        except ValueError:  # a key that held JSON syntax: the re-encoded object instead
-            raw = dumps(obj)
+    # The decoded object is what a client reads, so it decides: a key the text spells with JSON
+    # escapes (``\u0073k-...``) is in the object even where it is not in the text.
+    redacted = redact_object(obj, redact)
+    if raw is None:
+        raw = dumps(redacted)
+    elif redacted is not obj or redact.hides(raw):
+        blanked = redact(raw)
+        raw = blanked if _decodes_to(blanked, redacted) else dumps(redacted)
+    obj = redacted
     err = error_object(obj)
     code = err.get("code") if isinstance(err, dict) else None
     if status is None and isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
