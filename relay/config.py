@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
+from relay.upstream_config import ConfigError, UpstreamSpec, check_header, check_url, parse_pairs
+
+__all__ = ["CREDENTIAL_NAME", "Config", "ConfigError", "UpstreamSpec", "parse_pairs", "read_api_key"]
+
 KIB = 1024
 MIB = 1024 * 1024
 
 #: The file name systemd's ``LoadCredential=`` gives the key (see deploy/relay.service).
 CREDENTIAL_NAME = "openai-api-key"
-
-
-class ConfigError(ValueError):
-    """A setting is missing or wrong; the message says which and why, for a person."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,32 +96,41 @@ class Config:
     strict_fields: bool = False
     #: Top-level /v1 fields refused besides the built-in ones that get around a guard.
     refuse_fields: tuple[str, ...] = ()
+    # -- several upstreams (relay/upstream/pool.py) --------------------------------------
+    #: ``[[upstreams]]`` of the TOML file; empty: the one ``upstream`` above (or the demo).
+    upstreams: tuple[UpstreamSpec, ...] = ()
+    #: Most upstreams tried for one request (failover happens only before the answer's first byte).
+    max_attempts: int = 3
+    #: Seconds an upstream that failed is skipped, doubling with each failure in a row up to
+    #: ``cooldown_max``, unless it said how long (``Retry-After``).
+    cooldown: float = 2.0
+    cooldown_max: float = 300.0
+    #: Seconds an upstream whose credentials or credit failed (401/402/403) is left alone.
+    down_time: float = 600.0
 
     def __post_init__(self) -> None:
         _validate(self)
 
     @property
     def demo(self) -> bool:
-        return self.upstream is None
+        return self.upstream is None and not self.upstreams
 
 
 def _validate(c: Config) -> None:
     if not 0 <= c.port <= 65535:
         raise ConfigError(f"--port must be between 0 and 65535, not {c.port}")
     if c.upstream is not None:
-        parts = urlsplit(c.upstream)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"--upstream must be an http:// or https:// base URL such as https://api.openai.com/v1, "
-                f"not {c.upstream!r}"
-            )
-        if parts.query or parts.fragment:
-            raise ConfigError("--upstream must not carry a query or fragment; use --upstream-query for parameters")
+        check_url(c.upstream, "--upstream")
+        if c.upstreams:
+            raise ConfigError("[[upstreams]] in the config file and --upstream (or OPENAI_BASE_URL) cannot be used "
+                              "together: list every upstream in the file, or use the flag alone")
+    _validate_upstreams(c)
     positive = {
         "keepalive": c.keepalive, "connect-timeout": c.connect_timeout,
         "first-token-timeout": c.first_token_timeout, "idle-timeout": c.idle_timeout,
         "total-timeout": c.total_timeout, "attach-timeout": c.attach_timeout,
-        "stream-ttl": c.stream_ttl, "send-timeout": c.send_timeout,
+        "stream-ttl": c.stream_ttl, "send-timeout": c.send_timeout, "cooldown": c.cooldown,
+        "cooldown-max": c.cooldown_max, "down-time": c.down_time,
     }
     for name, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
@@ -136,7 +145,7 @@ def _validate(c: Config) -> None:
         "pool-limit": c.pool_limit, "max-body": c.max_body, "max-upstream-event": c.max_upstream_event,
         "max-streams": c.max_streams, "replay-bytes": c.replay_bytes, "retention-bytes": c.retention_bytes,
         "send-buffer": c.send_buffer,
-        "backlog": c.backlog, "retry-ms": c.retry_ms,
+        "backlog": c.backlog, "retry-ms": c.retry_ms, "max-attempts": c.max_attempts,
     }
     for name, count in counts.items():
         if count < 1:
@@ -153,8 +162,8 @@ def _validate(c: Config) -> None:
         if name in ("messages", "model", "stream", "stream_options"):
             raise ConfigError(f"--refuse-field {name!r}: the relay cannot work without it")
     for header, header_value in c.upstream_headers:
-        _check_header(header, header_value)
-    _check_header(c.api_key_header, "x")
+        check_header(header, header_value)
+    check_header(c.api_key_header, "x")
     if c.api_key is not None:
         if not c.api_key or any(ch in c.api_key for ch in "\r\n\0"):
             # Never echo the key itself: a message can end up in a log.
@@ -195,11 +204,23 @@ def _validate_access(c: Config) -> None:
             raise ConfigError(f"--trust-proxy {proxy!r} is not an IP address or CIDR network") from None
 
 
-def _check_header(name: str, value: str) -> None:
-    if not name or any(ch in name for ch in ":\r\n\0 \t"):
-        raise ConfigError(f"upstream header name {name!r} is not a valid HTTP header name")
-    if any(ch in value for ch in "\r\n\0"):
-        raise ConfigError(f"the value of upstream header {name!r} contains a line break or NUL")
+def _validate_upstreams(c: Config) -> None:
+    """Every model named in the settings is served by some upstream; names are unique."""
+    if not c.upstreams:
+        return
+    names = [spec.name for spec in c.upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError("[[upstreams]] names must be unique")
+    if any(spec.any_model for spec in c.upstreams):
+        return
+    served = {visible for spec in c.upstreams for visible, _ in spec.models}
+    if c.model is not None and c.model not in served:
+        raise ConfigError(f"--model {c.model!r} (the default model) is served by no [[upstreams]] entry; "
+                          f"served: {', '.join(sorted(served))}")
+    for name in c.models:
+        if name not in served:
+            raise ConfigError(f"--allow-model {name!r} is served by no [[upstreams]] entry; "
+                              f"served: {', '.join(sorted(served))}")
 
 
 def is_loopback(host: str) -> bool:
@@ -209,17 +230,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def parse_pairs(items: list[str], sep: str, what: str) -> tuple[tuple[str, str], ...]:
-    """``["a: b"]`` → ``(("a", "b"),)``, with a one-line error naming the bad item."""
-    pairs = []
-    for item in items:
-        name, found, value = item.partition(sep)
-        if not found or not name.strip():
-            raise ConfigError(f"{what} {item!r} is not of the form NAME{sep}VALUE")
-        pairs.append((name.strip(), value.strip()))
-    return tuple(pairs)
 
 
 def read_api_key(key_file: str | None, environ: Mapping[str, str]) -> str | None:

@@ -15,7 +15,7 @@ from relay.core.registry import Registry
 from relay.http.chat_wire import ChatWire
 from relay.http.sse_response import EventStream
 from relay.sse import SSEDecoder
-from relay.upstream import UpstreamClient
+from relay.upstream.pool import Pool, shortcut_spec
 
 
 async def test_a_waiting_subscriber_gets_every_batch_through_its_sink_and_is_woken_only_to_answer_and_end(
@@ -23,7 +23,7 @@ async def test_a_waiting_subscriber_gets_every_batch_through_its_sink_and_is_wok
     upstream.behaviour = tokens(["a", "b", "c", "d"], delay=0.01)
     config = Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model")
     async with aiohttp.ClientSession() as session:
-        registry = Registry(config, UpstreamClient(session, config, upstream.base_url, TEST_KEY))
+        registry = Registry(config, Pool.build(session, config, [shortcut_spec(config, upstream.base_url)]))
         gen = registry.create(kind="chat", model="fake-model", body={"model": "fake-model", "messages": []},
                               wire=ChatWire(model="fake-model", demo=False, retry_ms=1000))
         taken: list[bytes] = []
@@ -46,7 +46,7 @@ async def test_a_refusing_sink_wakes_the_subscriber_and_loses_nothing(upstream: 
     upstream.behaviour = tokens(["a", "b", "c"], delay=0.01)
     config = Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model")
     async with aiohttp.ClientSession() as session:
-        registry = Registry(config, UpstreamClient(session, config, upstream.base_url, TEST_KEY))
+        registry = Registry(config, Pool.build(session, config, [shortcut_spec(config, upstream.base_url)]))
         gen = registry.create(kind="chat", model="fake-model", body={"model": "fake-model", "messages": []},
                               wire=ChatWire(model="fake-model", demo=False, retry_ms=1000))
         sub = gen.attach(0, lambda data: False)

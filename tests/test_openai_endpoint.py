@@ -68,10 +68,15 @@ async def test_chat_route_also_rejects_a_model_outside_the_allowlist(make_relay:
     assert upstream.calls == 0
 
 
-async def test_models_without_allowlist_or_default_is_empty(make_relay: Any) -> None:
+async def test_models_without_allowlist_or_default_lists_the_upstreams_own(make_relay: Any,
+                                                                           upstream: FakeUpstream) -> None:
     relay = await make_relay(model=None)
     resp = await relay.get("/v1/models")
-    assert await resp.json() == {"object": "list", "data": []}
+    assert [m["id"] for m in (await resp.json())["data"]] == ["fake-model"]  # the fake's GET /v1/models
+    upstream.models_status = 500  # cached: the second listing does not ask again
+    resp = await relay.get("/v1/models")
+    assert [m["id"] for m in (await resp.json())["data"]] == ["fake-model"]
+    assert len(upstream.models_headers) == 1 and upstream.models_headers[0]["Authorization"] == f"Bearer {TEST_KEY}"
 
 
 async def test_relay_asks_for_no_usage_when_stream_usage_is_off(make_relay: Any, upstream: FakeUpstream) -> None:

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 from relay.config import Config
 from relay.core.ids import new_stream_id
 from relay.core.logline import log_finished
-from relay.upstream import Chunk, Completion, UpstreamClient, UpstreamError, UpstreamResponse
+from relay.upstream import Chunk, Completion, UpstreamError
+from relay.upstream.pool import Pool, PooledResponse
 
 log = logging.getLogger("relay.generation")
 
@@ -86,13 +87,13 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
+    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config", "attempts",
                  "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
                  "_started", "_subscribers", "_timer", "_upstream", "answer", "ending", "finished", "id", "kind",
                  "log_bytes", "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming",
                  "task", "wire")
 
-    def __init__(self, *, kind: str, config: Config, upstream: UpstreamClient, wire: Wire, model: str,
+    def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
                  resumable: bool = True, streaming: bool = True) -> None:
         self.id = new_stream_id()
@@ -128,8 +129,10 @@ class Generation:
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
         self._timer: asyncio.TimerHandle | None = None
-        self._resp: UpstreamResponse | None = None
+        self._resp: PooledResponse | None = None
         self.task: asyncio.Task[None] | None = None
+        #: ``upstream:outcome`` for every upstream tried, in order (relay/upstream/pool.py).
+        self.attempts: list[str] = []
 
     def start(self, wait_for_subscriber: float | None = None) -> None:
         """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
@@ -307,9 +310,10 @@ class Generation:
         self._publish()  # a view holding its status line for this can commit now
 
     async def _stream(self) -> Ending:
-        resp = self._resp = await self._upstream.open(self._body)
+        resp = self._resp = await self._upstream.open(self._body, self.attempts)
         self._answered(resp.request_id)
         wire = self.wire
+        committed = False
         try:
             while chunks := await resp.read():
                 for chunk in chunks:
@@ -320,13 +324,17 @@ class Generation:
                     data = wire.chunk(chunk, self.next_seq)
                     if data is not None:
                         self._append(data)
+                        if not committed:
+                            # Something of this answer is out: no other upstream may take over now.
+                            resp.commit()
+                            committed = True
                 self._publish()
         finally:
             resp.close()
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
 
     async def _complete(self) -> Ending:
-        answer = await self._upstream.complete(self._body)
+        answer = await self._upstream.complete(self._body, self.attempts)
         self.answer = answer
         self._first_delta = self._loop.time()
         choices = answer.obj.get("choices")
@@ -350,4 +358,4 @@ class Generation:
         usage = ending.usage if ending.usage is not None else (self._resp.usage if self._resp is not None else None)
         log_finished(log, self.kind, self.id, self.model, ending.code, started=self._started,
                      first_delta=self._first_delta, now=self._loop.time(), deltas=self._deltas,
-                     nbytes=self._bytes, usage=usage)
+                     nbytes=self._bytes, usage=usage, attempts=self.attempts)

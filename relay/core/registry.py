@@ -15,7 +15,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.core.generation import Generation, Wire
-from relay.upstream import UpstreamClient
+from relay.upstream.pool import Pool
 
 
 class StreamLimit(Exception):
@@ -23,7 +23,7 @@ class StreamLimit(Exception):
 
 
 class Registry:
-    def __init__(self, config: Config, upstream: UpstreamClient) -> None:
+    def __init__(self, config: Config, upstream: Pool) -> None:
         self._config = config
         self._upstream = upstream
         self._live: set[Generation] = set()

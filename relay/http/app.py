@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator
+import random
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -13,10 +16,10 @@ from relay.config import Config
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, static
-from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY
-from relay.http.health import ReadinessProbe, healthz, readyz
-from relay.upstream import UpstreamClient
+from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY, UPSTREAMS
+from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
+from relay.upstream.pool import Pool, shortcut_spec
 
 log = logging.getLogger("relay")
 
@@ -33,12 +36,14 @@ PAGE_HEADERS = {
 }
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
+             rng: random.Random | None = None) -> web.Application:
+    """The relay; ``clock`` and ``rng`` are the upstream pool's (cooldowns, weighted choice), for tests."""
     # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
-    app.cleanup_ctx.append(_upstream_ctx)
+    app.cleanup_ctx.append(functools.partial(_upstream_ctx, clock=clock, rng=rng))
     app.on_shutdown.append(_end_generations)
     app.router.add_post("/chat", chat.post_chat, expect_handler=guard.expect_handler)
     app.router.add_get("/chat", chat.get_chat, allow_head=False)
@@ -47,6 +52,7 @@ def make_app(config: Config) -> web.Application:
     app.router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=guard.expect_handler)
     app.router.add_get("/v1/models", openai.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
+    app.router.add_get("/v1/upstreams", upstreams_state, allow_head=False)
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
@@ -76,23 +82,29 @@ async def _page_headers(request: web.Request, response: web.StreamResponse) -> N
         response.headers.update(PAGE_HEADERS)
 
 
-async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
+                        rng: random.Random | None) -> AsyncIterator[None]:
     config = app[CONFIG]
     demo_runner: web.AppRunner | None = None
-    if config.upstream is None:
+    default_model: str | None = config.model
+    if config.upstreams:
+        specs = list(config.upstreams)
+        log.info("relaying to %d upstreams: %s", len(specs), ", ".join(spec.name for spec in specs))
+    elif config.upstream is None:
         demo_runner, base_url = await start_demo_upstream(token_delay=config.demo_token_delay)
         log.info("no upstream configured: relaying through the built-in demo model at %s", base_url)
-        default_model: str | None = config.model or DEMO_MODEL
+        default_model = config.model or DEMO_MODEL
+        specs = [shortcut_spec(config, base_url, name="demo")]
     else:
-        base_url = config.upstream
-        default_model = config.model
-        log.info("relaying to %s", base_url)
+        log.info("relaying to %s", config.upstream)
+        specs = [shortcut_spec(config, config.upstream)]
     connector = aiohttp.TCPConnector(limit=config.pool_limit)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
-    upstream = UpstreamClient(session, config, base_url, config.api_key)
-    app[CATALOG] = Catalog(default_model=default_model, allowed=config.models, demo=config.upstream is None)
-    app[REGISTRY] = Registry(config, upstream)
-    app[PROBE] = ReadinessProbe(upstream)
+    pool = Pool.build(session, config, specs, clock=clock, rng=rng)
+    app[UPSTREAMS] = pool
+    app[CATALOG] = Catalog.of(pool, default_model=default_model, allowed=config.models, demo=config.demo)
+    app[REGISTRY] = Registry(config, pool)
+    app[PROBE] = ReadinessProbe(pool)
     try:
         yield
     finally:

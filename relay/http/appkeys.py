@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from relay.http.health import ReadinessProbe
     from relay.http.ratelimit import ClientLimits
     from relay.upstream.catalog import Catalog
+    from relay.upstream.pool import Pool
 
 CONFIG: web.AppKey[Config] = web.AppKey("config")
 REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
@@ -26,3 +27,4 @@ ACCESS: web.AppKey[Access] = web.AppKey("access")
 GUARD: web.AppKey[Guard] = web.AppKey("guard")
 LIMITS: web.AppKey[ClientLimits] = web.AppKey("limits")
 PROBE: web.AppKey[ReadinessProbe] = web.AppKey("readiness_probe")
+UPSTREAMS: web.AppKey[Pool] = web.AppKey("upstreams")

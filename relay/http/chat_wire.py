@@ -47,6 +47,8 @@ class ChatWire:
                 event["retry_after"] = exc.retry_after
             if exc is not None and exc.upstream is not None and exc.status not in (401, 403):
                 event["upstream"] = exc.upstream
+            if exc is not None and exc.attempts > 1:
+                event["attempts"] = exc.attempts  # upstreams tried; the message is the last one's
             if ending.code == "shutdown":
                 retry = self._retry_ms  # so EventSource and the page come back after the restart
         return encode(dumps(event), id=f"{self._id}.{seq}", retry=retry)

@@ -94,8 +94,10 @@ async def _complete(gen: Generation, sub: Subscriber) -> web.StreamResponse:
     assert gen.ending is not None
     if gen.answer is None:
         return failure_response(gen.ending)
-    headers = {"x-request-id": gen.answer.request_id} if gen.answer.request_id else None
-    return web.Response(body=gen.answer.raw, content_type="application/json", headers=headers)
+    headers = {"x-request-id": gen.answer.request_id} if gen.answer.request_id else {}
+    if len(gen.attempts) > 1:
+        headers["x-relay-attempts"] = str(len(gen.attempts))
+    return web.Response(body=gen.answer.raw, content_type="application/json", headers=headers or None)
 
 
 async def _stream(request: web.Request, config: Config, gen: Generation, sub: Subscriber) -> web.StreamResponse:
@@ -106,14 +108,14 @@ async def _stream(request: web.Request, config: Config, gen: Generation, sub: Su
         except TimeoutError:
             # The first keepalive is due and the upstream has not answered: commit to 200 so
             # proxies and clients keep the connection; from here errors go in-stream.
-            out = await _commit(request, config, None)
+            out = await _commit(request, config, None, 0)
             await out.send_bytes(KEEPALIVE)
             await _answered(gen, sub)
         if out is None:
             if not gen.opened:
                 assert gen.ending is not None
                 return failure_response(gen.ending)
-            out = await _commit(request, config, gen.request_id)
+            out = await _commit(request, config, gen.request_id, len(gen.attempts))
         sub.sink = out.try_send
         if not await follow(out, gen, sub):
             # Four replay logs behind: what it missed is gone, so it gets an honest end, never a gap.
@@ -135,10 +137,12 @@ async def _stream(request: web.Request, config: Config, gen: Generation, sub: Su
     return out
 
 
-async def _commit(request: web.Request, config: Config, request_id: str | None) -> EventStream:
+async def _commit(request: web.Request, config: Config, request_id: str | None, attempts: int) -> EventStream:
+    headers = {"x-request-id": request_id} if request_id else {}
+    if attempts > 1:
+        headers["x-relay-attempts"] = str(attempts)  # it failed over before the first byte
     out = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
-                      send_buffer=config.send_buffer,
-                      headers={"x-request-id": request_id} if request_id else None)
+                      send_buffer=config.send_buffer, headers=headers or None)
     await out.prepare(request)
     return out
 
@@ -148,13 +152,13 @@ def _model(name: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """The models this relay allows: the allowlist, else the default model."""
-    return json_response({"object": "list", "data": [_model(m) for m in request.app[CATALOG].listed()]})
+    """The models this relay serves (relay/upstream/catalog.py), the default first."""
+    return json_response({"object": "list", "data": [_model(m) for m in await request.app[CATALOG].listed()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    if name not in request.app[CATALOG].listed():
+    if name not in await request.app[CATALOG].listed():
         return error_response(404, f"The model '{name}' does not exist or is not available on this relay",
                               param="model", code="model_not_found")
     return json_response(_model(name))

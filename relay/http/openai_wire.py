@@ -81,9 +81,12 @@ def upstream_error_response(exc: UpstreamError, ending: Ending) -> web.Response:
 
 
 def _passed_headers(exc: UpstreamError) -> dict[str, str]:
-    return {name: value for name, value in (("retry-after", exc.retry_after),
-                                            ("retry-after-ms", exc.retry_after_ms),
-                                            ("x-request-id", exc.request_id)) if value}
+    headers = {name: value for name, value in (("retry-after", exc.retry_after),
+                                               ("retry-after-ms", exc.retry_after_ms),
+                                               ("x-request-id", exc.request_id)) if value}
+    # How many upstreams were tried (relay/upstream/pool.py); this answer is the last one's.
+    headers["x-relay-attempts"] = str(exc.attempts)
+    return headers
 
 
 def _json(text: str, *, status: int, headers: dict[str, str] | None = None) -> web.Response:

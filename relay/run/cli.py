@@ -20,6 +20,7 @@ from relay.config import (
     parse_pairs,
     read_api_key,
 )
+from relay.upstream_config import parse_upstreams
 
 log = logging.getLogger("relay")
 
@@ -69,6 +70,13 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--max-output-tokens", "max_output_tokens", int, None,
      "ceiling on max_tokens / max_completion_tokens (more: 400)"),
     ("--max-n", "max_n", int, None, "ceiling on n, the number of choices per /v1 request"),
+    ("--max-attempts", "max_attempts", int, None,
+     "most upstreams tried for one request ([[upstreams]]; failover only before the answer's first byte)"),
+    ("--cooldown", "cooldown", float, None,
+     "seconds a failed upstream is skipped when it did not say (Retry-After); doubles with each failure in a row"),
+    ("--cooldown-max", "cooldown_max", float, None, "longest cooldown, seconds"),
+    ("--down-time", "down_time", float, None,
+     "seconds an upstream whose credentials or credit were refused (401/402/403) is left alone"),
 ]
 
 # (flag, dest, environment variable with comma-separated values, help): repeatable flags.
@@ -191,6 +199,11 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["allow_missing_host"] = args.allow_missing_host
     if args.strict_fields is not None:
         values["strict_fields"] = args.strict_fields
+    if "upstreams" in values:
+        if values.get("upstream"):
+            raise ConfigError("[[upstreams]] in the config file and --upstream (or OPENAI_BASE_URL) cannot be used "
+                              "together: list every upstream in the file, or use the flag alone")
+        values["upstreams"] = parse_upstreams(values["upstreams"], environ)
     values["api_key"] = read_api_key(key_file, environ)
     config = from_mapping(values)
     if config.tokens_file is not None:

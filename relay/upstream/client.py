@@ -48,6 +48,21 @@ class Completion:
     request_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one upstream is and how to talk to it: from configuration only, never from a client."""
+
+    name: str
+    base_url: str
+    api_key: str | None
+    api_key_header: str
+    headers: tuple[tuple[str, str], ...]
+    query: tuple[tuple[str, str], ...]
+    connect_timeout: float
+    first_token_timeout: float
+    idle_timeout: float
+
+
 class _Deadline(Exception):
     """Raised into a read in progress when a timeout passes (see ``UpstreamResponse._on_timer``)."""
 
@@ -58,15 +73,16 @@ log = logging.getLogger("relay.upstream")
 class UpstreamResponse:
     """One streamed answer.  ``await read()`` returns the next batch of chunks, ``[]`` at the end."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, config: Config, started: float, redact: Redactor) -> None:
+    def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
+                 total_deadline: float, redact: Redactor) -> None:
         self._resp = resp
         self._redact = redact
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event, error_field=True)
-        self._idle = config.idle_timeout
-        self._first_token_timeout = config.first_token_timeout
-        self._first_deadline = started + config.first_token_timeout
+        self._idle = target.idle_timeout
+        self._first_token_timeout = target.first_token_timeout
+        self._first_deadline = attempt_started + target.first_token_timeout
         self._total_timeout = config.total_timeout
-        self._total_deadline = started + config.total_timeout
+        self._total_deadline = total_deadline
         #: When the last delta (content, reasoning, a tool call, the finish) arrived; None: none yet.
         #: The idle timeout counts from here, not from the last byte: comments and a trickle of
         #: bytes that never make an event do not keep a stream alive.
@@ -112,7 +128,7 @@ class UpstreamResponse:
                 raise UpstreamError(
                     "upstream_ended",
                     "the upstream connection broke before the answer was finished",
-                    retriable=True, request_id=self.request_id,
+                    retriable=True, request_id=self.request_id, failover=True,
                 ) from exc
             finally:
                 self._reading = False
@@ -170,10 +186,10 @@ class UpstreamResponse:
                 obj = json.loads(data)
             except ValueError:
                 raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
-                                    retriable=True, request_id=self.request_id) from None
+                                    retriable=True, request_id=self.request_id, failover=True) from None
             if not isinstance(obj, dict):
                 raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
-                                    retriable=True, request_id=self.request_id)
+                                    retriable=True, request_id=self.request_id, failover=True)
             if obj.get("error") or obj.get("object") == "error":
                 # ``{"object": "error", ...}``: vLLM's ErrorResponse before it nested the error.
                 raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
@@ -218,17 +234,19 @@ class UpstreamResponse:
         self._ended = True
         if self.finish_reason is None:
             raise UpstreamError("upstream_ended", "the upstream ended the stream before the answer was finished",
-                                retriable=True, request_id=self.request_id)
+                                retriable=True, request_id=self.request_id, failover=True)
         return []
 
     def _timeout_error(self, now: float) -> UpstreamError:
+        failover = False
         if now >= self._total_deadline:
             msg = f"the answer did not finish within the total timeout ({self._total_timeout:g} s)"
         elif self._last_delta is None:
             msg = f"the upstream sent no answer within the first-token timeout ({self._first_token_timeout:g} s)"
+            failover = True
         else:
             msg = f"the upstream went silent for longer than the idle timeout ({self._idle:g} s)"
-        return UpstreamError("upstream_timeout", msg, retriable=True, request_id=self.request_id)
+        return UpstreamError("upstream_timeout", msg, retriable=True, request_id=self.request_id, failover=failover)
 
     def close(self) -> None:
         """Close the connection (not release: draining would let the upstream keep generating)."""
@@ -239,47 +257,60 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """Builds requests from configuration and opens streamed answers."""
+    """One upstream: builds its requests from configuration and opens streamed answers."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config, base_url: str, api_key: str | None) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: Config, target: Target, redact: Redactor) -> None:
         self._session = session
         self._config = config
-        self.base_url = base_url.rstrip("/")
+        self.target = target
+        self.name = target.name
+        self.base_url = target.base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
-        self._params = list(config.upstream_query)
+        self._params = list(target.query)
         headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
-        headers.update(dict(config.upstream_headers))
-        if api_key:
-            if config.api_key_header.lower() == "authorization":
-                headers["Authorization"] = f"Bearer {api_key}"
+        headers.update(dict(target.headers))
+        if target.api_key:
+            if target.api_key_header.lower() == "authorization":
+                headers["Authorization"] = f"Bearer {target.api_key}"
             else:
-                headers[config.api_key_header] = api_key
+                headers[target.api_key_header] = target.api_key
         self._headers = headers
-        self._redact = Redactor([api_key, config.api_key])
+        self._redact = redact
         self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=config.connect_timeout, sock_connect=config.connect_timeout
+            total=None, connect=target.connect_timeout, sock_connect=target.connect_timeout
         )
 
-    async def open(self, body: dict[str, Any]) -> UpstreamResponse:
-        """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream."""
+    async def open(self, body: dict[str, Any], *, total_deadline: float | None = None) -> UpstreamResponse:
+        """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream.
+
+        ``total_deadline`` (loop time) is the request's, across all its attempts; the first-token
+        timeout counts from this attempt.
+        """
         started = asyncio.get_running_loop().time()
-        limit = min(self._config.first_token_timeout, self._config.total_timeout)
-        resp = await self._post(body, "text/event-stream", started + limit,
-                                f"the upstream sent no answer within the first-token timeout ({limit:g} s)")
+        if total_deadline is None:
+            total_deadline = started + self._config.total_timeout
+        first = started + self.target.first_token_timeout
+        if first <= total_deadline:
+            limit, deadline = self.target.first_token_timeout, first
+            too_late = f"the upstream sent no answer within the first-token timeout ({limit:g} s)"
+        else:
+            deadline = total_deadline
+            too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
+        resp = await self._post(body, "text/event-stream", deadline, too_late, failover=first <= total_deadline)
         ctype = resp.headers.get("Content-Type", "")
         if not ctype.startswith("text/event-stream"):
             resp.close()
             raise UpstreamError("upstream_error",
                                 f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
                                 "not an event stream", status=resp.status, retriable=False,
-                                request_id=request_id_of(resp.headers, self._redact))
-        return UpstreamResponse(resp, self._config, started, self._redact)
+                                request_id=request_id_of(resp.headers, self._redact), failover=True)
+        return UpstreamResponse(resp, self._config, self.target, started, total_deadline, self._redact)
 
-    async def complete(self, body: dict[str, Any]) -> Completion:
+    async def complete(self, body: dict[str, Any], *, total_deadline: float | None = None) -> Completion:
         """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
-        deadline = asyncio.get_running_loop().time() + self._config.total_timeout
+        deadline = total_deadline or asyncio.get_running_loop().time() + self._config.total_timeout
         too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "application/json", deadline, too_late)
+        resp = await self._post(body, "application/json", deadline, too_late, failover=False)
         request_id = request_id_of(resp.headers, self._redact)
         try:
             async with asyncio.timeout_at(deadline):
@@ -288,7 +319,7 @@ class UpstreamClient:
             raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
-                                retriable=True, request_id=request_id) from exc
+                                retriable=True, request_id=request_id, failover=True) from exc
         finally:
             resp.close()
         if len(raw) > self._config.max_upstream_event:
@@ -300,38 +331,42 @@ class UpstreamClient:
             obj = None
         if not isinstance(obj, dict):
             raise UpstreamError("upstream_error", "the upstream's answer is not a JSON object",
-                                retriable=True, request_id=request_id)
+                                retriable=True, request_id=request_id, failover=True)
         if obj.get("error"):
             raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
                                   redact=self._redact, raw=raw.decode("utf-8", "replace"))
         return Completion(raw, obj, request_id)
 
-    async def _post(self, body: dict[str, Any], accept: str, deadline: float,
-                    too_late: str) -> aiohttp.ClientResponse:
-        """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx."""
+    async def _post(self, body: dict[str, Any], accept: str, deadline: float, too_late: str, *,
+                    failover: bool) -> aiohttp.ClientResponse:
+        """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx.
+
+        Redirects are not followed: one would carry the key (a custom header such as Azure's
+        ``api-key`` survives a redirect to another host) wherever the upstream points.
+        """
         payload = dumps(body).encode()
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
-                                                params=self._params, timeout=self._timeout)
+                                                params=self._params, timeout=self._timeout, allow_redirects=False)
         except TimeoutError:
-            raise UpstreamError("upstream_timeout", too_late, retriable=True) from None
+            raise UpstreamError("upstream_timeout", too_late, retriable=True, failover=failover) from None
         except aiohttp.ClientConnectorError as exc:
             # From the errno, not strerror: asyncio's text names the upstream's address, which
             # is the operator's business, not the client's.
             errno = exc.os_error.errno
             reason = os.strerror(errno) if errno else type(exc.os_error).__name__
-            log.warning("cannot connect to the upstream at %s: %s", exc.host, exc.os_error.strerror)
+            log.warning("cannot connect to the upstream %s at %s: %s", self.name, exc.host, exc.os_error.strerror)
             raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
-                                status=None, retriable=True) from None
+                                status=None, retriable=True, failover=True) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
             raise UpstreamError("upstream_error", f"the upstream request failed ({type(exc).__name__})",
-                                status=None, retriable=True) from None
+                                status=None, retriable=True, failover=True) from None
         if resp.status >= 300:
             # The error body is read under a deadline too: an upstream that sends its status and
             # then nothing must not hold the stream past the timeouts.  Headers are the upstream's
             # first sign of life, so from here silence is bounded by the idle timeout.
-            body_deadline = min(deadline, asyncio.get_running_loop().time() + self._config.idle_timeout)
+            body_deadline = min(deadline, asyncio.get_running_loop().time() + self.target.idle_timeout)
             try:
                 raise await error_from_response(resp, redact=self._redact, deadline=body_deadline)
             finally:
@@ -340,7 +375,24 @@ class UpstreamClient:
 
     async def probe(self, timeout: float) -> int:
         """``GET {base}/models`` with the key; the status, for the readiness answer (the body is not read)."""
-        headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
-        async with self._session.get(self.base_url + "/models", headers=headers, params=self._params,
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with self._session.get(self.base_url + "/models", headers=self._probe_headers(), params=self._params,
+                                     timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as resp:
             return resp.status
+
+    async def model_ids(self, timeout: float) -> list[str]:
+        """The ids in the upstream's own ``GET {base}/models`` (for an upstream that serves ``"*"``)."""
+        async with self._session.get(self.base_url + "/models", headers=self._probe_headers(), params=self._params,
+                                     timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False) as resp:
+            if resp.status != 200:
+                return []
+            raw = await read_bounded(resp.content, 4 * 1024 * 1024)
+        try:
+            data = json.loads(raw).get("data")
+        except (ValueError, AttributeError):
+            return []
+        if not isinstance(data, list):
+            return []
+        return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
+
+    def _probe_headers(self) -> dict[str, str]:
+        return {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}

@@ -26,6 +26,16 @@ DETAIL_LIMIT: Final = 4096
 DETAIL_STRING: Final = 1000
 #: The fields of an error object that /chat's event names itself (the rest is ``detail``).
 NAMED: Final = frozenset({"message", "type", "code", "param"})
+#: Statuses after which another upstream is tried (if nothing has reached the client yet): the
+#: upstream is busy, overloaded or broken.  Never 400, 404, 413, 422: the request is at fault.
+FAILOVER_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529})
+#: The upstream's credentials or credit are broken: fail over and leave it alone for longer.
+DOWN_STATUSES: Final = frozenset({401, 402, 403})
+
+
+def fails_over(status: int | None) -> bool:
+    """Whether an error with this HTTP status (None: a broken connection or stream) is the upstream's fault."""
+    return status is None or status in FAILOVER_STATUSES or status in DOWN_STATUSES or 300 <= status < 400
 
 
 class UpstreamError(Exception):
@@ -43,6 +53,7 @@ class UpstreamError(Exception):
         request_id: str | None = None,
         raw: str | None = None,
         upstream: dict[str, Any] | None = None,
+        failover: bool = False,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -57,6 +68,10 @@ class UpstreamError(Exception):
         self.raw = raw
         #: The upstream's ``type``, ``code`` and other fields, bounded, for /chat's error event.
         self.upstream = upstream
+        #: Another upstream may be tried instead (relay/upstream/pool.py), if nothing was relayed yet.
+        self.failover = failover
+        #: How many upstreams were tried for the request before it failed with this.
+        self.attempts = 1
 
 
 async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
@@ -86,7 +101,7 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
             "upstream_error",
             f"the upstream rejected the relay's credentials (HTTP {status}); "
             "the relay's API key or upstream configuration needs fixing",
-            status=status, retriable=False, request_id=request_id,
+            status=status, retriable=False, request_id=request_id, failover=True,
         )
     retriable = status == 429 or status >= 500
     try:
@@ -97,7 +112,7 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
         return UpstreamError(
             "upstream_timeout", f"the upstream answered HTTP {status} and then sent nothing more within the timeout",
             status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
-            request_id=request_id,
+            request_id=request_id, failover=fails_over(status),
         )
     except (aiohttp.ClientError, ConnectionError):
         raw = b""
@@ -109,6 +124,7 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
         err = UpstreamError("upstream_error", f"the upstream answered HTTP {status} {reason}",
                             status=status, request_id=request_id)
     err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms
+    err.failover = fails_over(status)
     return err
 
 
@@ -239,5 +255,5 @@ def error_from_body(obj: dict[str, Any] | list[Any], *, status: int | None, requ
     return UpstreamError(
         "upstream_error", f"the upstream reported an error ({where}): {message}",
         status=status, retriable=midstream or (status is not None and (status == 429 or status >= 500)),
-        request_id=request_id, raw=raw, upstream=upstream_fields(err),
+        request_id=request_id, raw=raw, upstream=upstream_fields(err), failover=fails_over(status),
     )

@@ -1,0 +1,388 @@
+"""Several upstreams behind one interface: routing by model, failover before the first byte, cooldowns.
+
+A request's model picks the upstreams that serve it, lowest ``priority`` first, equal priorities
+in a weighted random order.  Another upstream is tried only while nothing of the answer has
+reached the client (``PooledResponse.commit()`` marks that point): on a failed connect, a
+timeout before the first token, a status that is the upstream's fault (``fails_over``), a
+broken or empty stream.  Once a byte of the answer is out, a failure is an honest error, never
+a splice of two answers.  At most ``--max-attempts`` upstreams per request, within the one
+``--total-timeout``.
+
+An upstream that failed is cooling down: skipped until its ``Retry-After`` (or
+``retry-after-ms``) when it gave one, else for ``--cooldown`` seconds doubling with each failure
+in a row up to ``--cooldown-max``; 401/402/403 (its credentials or credit) for ``--down-time``.
+When the time is up one request tries it (half-open) while the others still go elsewhere; its
+answer decides.  When every upstream for a model is cooling down, the one that recovers first is
+tried anyway: a request is never refused for a state that may already be over (and the one
+``--upstream`` keeps its behaviour: every request reaches it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from typing import Any, Final, TypeVar
+
+import aiohttp
+
+from relay.config import Config
+from relay.upstream.client import Chunk, Completion, Target, UpstreamClient, UpstreamResponse
+from relay.upstream.errors import DOWN_STATUSES, UpstreamError
+from relay.upstream.metadata import Redactor
+from relay.upstream_config import UpstreamSpec
+
+log = logging.getLogger("relay.upstream")
+
+#: Longest cooldown an upstream's own ``Retry-After`` can ask for.
+MAX_RETRY_AFTER: Final = 3600.0
+#: How long an upstream's own ``/models`` list (for ``"*"``) is kept.
+MODELS_TTL: Final = 60.0
+MODELS_TIMEOUT: Final = 5.0
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Health:
+    """One upstream's cooldown state."""
+
+    #: Failures in a row (a success resets it).
+    failures: int = 0
+    #: Clock time until which it is skipped; 0: never failed, or recovered.
+    until: float = 0.0
+    #: Why it is cooling down or down, for the operator (never the upstream's text).
+    why: str = ""
+    down: bool = False
+    #: A request is trying it after its cooldown (half-open); the others go elsewhere meanwhile.
+    probing: bool = False
+
+    def usable(self, now: float) -> bool:
+        if self.until == 0.0:
+            return True
+        return now >= self.until and not self.probing
+
+    def state(self, now: float) -> str:
+        if self.until == 0.0:
+            return "ok"
+        if now < self.until:
+            return "down" if self.down else "cooling"
+        return "probing" if self.probing else "recovering"
+
+
+@dataclass(slots=True)
+class Stats:
+    requests: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class Member:
+    spec: UpstreamSpec
+    client: UpstreamClient
+    health: Health = field(default_factory=Health)
+    stats: Stats = field(default_factory=Stats)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Route:
+    """One request's way through the pool: the upstreams left to try and what each attempt did."""
+
+    __slots__ = ("attempts", "body", "deadline", "member", "model", "order", "tried")
+
+    def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str]) -> None:
+        self.body = body
+        self.model = str(body.get("model", ""))
+        self.order = order
+        self.deadline = deadline
+        #: ``name:outcome`` per attempt, for the log line (shared with the generation).
+        self.attempts = attempts
+        self.tried = 0
+        self.member: Member | None = None
+
+
+class PooledResponse:
+    """A streamed answer that may move to another upstream until ``commit()``: the generation calls
+    it when the first event from this answer is in its log (from then on, nothing moves)."""
+
+    __slots__ = ("_committed", "_pool", "_resp", "_route")
+
+    def __init__(self, pool: Pool, route: Route, resp: UpstreamResponse) -> None:
+        self._pool = pool
+        self._route = route
+        self._resp = resp
+        self._committed = False
+
+    @property
+    def request_id(self) -> str | None:
+        return self._resp.request_id
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._resp.finish_reason
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._resp.usage
+
+    def commit(self) -> None:
+        self._committed = True
+
+    async def read(self) -> list[Chunk]:
+        while True:
+            try:
+                return await self._resp.read()
+            except UpstreamError as exc:
+                if self._committed or not exc.failover:
+                    exc.attempts = self._route.tried
+                    raise
+                self._resp.close()
+                self._pool.failed(self._route, exc)
+                self._resp = await self._pool.next_stream(self._route, exc)
+
+    def close(self) -> None:
+        self._resp.close()
+        member = self._route.member
+        usage = self._resp.usage
+        if member is not None and usage:
+            # Usage per upstream: what each one billed, for the operator's view (GET /v1/upstreams).
+            member.stats.prompt_tokens += _count(usage.get("prompt_tokens"))
+            member.stats.completion_tokens += _count(usage.get("completion_tokens"))
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class Pool:
+    """Every configured upstream, and the choice among them for each request."""
+
+    def __init__(self, config: Config, members: list[Member], *, clock: Callable[[], float] = time.monotonic,
+                 rng: random.Random | None = None) -> None:
+        self._config = config
+        self.members = members
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._models: dict[str, tuple[float, list[str]]] = {}
+
+    @classmethod
+    def build(cls, session: aiohttp.ClientSession, config: Config, specs: Iterable[UpstreamSpec], *,
+              clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> Pool:
+        specs = list(specs)
+        # Every configured key is blanked in whatever any upstream sends on: one upstream could
+        # echo another's (a shared proxy in front of both).
+        redact = Redactor([config.api_key, *(spec.api_key for spec in specs)])
+        members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact)) for spec in specs]
+        return cls(config, members, clock=clock, rng=rng)
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def serving(self, model: str) -> list[Member]:
+        return [m for m in self.members if m.spec.upstream_model(model) is not None]
+
+    def order(self, model: str) -> list[Member]:
+        """The upstreams to try for ``model``, best first (see the module's docstring)."""
+        now = self._clock()
+        serving = self.serving(model)
+        usable = [m for m in serving if m.health.usable(now)]
+        if not usable:
+            # Everything is cooling down: the one that recovers first, rather than no answer at all.
+            return sorted(serving, key=lambda m: m.health.until)[:1]
+        ordered: list[Member] = []
+        for priority in sorted({m.spec.priority for m in usable}):
+            group = [m for m in usable if m.spec.priority == priority]
+            while group:
+                pick = self._rng.choices(group, weights=[m.spec.weight for m in group])[0]
+                group.remove(pick)
+                ordered.append(pick)
+        return ordered
+
+    def route(self, body: dict[str, Any], attempts: list[str]) -> Route:
+        deadline = asyncio.get_running_loop().time() + self._config.total_timeout
+        return Route(body, self.order(str(body.get("model", ""))), deadline, attempts)
+
+    # -- attempts --------------------------------------------------------------------------
+
+    async def open(self, body: dict[str, Any], attempts: list[str]) -> PooledResponse:
+        """A streamed answer from the first upstream that gives one (``attempts`` records each try)."""
+        route = self.route(body, attempts)
+        resp = await self._attempt(route, None, lambda m, b: m.client.open(b, total_deadline=route.deadline))
+        return PooledResponse(self, route, resp)
+
+    async def next_stream(self, route: Route, failure: UpstreamError) -> UpstreamResponse:
+        """After ``failure`` (already recorded), the next upstream's stream, or the last failure raised."""
+        return await self._attempt(route, failure, lambda m, b: m.client.open(b, total_deadline=route.deadline))
+
+    async def complete(self, body: dict[str, Any], attempts: list[str]) -> Completion:
+        route = self.route(body, attempts)
+        result = await self._attempt(route, None,
+                                     lambda m, b: m.client.complete(b, total_deadline=route.deadline))
+        if route.member is not None:
+            usage = result.obj.get("usage")
+            if isinstance(usage, dict):
+                route.member.stats.prompt_tokens += _count(usage.get("prompt_tokens"))
+                route.member.stats.completion_tokens += _count(usage.get("completion_tokens"))
+        return result
+
+    async def _attempt(self, route: Route, failure: UpstreamError | None,
+                       call: Callable[[Member, dict[str, Any]], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        while route.order and route.tried < self._config.max_attempts and loop.time() < route.deadline:
+            member = route.order.pop(0)
+            route.tried += 1
+            route.member = member
+            member.stats.requests += 1
+            health = member.health
+            if health.until != 0.0:
+                health.probing = True  # half-open: this request tries it, the others go elsewhere
+            # An alias: the upstream gets its own name for the model.
+            upstream_body = {**route.body, "model": member.spec.upstream_model(route.model) or route.model}
+            try:
+                result = await call(member, upstream_body)
+            except UpstreamError as exc:
+                if not exc.failover:
+                    # The request is at fault, not the upstream: it answered, so it is well.
+                    self._recovered(member)
+                    route.attempts.append(f"{member.name}:{_outcome(exc)}")
+                    exc.attempts = route.tried
+                    raise
+                self.failed(route, exc)
+                failure = exc
+                continue
+            except BaseException:
+                health.probing = False  # cancelled mid-attempt: neither well nor failed
+                raise
+            self._recovered(member)
+            route.attempts.append(f"{member.name}:ok")
+            return result
+        if failure is None:
+            failure = UpstreamError("upstream_error", f"no upstream serves the model {route.model!r}")
+        failure.attempts = route.tried
+        raise failure
+
+    def failed(self, route: Route, exc: UpstreamError) -> None:
+        """Record a failover-able failure of the route's current upstream and start its cooldown."""
+        member = route.member
+        if member is None:
+            return
+        route.attempts.append(f"{member.name}:{_outcome(exc)}")
+        member.stats.failures += 1
+        health = member.health
+        health.probing = False
+        health.failures += 1
+        now = self._clock()
+        config = self._config
+        if exc.status in DOWN_STATUSES:
+            health.down, wait = True, config.down_time
+            health.why = f"HTTP {exc.status}: its credentials or credit were refused"
+        else:
+            health.down = False
+            asked = _retry_after(exc)
+            wait = asked if asked is not None else min(config.cooldown * 2 ** (health.failures - 1),
+                                                       config.cooldown_max)
+            health.why = f"HTTP {exc.status}" if exc.status is not None else exc.code
+        health.until = now + wait
+        log.warning("upstream %s failed (%s); skipped for %.1f s", member.name, health.why, wait)
+
+    def _recovered(self, member: Member) -> None:
+        health = member.health
+        if health.until != 0.0:
+            log.info("upstream %s answers again", member.name)
+        health.failures, health.until, health.why, health.down, health.probing = 0, 0.0, "", False, False
+
+    # -- what the operator and clients see ------------------------------------------------
+
+    def state(self) -> list[dict[str, Any]]:
+        """Each upstream's state (ok / cooling down until T / down: why) and counters; no key, no URL."""
+        now = self._clock()
+        out = []
+        for m in self.members:
+            health = m.health
+            entry: dict[str, Any] = {"name": m.name, "state": health.state(now), "priority": m.spec.priority,
+                                     "weight": m.spec.weight, "requests": m.stats.requests,
+                                     "failures": m.stats.failures, "prompt_tokens": m.stats.prompt_tokens,
+                                     "completion_tokens": m.stats.completion_tokens}
+            if health.until and now < health.until:
+                entry["retry_in"] = round(health.until - now, 3)
+                entry["why"] = health.why
+            out.append(entry)
+        return out
+
+    def named_models(self) -> list[str]:
+        """Every client-visible model an entry names, once, in configuration order."""
+        seen: dict[str, None] = {}
+        for m in self.members:
+            for visible, _ in m.spec.models:
+                seen.setdefault(visible)
+        return list(seen)
+
+    @property
+    def any_model(self) -> bool:
+        return any(m.spec.any_model for m in self.members)
+
+    async def listed_models(self) -> list[str]:
+        """``named_models`` and, for each upstream that serves ``"*"``, its own ``/models`` (cached)."""
+        names = dict.fromkeys(self.named_models())
+        for m in self.members:
+            if not m.spec.any_model:
+                continue
+            for name in await self._own_models(m):
+                names.setdefault(name)
+        return list(names)
+
+    async def _own_models(self, member: Member) -> list[str]:
+        now = self._clock()
+        cached = self._models.get(member.name)
+        if cached is not None and now - cached[0] < MODELS_TTL:
+            return cached[1]
+        try:
+            ids = await member.client.model_ids(MODELS_TIMEOUT)
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+            ids = cached[1] if cached is not None else []
+        self._models[member.name] = (now, ids)
+        return ids
+
+
+def _outcome(exc: UpstreamError) -> str:
+    return str(exc.status) if exc.status is not None else exc.code
+
+
+def _retry_after(exc: UpstreamError) -> float | None:
+    """The wait the upstream asked for: ``retry-after-ms``, else ``retry-after`` (seconds or a date)."""
+    if exc.retry_after_ms is not None:
+        return min(float(exc.retry_after_ms) / 1000, MAX_RETRY_AFTER)
+    value = exc.retry_after
+    if value is None:
+        return None
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, min(when - time.time(), MAX_RETRY_AFTER))
+
+
+def target_of(spec: UpstreamSpec, config: Config) -> Target:
+    return Target(
+        name=spec.name, base_url=spec.url, api_key=spec.api_key, api_key_header=spec.api_key_header,
+        headers=spec.headers, query=spec.query,
+        connect_timeout=spec.connect_timeout or config.connect_timeout,
+        first_token_timeout=spec.first_token_timeout or config.first_token_timeout,
+        idle_timeout=spec.idle_timeout or config.idle_timeout,
+    )
+
+
+def shortcut_spec(config: Config, base_url: str, *, name: str = "upstream") -> UpstreamSpec:
+    """The one upstream of ``--upstream`` (or the demo model) as a pool entry that serves any model."""
+    return UpstreamSpec(name=name, url=base_url, api_key=config.api_key, api_key_header=config.api_key_header,
+                        headers=config.upstream_headers, query=config.upstream_query, any_model=True)
