@@ -129,10 +129,12 @@ class Relay:
     """``python -m relay serve`` against the fake upstream, one process."""
 
     def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = (),
-                 src: Path | None = None) -> None:
+                 src: Path | None = None, config: Path | None = None) -> None:
         self.port = free_port()
+        # ``config``: a TOML file with [[upstreams]] instead of the one --upstream.
+        where = ["--config", str(config)] if config else ["--upstream", f"http://127.0.0.1:{upstream_port}/v1"]
         args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                "--upstream", f"http://127.0.0.1:{upstream_port}/v1", "--model", "bench",
+                *where, "--model", "bench",
                 "--max-streams", "100000", "--pool-limit", "100000", "--resume-grace", "0",
                 "--log-level", "warning", *extra]
         if loop:

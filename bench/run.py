@@ -19,13 +19,14 @@ import platform
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.procs import REPO, Nginx, Relay, Upstream, cpu_seconds, nginx_binary, raise_nofile, rss_kib
+from bench.procs import REPO, Nginx, Relay, Upstream, cpu_seconds, free_port, nginx_binary, raise_nofile, rss_kib
 
 OUT = REPO / "bench" / "out"
 TARGETS = {  # name → (path, kind)
@@ -49,6 +50,7 @@ FULL: dict[str, Any] = {
     "warmup": dict(streams=200, n=5, dt=0.01, ramp=0.5),
     "concurrency": [2000, 4000, 8000, 9500],
     "concurrency_stream": dict(n=20, dt=1.0),
+    "failover": dict(streams=400, n=5, dt=0.02, ramp=4.0),
 }
 QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
@@ -64,6 +66,7 @@ QUICK: dict[str, Any] = {
     "warmup": dict(streams=10, n=3, dt=0.01, ramp=0.02),
     "concurrency": [50, 100],
     "concurrency_stream": dict(n=3, dt=0.1),
+    "failover": dict(streams=20, n=3, dt=0.02, ramp=0.2),
 }
 
 
@@ -80,8 +83,8 @@ class Bench:
     def close(self) -> None:
         self.upstream.close()
 
-    def relay(self) -> Relay:
-        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src)
+    def relay(self, config: Path | None = None) -> Relay:
+        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src, config=config)
 
     def load(self, name: str, port: int, target: str, spec: dict[str, Any], *,
              hold: Any = None) -> dict[str, Any]:
@@ -271,6 +274,38 @@ class Bench:
         out["max_streams"] = best
         self.results["concurrency"] = out
 
+    def failover(self) -> None:
+        """TTFT when every request's first upstream refuses its connection, against one upstream alone.
+
+        The dead upstream's cooldown is kept at a millisecond, so (nearly) every request tries it
+        first; how many did is read from the relay's own ``GET /v1/upstreams``.
+        """
+        dead = free_port()  # nothing listens there: the connect is refused
+        conf = OUT / "failover.toml"
+        OUT.mkdir(parents=True, exist_ok=True)
+        conf.write_text(
+            "cooldown = 0.001\ncooldown-max = 0.001\n"
+            f'[[upstreams]]\nname = "dead"\nurl = "http://127.0.0.1:{dead}/v1"\nmodels = "*"\npriority = 0\n'
+            f'[[upstreams]]\nname = "live"\nurl = "http://127.0.0.1:{self.upstream.port}/v1"\nmodels = "*"\n'
+            "priority = 1\n")
+        out: dict[str, Any] = {}
+        for label, config in (("one", None), ("failover", conf)):
+            relay = self.relay(config)
+            try:
+                self.load(f"failover/{label}/warmup", relay.port, "chat", self.p["warmup"])
+                out[label] = self.measured(f"failover/{label}", relay.port, "chat", self.p["failover"], relay.pids)
+                if config is not None:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{relay.port}/v1/upstreams") as resp:
+                        state = {u["name"]: u for u in json.load(resp)["upstreams"]}
+                    out[label]["dead_tried"] = state["dead"]["failures"]
+            finally:
+                relay.close()
+            r = out[label]
+            print(f"  failover {label:>8}: {r['ok']}/{r['streams']} ok, ttft p50 {r['ttft_ms']['p50']} ms "
+                  f"p99 {r['ttft_ms']['p99']} ms" + (f", dead upstream tried {r['dead_tried']} times"
+                                                     if "dead_tried" in r else ""), flush=True)
+        self.results["failover"] = out
+
 
 def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     """The headline figures against their goals (goal, stretch)."""
@@ -315,6 +350,13 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     s = res["silent"]["chat"]
     row("first byte while upstream silent p50", s["ttfb_ms"]["p50"], "ms", 5)
     row("first byte while upstream silent p99", s["ttfb_ms"]["p99"], "ms", 5)
+    if "failover" in res:
+        f = res["failover"]
+        for q in ("p50", "p99"):
+            row(f"failover added TTFT {q} (first upstream refuses)",
+                round(f["failover"]["ttft_ms"][q] - f["one"]["ttft_ms"][q], 2), "ms", *((2, None) if q == "p50" else ()))
+        row("failover: requests that tried the dead upstream first", f["failover"].get("dead_tried"), "of "
+            f"{f['failover']['streams']}")
     return rows
 
 
@@ -335,7 +377,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency")
+PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,7 +356,8 @@ class UpstreamClient:
             # is the operator's business, not the client's.
             errno = exc.os_error.errno
             reason = os.strerror(errno) if errno else type(exc.os_error).__name__
-            log.warning("cannot connect to the upstream %s at %s: %s", self.name, exc.host, exc.os_error.strerror)
+            # Debug: the pool warns once when an upstream starts failing (relay/upstream/pool.py).
+            log.debug("cannot connect to the upstream %s at %s: %s", self.name, exc.host, exc.os_error.strerror)
             raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
                                 status=None, retriable=True, failover=True) from None
         except (aiohttp.ClientError, ConnectionError) as exc:

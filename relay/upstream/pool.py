@@ -278,6 +278,7 @@ class Pool:
         member.stats.failures += 1
         health = member.health
         health.probing = False
+        first = health.until == 0.0
         health.failures += 1
         now = self._clock()
         config = self._config
@@ -289,9 +290,12 @@ class Pool:
             asked = _retry_after(exc)
             wait = asked if asked is not None else min(config.cooldown * 2 ** (health.failures - 1),
                                                        config.cooldown_max)
-            health.why = f"HTTP {exc.status}" if exc.status is not None else exc.code
+            health.why = f"HTTP {exc.status}" if exc.status is not None else exc.message[:200]
         health.until = now + wait
-        log.warning("upstream %s failed (%s); skipped for %.1f s", member.name, health.why, wait)
+        # Once when it starts failing, not once per request: a dead upstream under load would
+        # otherwise write a line for every request that tried it.
+        (log.warning if first else log.debug)("upstream %s failed (%s); skipped for %.3g s%s", member.name,
+                                              health.why, wait, "" if first else f" ({health.failures} in a row)")
 
     def _recovered(self, member: Member) -> None:
         health = member.health
