@@ -375,3 +375,12 @@ def test_upstreams_with_the_upstream_flag_is_exit_2_one_line(tmp_path: Path) -> 
     done = subprocess.run([str(script), "serve", "--config", str(path)], capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin"})
     assert done.returncode == 2 and "NO_SUCH" in done.stderr and "entry 1 ('a')" in done.stderr
+
+
+async def test_every_configured_key_is_blanked_in_what_any_upstream_sends(start: Any,
+                                                                         fakes: dict[str, FakeUpstream]) -> None:
+    # b (a shared proxy, say) quotes a's key: a's key is blanked in b's answer too.
+    fakes["b"].behaviour = status(400, {"error": {"message": f"key {KEYS['a']} is not mine", "type": "x"}})
+    relay = await start(spec("b", fakes["b"].base_url), spec("a", fakes["a"].base_url, priority=1))
+    resp = await relay.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
+    assert resp.status == 400 and (await resp.json())["error"]["message"] == "key [redacted] is not mine"
