@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from relay.upstream_config import ConfigError, UpstreamSpec, check_header, check_url, parse_pairs
+from relay.upstream_config import ConfigError, UpstreamSpec, check_header, check_url, parse_pairs, read_key_file
 
 __all__ = ["CREDENTIAL_NAME", "Config", "ConfigError", "UpstreamSpec", "parse_pairs", "read_api_key"]
 
@@ -240,15 +240,7 @@ def read_api_key(key_file: str | None, environ: Mapping[str, str]) -> str | None
         if candidate.exists():
             path = candidate
     if path is not None:
-        try:
-            key = path.read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"cannot read the API key file {str(path)!r}: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"the API key file {str(path)!r} is not UTF-8 text") from None
-        if not key:
-            raise ConfigError(f"the API key file {str(path)!r} is empty")
-        return key
+        return read_key_file(path, "the API key file")
     return environ.get("OPENAI_API_KEY") or None
 
 

@@ -121,14 +121,19 @@ def _read_key(entry: Mapping[str, Any], where: str, environ: Mapping[str, str]) 
         path = Path(directory) / ref
     else:
         path = Path(ref)
+    return read_key_file(path, f"{where}: the key file")
+
+
+def read_key_file(path: Path, what: str) -> str:
+    """A key from a file (surrounding whitespace dropped), or ConfigError saying why not."""
     try:
         key = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read the key file {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"{what} {str(path)!r} cannot be read: {exc.strerror}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{where}: the key file {str(path)!r} is not UTF-8 text") from None
+        raise ConfigError(f"{what} {str(path)!r} is not UTF-8 text") from None
     if not key:
-        raise ConfigError(f"{where}: the key file {str(path)!r} is empty")
+        raise ConfigError(f"{what} {str(path)!r} is empty")
     return key
 
 

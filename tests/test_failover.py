@@ -332,7 +332,7 @@ ENV = {"A_KEY": "sk-a"}
       {"name": "a", "url": "http://127.0.0.1:2/v1", "models": ["m"]}], "used by another entry"),
     ([{"name": "a", "url": "http://127.0.0.1:1/v1", "models": ["m"], "key_env": "NOPE"}], "NOPE"),
     ([{"name": "a", "url": "http://127.0.0.1:1/v1", "models": ["m"], "key_file": "/nonexistent/key"}],
-     "cannot read the key file"),
+     "cannot be read"),
     ([{"name": "a", "url": "ftp://x", "models": ["m"]}], "url must be an http"),
     ([{"name": "a", "url": "http://127.0.0.1:1/v1"}], "models is required"),
     ([{"name": "a", "url": "http://127.0.0.1:1/v1", "models": ["m"], "weight": 0}], "weight"),
