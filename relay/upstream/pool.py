@@ -81,6 +81,12 @@ class Stats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
+    def add_usage(self, usage: Any) -> None:
+        """Usage per upstream: what each one billed, for the operator's view (GET /v1/upstreams)."""
+        if isinstance(usage, dict):
+            self.prompt_tokens += _count(usage.get("prompt_tokens"))
+            self.completion_tokens += _count(usage.get("completion_tokens"))
+
 
 @dataclass(slots=True)
 class Member:
@@ -114,13 +120,14 @@ class PooledResponse:
     """A streamed answer that may move to another upstream until ``commit()``: the generation calls
     it when the first event from this answer is in its log (from then on, nothing moves)."""
 
-    __slots__ = ("_committed", "_pool", "_resp", "_route")
+    __slots__ = ("_closed", "_committed", "_pool", "_resp", "_route")
 
     def __init__(self, pool: Pool, route: Route, resp: UpstreamResponse) -> None:
         self._pool = pool
         self._route = route
         self._resp = resp
         self._committed = False
+        self._closed = False
 
     @property
     def request_id(self) -> str | None:
@@ -150,13 +157,14 @@ class PooledResponse:
                 self._resp = await self._pool.next_stream(self._route, exc)
 
     def close(self) -> None:
+        """Close the connection (a cancel and the producer's own end may both call this)."""
         self._resp.close()
+        if self._closed:
+            return
+        self._closed = True
         member = self._route.member
-        usage = self._resp.usage
-        if member is not None and usage:
-            # Usage per upstream: what each one billed, for the operator's view (GET /v1/upstreams).
-            member.stats.prompt_tokens += _count(usage.get("prompt_tokens"))
-            member.stats.completion_tokens += _count(usage.get("completion_tokens"))
+        if member is not None:
+            member.stats.add_usage(self._resp.usage)
 
 
 def _count(value: Any) -> int:
@@ -227,10 +235,7 @@ class Pool:
         result = await self._attempt(route, None,
                                      lambda m, b: m.client.complete(b, total_deadline=route.deadline))
         if route.member is not None:
-            usage = result.obj.get("usage")
-            if isinstance(usage, dict):
-                route.member.stats.prompt_tokens += _count(usage.get("prompt_tokens"))
-                route.member.stats.completion_tokens += _count(usage.get("completion_tokens"))
+            route.member.stats.add_usage(result.obj.get("usage"))
         return result
 
     async def _attempt(self, route: Route, failure: UpstreamError | None,
