@@ -69,12 +69,14 @@ class Subscriber:
     A refusal, or the end, wakes it as usual.
     """
 
-    __slots__ = ("pos", "sink", "waiter")
+    __slots__ = ("blocked", "pos", "sink", "waiter")
 
     def __init__(self, pos: int, sink: Callable[[bytes], bool] | None = None) -> None:
         self.pos = pos
         self.sink = sink
         self.waiter: asyncio.Future[None] | None = None
+        #: Its client's send buffer is full: its handler waits for the client to drain it.
+        self.blocked = False
 
 
 class Generation:
@@ -87,7 +89,8 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config", "attempts",
+    __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
+                 "_resume", "attempts", "paused",
                  "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
                  "_started", "_subscribers", "_timer", "_upstream", "answer", "ending", "finished", "id", "kind",
                  "log_bytes", "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming",
@@ -133,6 +136,12 @@ class Generation:
         self.task: asyncio.Task[None] | None = None
         #: ``upstream:outcome`` for every upstream tried, in order (relay/upstream/pool.py).
         self.attempts: list[str] = []
+        #: The producer has stopped reading the upstream until a reader can take more (backpressure).
+        self.paused = False
+        self._resume: asyncio.Event | None = None
+        #: With no subscriber attached: where the last one left off (0 before the first came), so
+        #: the log keeps what a reconnect resumes from while the producer reads ahead of it.
+        self._alone_floor = 0
 
     def start(self, wait_for_subscriber: float | None = None) -> None:
         """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
@@ -163,7 +172,8 @@ class Generation:
         keep = self._keep
         if self.log_bytes <= keep:
             return
-        floor = min((sub.pos for sub in self._subscribers), default=self.next_seq)
+        alone = self._alone_floor if self.resumable and not self.finished else self.next_seq
+        floor = min((sub.pos for sub in self._subscribers), default=alone)
         hard = self.log_bytes > 4 * self._config.replay_bytes
         target = keep * 3 // 4  # drop down to three quarters so eviction is amortised
         events = self._events
@@ -239,18 +249,60 @@ class Generation:
         sub = Subscriber(pos, sink)
         self._subscribers.add(sub)
         self._disarm()
+        self._wake()
         return sub
 
     def detach(self, sub: Subscriber) -> None:
         if sub not in self._subscribers:
             return
         self._subscribers.discard(sub)
+        if not self._subscribers:
+            self._alone_floor = sub.pos
+        self._wake()
         self._trim()  # what only this client still needed can go now
         if not self._subscribers and not self.finished:
             if self._grace <= 0:
                 self.cancel("cancelled", "every client disconnected")
             else:
                 self._arm(self._grace, "every client disconnected and none came back within the resume grace")
+
+    # -- backpressure ----------------------------------------------------------------------
+    # The producer reads the upstream only while someone can take what it reads: when every
+    # attached reader's send buffer is full, it stops (TCP then holds the upstream back; the
+    # answer is paced by its fastest reader, not lost).  With no reader attached (the resume
+    # grace, or a 201 stream not yet opened) it reads one replay log's worth, then waits the same
+    # way.  A reader that never drains is still cut by --send-timeout, which detaches it.
+
+    def block(self, sub: Subscriber) -> None:
+        sub.blocked = True
+
+    def unblock(self, sub: Subscriber) -> None:
+        sub.blocked = False
+        self._wake()
+
+    def _stalled(self) -> bool:
+        subs = self._subscribers
+        if subs:
+            return all(sub.blocked for sub in subs)
+        return self.resumable and self.log_bytes >= self._keep
+
+    def _wake(self) -> None:
+        if self._resume is not None:
+            self._resume.set()
+
+    async def _wait_for_a_reader(self, resp: PooledResponse) -> None:
+        self.paused = True
+        began = self._loop.time()
+        event = self._resume = asyncio.Event()
+        try:
+            while self._stalled():
+                event.clear()
+                await event.wait()
+        finally:
+            self.paused = False
+            self._resume = None
+            # Not the upstream's silence: its idle and first-token clocks stop while we wait.
+            resp.resumed(self._loop.time() - began)
 
     def _arm(self, delay: float, why: str) -> None:
         self._disarm()
@@ -329,6 +381,8 @@ class Generation:
                             resp.commit()
                             committed = True
                 self._publish()
+                if self._stalled():
+                    await self._wait_for_a_reader(resp)
         finally:
             resp.close()
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)

@@ -164,7 +164,14 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
         except ResumeExpired:
             return False
         if data:
-            await resp.send_bytes(data)
+            if not resp.try_send(data):
+                # The client's buffer is full: while every reader is like this, the generation
+                # stops reading the upstream (relay/core/generation.py, backpressure).
+                gen.block(sub)
+                try:
+                    await resp.send_bytes(data)
+                finally:
+                    gen.unblock(sub)
         elif gen.finished:
             return True
         else:

@@ -144,6 +144,13 @@ class UpstreamResponse:
                 return chunks
         return []
 
+    def resumed(self, paused: float) -> None:
+        """The reader stopped reading for ``paused`` seconds (backpressure): that silence was the
+        relay's, so the idle and first-token deadlines move by it (the total deadline does not)."""
+        if self._last_delta is not None:
+            self._last_delta += paused
+        self._first_deadline += paused
+
     # One timer per stream instead of an asyncio.timeout per read: every delta moves the idle
     # deadline, so the timer is only re-armed (at the latest deadline) when it fires early.
     # It interrupts a read in progress by failing the response's stream reader; a timer that

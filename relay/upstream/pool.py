@@ -144,6 +144,9 @@ class PooledResponse:
     def commit(self) -> None:
         self._committed = True
 
+    def resumed(self, paused: float) -> None:
+        self._resp.resumed(paused)
+
     async def read(self) -> list[Chunk]:
         while True:
             try:

@@ -1,0 +1,108 @@
+"""Backpressure: with every reader's buffer full, the producer stops reading the upstream (TCP then
+holds the upstream back) and resumes when a reader drains; with no reader attached it reads one
+replay log's worth and waits.  Nothing is lost: the answer is only paced by its reader."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+
+from aiohttp import web
+
+from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, wait_for
+from relay.http.appkeys import REGISTRY
+from relay.sse import SSEDecoder
+
+Client = Any
+PIECE = "x" * 4000
+PIECES = 3000  # 12 MB of content: far more than every buffer between the fake and the reader
+
+
+class Flood:
+    """An upstream that writes as fast as TCP lets it; it remembers its transport to look at."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.sent = 0
+        self.done = False
+
+    async def __call__(self, request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        self.transport = request.transport  # type: ignore[assignment]
+        await fake.send(resp, sse(chunk("", role="assistant")))
+        for _ in range(PIECES):
+            await resp.write(sse(chunk(PIECE)))  # waits (drain) while the relay is not reading
+            self.sent += 1
+        await fake.send(resp, sse(chunk(finish_reason="stop")))
+        await fake.send(resp, sse("[DONE]"))
+        self.done = True
+        return resp
+
+    def blocked(self) -> bool:
+        # Bytes wait in the fake's own transport only when its socket takes no more: the relay
+        # has stopped reading and the TCP window is closed.
+        return self.transport is not None and self.transport.get_write_buffer_size() > 0
+
+
+def stalled_client(port: int, body: dict[str, Any]) -> socket.socket:
+    """A client with a tiny receive buffer that sends its request and then does not read."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    # HTTP/1.0: the answer is the raw event stream until the close (no chunked framing to undo).
+    s.sendall(b"POST /chat HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+def read_all(s: socket.socket) -> bytes:
+    parts = []
+    while part := s.recv(65536):
+        parts.append(part)
+    return b"".join(parts)
+
+
+async def test_a_stalled_reader_stops_the_upstream_and_reading_again_resumes_it(make_relay: Any,
+                                                                               upstream: FakeUpstream) -> None:
+    flood = Flood()
+    upstream.behaviour = flood
+    relay = await make_relay(send_buffer=64 * 1024, replay_bytes=256 * 1024, send_timeout=120)
+    registry = relay.app[REGISTRY]
+    s = await asyncio.to_thread(stalled_client, relay.port, {"prompt": "hi"})
+    try:
+        await wait_for(lambda: registry.live == 1, what="the generation started")
+        gen = next(iter(registry._live))
+        await wait_for(lambda: gen.paused, what="the producer stopped reading the upstream")
+        await wait_for(flood.blocked, what="the upstream's writes block")
+        held = gen.next_seq
+        assert not flood.done and flood.sent < PIECES  # the upstream is held back, not read to the end
+        for _ in range(20):
+            await asyncio.sleep(0)  # let every ready callback run: nothing is appended while paused
+        assert gen.paused and gen.next_seq == held
+        raw = await asyncio.to_thread(read_all, s)  # the reader reads: the stream resumes, to its end
+    finally:
+        s.close()
+    assert flood.done
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    events = [json.loads(e.data) for e in SSEDecoder().feed(body)]
+    assert text_of(events) == PIECE * PIECES and events[-1]["type"] == "done"
+
+
+async def test_with_no_reader_attached_it_reads_one_replay_log_then_waits(make_relay: Any,
+                                                                         upstream: FakeUpstream) -> None:
+    flood = Flood()
+    upstream.behaviour = flood
+    replay = 256 * 1024
+    relay = await make_relay(replay_bytes=replay, attach_timeout=120)
+    resp = await relay.post("/chat", json={"prompt": "hi"}, headers={"Accept": "application/json"})
+    assert resp.status == 201
+    stream_id = (await resp.json())["id"]
+    gen = relay.app[REGISTRY].get(stream_id)
+    assert gen is not None
+    await wait_for(lambda: gen.paused, what="the producer waits for a reader")
+    assert gen.log_bytes < 2 * replay and not flood.done
+    events = await SSEClient(await relay.get(f"/chat/{stream_id}", headers={"Last-Event-ID": f"{stream_id}.0"})).all()
+    assert text_of(events) == PIECE * PIECES and events[-1]["type"] == "done"
