@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.procs import REPO, Nginx, Relay, Upstream, cpu_seconds, free_port, nginx_binary, raise_nofile, rss_kib
+from bench.wire import request_body
 
 OUT = REPO / "bench" / "out"
 TARGETS = {  # name → (path, kind)
@@ -51,6 +53,10 @@ FULL: dict[str, Any] = {
     "concurrency": [2000, 4000, 8000, 9500],
     "concurrency_stream": dict(n=20, dt=1.0),
     "failover": dict(streams=400, n=5, dt=0.02, ramp=4.0),
+    # 300 readers that never read, each on a 200-token/s upstream answer of 30 s; the healthy
+    # streams start once the stalled ones have had 12 s to fill every buffer in their way.
+    "stalled": dict(stalled=300, stalled_n=6000, stalled_dt=0.005, settle=12.0,
+                    healthy=dict(streams=20, n=20, dt=0.05, ramp=0.5)),
 }
 QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
@@ -67,6 +73,8 @@ QUICK: dict[str, Any] = {
     "concurrency": [50, 100],
     "concurrency_stream": dict(n=3, dt=0.1),
     "failover": dict(streams=20, n=3, dt=0.02, ramp=0.2),
+    "stalled": dict(stalled=20, stalled_n=200, stalled_dt=0.005, settle=0.3,
+                    healthy=dict(streams=5, n=5, dt=0.02, ramp=0.05)),
 }
 
 
@@ -306,6 +314,41 @@ class Bench:
                                                      if "dead_tried" in r else ""), flush=True)
         self.results["failover"] = out
 
+    def stalled(self) -> None:
+        """Healthy streams beside readers that never read (tiny receive buffers), against the same
+        healthy streams alone; the relay's CPU per second during each."""
+        spec = self.p["stalled"]
+        out: dict[str, Any] = {}
+        for label in ("alone", "beside-stalled"):
+            relay = self.relay()
+            sockets: list[socket.socket] = []
+            try:
+                self.load(f"stalled/{label}/warmup", relay.port, "chat", self.p["warmup"])
+                if label != "alone":
+                    for i in range(spec["stalled"]):
+                        sockets.append(stalled_reader(relay.port, request_body(
+                            f"stall{i}", spec["stalled_n"], spec["stalled_dt"], openai=False)))
+                    time.sleep(spec["settle"])  # the scenario: stalled readers that have been there a while
+                r = self.measured(f"stalled/{label}", relay.port, "chat", spec["healthy"], relay.pids)
+            finally:
+                for s in sockets:
+                    s.close()
+                relay.close()
+            r["relay_cpu_per_s"] = round(r["cpu_s"] / r["seconds"], 3) if r["seconds"] else None
+            out[label] = r
+            print(f"  stalled {label:>14}: {r['ok']}/{r['streams']} ok, ttft p50 {r['ttft_ms']['p50']} ms "
+                  f"p99 {r['ttft_ms']['p99']} ms, {r['seconds']} s, relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
+        self.results["stalled"] = out
+
+
+def stalled_reader(port: int, body: bytes) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    return s
+
 
 def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     """The headline figures against their goals (goal, stretch)."""
@@ -357,6 +400,15 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
                 round(f["failover"]["ttft_ms"][q] - f["one"]["ttft_ms"][q], 2), "ms", *((2, None) if q == "p50" else ()))
         row("failover: requests that tried the dead upstream first", f["failover"].get("dead_tried"), "of "
             f"{f['failover']['streams']}")
+    if "stalled" in res:
+        alone, beside = res["stalled"]["alone"], res["stalled"]["beside-stalled"]
+        for q in ("p50", "p99"):
+            a, b = alone["ttft_ms"][q], beside["ttft_ms"][q]
+            row(f"stalled readers: healthy TTFT {q} beside / alone", round(b / a, 2) if a else None, "x",
+                *((1.1, None) if q == "p50" else ()))
+        row("stalled readers: healthy run time beside / alone",
+            round(beside["seconds"] / alone["seconds"], 2) if alone["seconds"] else None, "x", 1.1)
+        row("stalled readers: relay CPU per second beside them", beside["relay_cpu_per_s"], "s/s")
     return rows
 
 
@@ -377,7 +429,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover")
+PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover", "stalled")
 
 
 def main(argv: list[str] | None = None) -> int:

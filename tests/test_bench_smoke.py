@@ -21,7 +21,7 @@ FIGURES = (
     "relay v1 sustained events/s", "added TTFT p50 chat", "added TTFT p99 v1",
     "disconnect → upstream close p99 chat", "disconnect → upstream close p99 v1",
     "RSS per open stream chat", "RSS per open stream v1", "most concurrent streams",
-    "first byte while upstream silent p50", "failover added TTFT p50",
+    "first byte while upstream silent p50", "failover added TTFT p50", "stalled readers: healthy TTFT p50",
 )
 
 
