@@ -41,6 +41,10 @@ if fd:
         os.dup2(int(fd), 3)
         os.close(int(fd))
     os.environ["LISTEN_FDS"] = "1"
+nofile = os.environ.pop("TEST_NOFILE", "")
+if nofile:  # start with a low soft open-file limit (the relay raises it itself)
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 os.execv(sys.executable, [sys.executable, "-m", "relay", *sys.argv[1:]])
 """
 

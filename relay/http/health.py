@@ -25,6 +25,7 @@ from aiohttp import web
 
 from relay.http.appkeys import PROBE, REGISTRY, UPSTREAMS
 from relay.http.errors import json_response
+from relay.openfiles import open_files
 from relay.upstream import UpstreamClient
 from relay.upstream.pool import Pool
 
@@ -88,7 +89,10 @@ class ReadinessProbe:
 
 async def healthz(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
-    return json_response({"status": "ok", "live_streams": registry.live})
+    count, limit = open_files()
+    # How close the process is to its open-file limit: every connection is a descriptor.
+    return json_response({"status": "ok", "live_streams": registry.live, "open_files": count,
+                          "open_files_limit": limit})
 
 
 async def readyz(request: web.Request) -> web.Response:

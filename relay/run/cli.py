@@ -35,6 +35,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
      "header carrying the key: Authorization sends 'Bearer KEY'; e.g. api-key for Azure OpenAI"),
     ("--pool-limit", "pool_limit", int, None, "most simultaneous upstream connections"),
     ("--keepalive", "keepalive", float, "RELAY_KEEPALIVE", "seconds of silence before a keepalive comment"),
+    ("--keepalive-idle", "keepalive_idle", float, None,
+     "seconds an idle keep-alive connection (no request in flight) stays open"),
     ("--retry-ms", "retry_ms", int, None, "reconnect delay suggested to EventSource clients (retry:), ms"),
     ("--connect-timeout", "connect_timeout", float, None, "seconds to connect to the upstream"),
     ("--first-token-timeout", "first_token_timeout", float, None,

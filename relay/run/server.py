@@ -26,6 +26,7 @@ from relay.http.app import make_app
 from relay.http.appkeys import ACCESS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd
+from relay.openfiles import raise_open_files
 
 log = logging.getLogger("relay")
 
@@ -39,7 +40,8 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     # aiohttp's run_app leaves handler cancellation off: without it a client that goes away
     # while the upstream is silent is only noticed at the next write, and the upstream bills on.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE,
-                           logger=ClientErrorLog(logging.getLogger("aiohttp.server")))
+                           logger=ClientErrorLog(logging.getLogger("aiohttp.server")),
+                           keepalive_timeout=config.keepalive_idle)
     await runner.setup()
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:
@@ -77,6 +79,8 @@ async def serve(config: Config) -> None:
     except ValueError as exc:
         raise SystemExit(f"relay: error: {exc}") from None
     _refuse_open_sockets(config, sockets)
+    soft, hard = raise_open_files()
+    log.info("open-file limit %d (hard limit %d)", soft, hard)
     runner, urls = await start(config, sockets)
     where = ", ".join(urls) + (" (socket-activated)" if sockets else "")
     loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
