@@ -51,6 +51,8 @@ class Config:
     #: Seconds an idle keep-alive connection (between requests) is kept open; aiohttp's 75 s is
     #: long for a server that holds a paid key and counts its sockets.
     keepalive_idle: float = 15.0
+    #: Seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s.
+    body_timeout: float = 10.0
     retry_ms: int = 2000
     connect_timeout: float = 10.0
     first_token_timeout: float = 300.0
@@ -129,7 +131,7 @@ def _validate(c: Config) -> None:
                               "together: list every upstream in the file, or use the flag alone")
     _validate_upstreams(c)
     positive = {
-        "keepalive": c.keepalive, "keepalive-idle": c.keepalive_idle, "connect-timeout": c.connect_timeout,
+        "keepalive": c.keepalive, "keepalive-idle": c.keepalive_idle, "body-timeout": c.body_timeout, "connect-timeout": c.connect_timeout,
         "first-token-timeout": c.first_token_timeout, "idle-timeout": c.idle_timeout,
         "total-timeout": c.total_timeout, "attach-timeout": c.attach_timeout,
         "stream-ttl": c.stream_ttl, "send-timeout": c.send_timeout, "cooldown": c.cooldown,

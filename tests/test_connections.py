@@ -1,15 +1,20 @@
-"""What a connection may cost before and between requests: idle keep-alive connections are closed
-after --keepalive-idle, and the process raises its open-file limit and says how close it is."""
+"""What a connection may cost before its request is in: a request head must be complete within
+--keepalive-idle (from the connection's start or its previous answer: idle keep-alive and
+slowloris alike), a body within its own deadline; and the process raises its open-file limit and
+says how close it is."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
 
-from conftest import TEST_KEY, FakeUpstream
+import aiohttp
+
+from conftest import TEST_KEY, FakeUpstream, SSEClient, text_of
 from procs import listening_socket, spawn_relay
 from relay.config import Config
 from relay.run.server import start
@@ -57,3 +62,65 @@ async def test_the_relay_raises_its_open_file_limit_and_reports_it(tmp_path: Pat
                 health = json.loads(await resp.text())
     want = hard if hard != resource.RLIM_INFINITY else low
     assert health["open_files_limit"] == want and 0 < health["open_files"] < want
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_stream_completes(
+        upstream: FakeUpstream) -> None:
+    # aiohttp counts --keepalive-idle from the connection's start (and from each answer): a
+    # request head still incomplete when it passes is cut, however many header lines trickled in.
+    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
+                                   keepalive_idle=1.0, rate_limit=0, max_streams_per_client=1000))
+    try:
+        port = runner.addresses[0][1]
+        baseline = fds()
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
+        for _, writer in conns:
+            writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        closed: set[int] = set()
+
+        async def trickle() -> None:
+            i = 0
+            while len(closed) < len(conns):
+                for n, (_, writer) in enumerate(conns):
+                    if n not in closed and not writer.is_closing():
+                        writer.write(b"X-Slow-%d: %d\r\n" % (i, i))  # a header line, never the blank line
+                i += 1
+                await asyncio.sleep(0.2)  # the attacker's pace, not synchronisation
+
+        async def until_closed(n: int, reader: asyncio.StreamReader) -> None:
+            assert await reader.read() == b""  # EOF: the relay closed it, with no answer
+            closed.add(n)
+
+        drip = asyncio.create_task(trickle())
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"}) as resp:
+                events = await SSEClient(resp).all()
+        assert text_of(events) == "Hello, world!" and events[-1]["type"] == "done"
+        async with asyncio.timeout(30):
+            await asyncio.gather(*(until_closed(n, reader) for n, (reader, _) in enumerate(conns)))
+        await drip
+        for _, writer in conns:
+            writer.close()
+        await asyncio.sleep(0)
+        assert fds() <= baseline + 2  # (the session's closed socket may linger a moment)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_trickling_body_is_cut_by_its_deadline_and_the_relay_serves_on(make_relay: Any,
+                                                                              upstream: FakeUpstream) -> None:
+    relay = await make_relay(body_timeout=0.3, max_body=1024)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 500\r\n\r\n{\"prompt\": ")  # and the rest never comes
+    async with asyncio.timeout(30):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    writer.close()
+    assert upstream.calls == 0
+    resp = await relay.post("/chat", json={"prompt": "hi"})
+    assert text_of(await SSEClient(resp).all()) == "Hello, world!"

@@ -6,12 +6,17 @@ reading a 4xx knows what to change.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from relay.http.appkeys import CONFIG
+
+#: The slowest a body may arrive beyond --body-timeout: the deadline grows by the time
+#: --max-body takes at this rate, so a large allowed body on a slow link still fits.
+MIN_BODY_RATE: Final = 64 * 1024
 
 
 class BadRequest(ValueError):
@@ -39,11 +44,23 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 
 
+def body_deadline(body_timeout: float, max_body: int) -> float:
+    return body_timeout + max_body / MIN_BODY_RATE
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON; BadRequest (413 past --max-body, 400 otherwise) names the problem."""
+    """The request body as JSON; BadRequest (413 past --max-body, 408 when it does not arrive in
+    time, 400 otherwise) names the problem."""
+    config = request.app[CONFIG]
+    limit = body_deadline(config.body_timeout, config.max_body)
     try:
-        raw = await request.read()
+        # A body that trickles in holds a socket and a handler: it has a deadline of its own.
+        async with asyncio.timeout(limit):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[CONFIG].max_body
-        raise BadRequest(f"the request body is larger than the limit of {limit} bytes", status=413) from None
+        raise BadRequest(f"the request body is larger than the limit of {config.max_body} bytes",
+                         status=413) from None
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {limit:.3g} s (--body-timeout)",
+                         status=408) from None
     return parse_json(raw)

@@ -36,7 +36,10 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--pool-limit", "pool_limit", int, None, "most simultaneous upstream connections"),
     ("--keepalive", "keepalive", float, "RELAY_KEEPALIVE", "seconds of silence before a keepalive comment"),
     ("--keepalive-idle", "keepalive_idle", float, None,
-     "seconds an idle keep-alive connection (no request in flight) stays open"),
+     "seconds a connection may stay open without a complete request head: idle between requests, "
+     "or sending its headers (slowloris)"),
+    ("--body-timeout", "body_timeout", float, None,
+     "seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s (then 408)"),
     ("--retry-ms", "retry_ms", int, None, "reconnect delay suggested to EventSource clients (retry:), ms"),
     ("--connect-timeout", "connect_timeout", float, None, "seconds to connect to the upstream"),
     ("--first-token-timeout", "first_token_timeout", float, None,
