@@ -140,7 +140,7 @@ class Relay:
         if loop:
             args += ["--loop", loop]
         # One load generator on 127.0.0.1 is one "client" to the access limits: lift them.
-        args += ["--rate-limit", "0", "--max-streams-per-client", "1000000"]
+        args += ["--rate-limit", "0", "--max-streams-per-client", "1000000", "--max-connections-per-client", "1000000"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
         env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
         # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).

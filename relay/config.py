@@ -53,6 +53,10 @@ class Config:
     keepalive_idle: float = 15.0
     #: Seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s.
     body_timeout: float = 10.0
+    #: Connections one peer address may hold open (``--trust-proxy`` addresses are exempt).
+    max_connections_per_client: int = 256
+    #: Client connections in total; 0: from the open-file limit (relay/run/connections.py).
+    max_connections: int = 0
     retry_ms: int = 2000
     connect_timeout: float = 10.0
     first_token_timeout: float = 300.0
@@ -151,10 +155,13 @@ def _validate(c: Config) -> None:
         "max-streams": c.max_streams, "replay-bytes": c.replay_bytes, "retention-bytes": c.retention_bytes,
         "send-buffer": c.send_buffer,
         "backlog": c.backlog, "retry-ms": c.retry_ms, "max-attempts": c.max_attempts,
+        "max-connections-per-client": c.max_connections_per_client,
     }
     for name, count in counts.items():
         if count < 1:
             raise ConfigError(f"--{name} must be at least 1, not {count}")
+    if c.max_connections < 0:
+        raise ConfigError(f"--max-connections must be 0 (from the open-file limit) or more, not {c.max_connections}")
     for name in c.models:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"--allow-model must name a model, not {name!r}")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import resource
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from conftest import TEST_KEY, FakeUpstream, SSEClient, text_of
 from procs import listening_socket, spawn_relay
@@ -40,8 +42,6 @@ async def test_an_idle_keepalive_connection_is_closed_after_keepalive_idle(upstr
 
 
 def test_keepalive_idle_must_be_positive() -> None:
-    import pytest
-
     from relay.config import ConfigError
 
     with pytest.raises(ConfigError, match="--keepalive-idle"):
@@ -124,3 +124,58 @@ async def test_a_trickling_body_is_cut_by_its_deadline_and_the_relay_serves_on(m
     assert upstream.calls == 0
     resp = await relay.post("/chat", json={"prompt": "hi"})
     assert text_of(await SSEClient(resp).all()) == "Hello, world!"
+
+
+async def _healthz(port: int, local: str = "127.0.0.1") -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(local, 0))
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    async with asyncio.timeout(30):
+        answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_connections_per_client_are_capped_before_any_request_and_others_are_served(
+        upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
+    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
+                                   max_connections_per_client=3))
+    try:
+        port = runner.addresses[0][1]
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # idle: no request at all
+        with caplog.at_level(logging.INFO, logger="relay.http"):
+            for _ in range(5):
+                answer = await _healthz(port)
+                assert answer.startswith(b"HTTP/1.1 429") and b"--max-connections-per-client" in answer
+        refusals = [r for r in caplog.records if "refused a connection" in r.getMessage()]
+        assert len(refusals) == 1  # once per client per minute
+        assert (await _healthz(port, "127.0.0.2")).startswith(b"HTTP/1.1 200")  # another address
+        _, writer = held.pop()
+        writer.close()
+        async with asyncio.timeout(30):
+            while not (await _healthz(port)).startswith(b"HTTP/1.1 200"):  # its slot is free again
+                await asyncio.sleep(0.01)
+        for _, writer in held:
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_total_connection_bound(upstream: FakeUpstream) -> None:
+    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
+                                   max_connections=2))
+    try:
+        port = runner.addresses[0][1]
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{i + 3}", 0))
+                for i in range(2)]
+        assert (await _healthz(port, "127.0.0.9")).startswith(b"HTTP/1.1 503")
+        for _, writer in held:
+            writer.close()
+    finally:
+        await runner.cleanup()
+
+
+def test_the_automatic_total_leaves_room_for_upstream_connections() -> None:
+    from relay.run.connections import auto_total
+
+    assert auto_total(64) == 16  # a tiny limit still serves a few
+    assert auto_total(65536) == 32736  # half: each client connection may hold an upstream one

@@ -23,17 +23,37 @@ MAX_CLIENTS: Final = 10_000
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
+class OncePerClient:
+    """At most one line per client per ``interval``, with a count of what was folded into it."""
+
+    def __init__(self, *, interval: float = INTERVAL, max_clients: int = MAX_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval = interval
+        self._max_clients = max_clients
+        self._clock = clock
+        #: client → (when its last line was written, events folded since)
+        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def due(self, client: str) -> int | None:
+        """None: fold this one into the next line; else write a line now (the count folded before)."""
+        now = self._clock()
+        last, folded = self._seen.pop(client, (None, 0))
+        if last is not None and now - last < self._interval:
+            self._seen[client] = (last, folded + 1)
+            return None
+        self._seen[client] = (now, 0)
+        while len(self._seen) > self._max_clients:
+            self._seen.popitem(last=False)
+        return folded
+
+
 class ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
     """Give it to the server as its ``logger``."""
 
     def __init__(self, logger: logging.Logger, *, interval: float = INTERVAL, max_clients: int = MAX_CLIENTS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(logger, {})
-        self._interval = interval
-        self._max_clients = max_clients
-        self._clock = clock
-        #: client → (when its last line was written, requests folded since)
-        self._seen: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._lines = OncePerClient(interval=interval, max_clients=max_clients, clock=clock)
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         if isinstance(msg, str) and msg.startswith("Error handling request"):
@@ -42,14 +62,9 @@ class ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
     def malformed(self, client: str, exc: Any) -> None:
-        now = self._clock()
-        last, folded = self._seen.pop(client, (None, 0))
-        if last is not None and now - last < self._interval:
-            self._seen[client] = (last, folded + 1)
+        folded = self._lines.due(client)
+        if folded is None:
             return
-        self._seen[client] = (now, 0)
-        while len(self._seen) > self._max_clients:
-            self._seen.popitem(last=False)
         more = f" ({folded} more since the last line)" if folded else ""
         log.info("malformed request from %s: %s%s", client, describe(exc), more)
 

@@ -26,7 +26,8 @@ from relay.http.app import make_app
 from relay.http.appkeys import ACCESS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd
-from relay.openfiles import raise_open_files
+from relay.openfiles import open_files, raise_open_files
+from relay.run.connections import ConnectionLimits, auto_total
 
 log = logging.getLogger("relay")
 
@@ -43,6 +44,11 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
                            logger=ClientErrorLog(logging.getLogger("aiohttp.server")),
                            keepalive_timeout=config.keepalive_idle)
     await runner.setup()
+    assert runner.server is not None
+    _, open_limit = open_files()
+    total = config.max_connections or auto_total(open_limit)
+    ConnectionLimits(per_client=config.max_connections_per_client, total=total,
+                     exempt=config.trust_proxy).install(runner.server)
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:
         sites.append(web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True))
