@@ -90,11 +90,10 @@ class Generation:
 
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
-                 "_resume", "attempts", "paused",
                  "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
-                 "_started", "_subscribers", "_timer", "_upstream", "answer", "ending", "finished", "id", "kind",
-                 "log_bytes", "model", "next_seq", "opened", "owner", "request_id", "resumable", "streaming",
-                 "task", "wire")
+                 "_resume", "_started", "_subscribers", "_timer", "_upstream", "answer", "attempts", "ending",
+                 "finished", "id", "kind", "log_bytes", "model", "next_seq", "opened", "owner", "paused",
+                 "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
@@ -270,8 +269,9 @@ class Generation:
     # The producer reads the upstream only while someone can take what it reads: when every
     # attached reader's send buffer is full, it stops (TCP then holds the upstream back; the
     # answer is paced by its fastest reader, not lost).  With no reader attached (the resume
-    # grace, or a 201 stream not yet opened) it reads one replay log's worth, then waits the same
-    # way.  A reader that never drains is still cut by --send-timeout, which detaches it.
+    # grace, or a 201 stream not yet opened) it reads until the replay log is full from where the
+    # last reader left off (``_trim`` keeps that part), then waits the same way.  A reader that
+    # never drains is still cut by --send-timeout, which detaches it.
 
     def block(self, sub: Subscriber) -> None:
         sub.blocked = True
