@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -226,6 +227,25 @@ def make_relay(upstream: FakeUpstream, aiohttp_client: Any) -> RelayFactory:
         client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app(Config(**settings)))
         return client
     return factory
+
+
+@pytest.fixture
+def serve_relay(upstream: FakeUpstream) -> Callable[..., AbstractAsyncContextManager[int]]:
+    """The relay as ``relay serve`` runs it (relay.run.server.start: its own runner, keep-alive
+    timer and connection limits, which ``make_relay``'s test client does not have) against the
+    fake upstream; ``async with serve_relay(**settings) as port``."""
+    @asynccontextmanager
+    async def run(**overrides: Any) -> AsyncIterator[int]:
+        from relay.run.server import start
+
+        settings: dict[str, Any] = {"upstream": upstream.base_url, "api_key": TEST_KEY, "model": "fake-model",
+                                    "port": 0, **overrides}
+        runner, _ = await start(Config(**settings))
+        try:
+            yield runner.addresses[0][1]
+        finally:
+            await runner.cleanup()
+    return run
 
 
 @pytest.fixture

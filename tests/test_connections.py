@@ -16,17 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import TEST_KEY, FakeUpstream, SSEClient, text_of
+from conftest import FakeUpstream, SSEClient, text_of
 from procs import listening_socket, spawn_relay
 from relay.config import Config
-from relay.run.server import start
 
 
-async def test_an_idle_keepalive_connection_is_closed_after_keepalive_idle(upstream: FakeUpstream) -> None:
-    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
-                                   keepalive_idle=0.2))
-    try:
-        port = runner.addresses[0][1]
+async def test_an_idle_keepalive_connection_is_closed_after_keepalive_idle(upstream: FakeUpstream, serve_relay: Any) -> None:
+    async with serve_relay(keepalive_idle=0.2) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # keep-alive: HTTP/1.1's default
         head = await reader.readuntil(b"\r\n\r\n")
@@ -37,8 +33,6 @@ async def test_an_idle_keepalive_connection_is_closed_after_keepalive_idle(upstr
         async with asyncio.timeout(30):  # aiohttp's own default would keep it for 75 s
             assert await reader.read() == b""  # the relay closed the idle connection
         writer.close()
-    finally:
-        await runner.cleanup()
 
 
 def test_keepalive_idle_must_be_positive() -> None:
@@ -69,13 +63,10 @@ def fds() -> int:
 
 
 async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_stream_completes(
-        upstream: FakeUpstream) -> None:
+        upstream: FakeUpstream, serve_relay: Any) -> None:
     # aiohttp counts --keepalive-idle from the connection's start (and from each answer): a
     # request head still incomplete when it passes is cut, however many header lines trickled in.
-    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
-                                   keepalive_idle=1.0, rate_limit=0, max_streams_per_client=1000))
-    try:
-        port = runner.addresses[0][1]
+    async with serve_relay(keepalive_idle=1.0, rate_limit=0, max_streams_per_client=1000) as port:
         baseline = fds()
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
         for _, writer in conns:
@@ -107,8 +98,6 @@ async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_
             writer.close()
         await asyncio.sleep(0)
         assert fds() <= baseline + 2  # (the session's closed socket may linger a moment)
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_trickling_body_is_cut_by_its_deadline_and_the_relay_serves_on(make_relay: Any,
@@ -136,11 +125,8 @@ async def _healthz(port: int, local: str = "127.0.0.1") -> bytes:
 
 
 async def test_connections_per_client_are_capped_before_any_request_and_others_are_served(
-        upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
-    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
-                                   max_connections_per_client=3))
-    try:
-        port = runner.addresses[0][1]
+        upstream: FakeUpstream, serve_relay: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async with serve_relay(max_connections_per_client=3) as port:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]  # idle: no request at all
         with caplog.at_level(logging.INFO, logger="relay.http"):
             for _ in range(5):
@@ -156,22 +142,15 @@ async def test_connections_per_client_are_capped_before_any_request_and_others_a
                 await asyncio.sleep(0.01)
         for _, writer in held:
             writer.close()
-    finally:
-        await runner.cleanup()
 
 
-async def test_the_total_connection_bound(upstream: FakeUpstream) -> None:
-    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
-                                   max_connections=2))
-    try:
-        port = runner.addresses[0][1]
+async def test_the_total_connection_bound(upstream: FakeUpstream, serve_relay: Any) -> None:
+    async with serve_relay(max_connections=2) as port:
         held = [await asyncio.open_connection("127.0.0.1", port, local_addr=(f"127.0.0.{i + 3}", 0))
                 for i in range(2)]
         assert (await _healthz(port, "127.0.0.9")).startswith(b"HTTP/1.1 503")
         for _, writer in held:
             writer.close()
-    finally:
-        await runner.cleanup()
 
 
 def test_the_automatic_total_leaves_room_for_upstream_connections() -> None:

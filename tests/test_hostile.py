@@ -295,14 +295,8 @@ async def test_a_request_without_host_passes_when_the_operator_allows_it(make_re
 # -- 7. A client's malformed requests cannot fill the log ---------------------------------------
 
 async def test_malformed_requests_log_one_concise_line_per_client_not_a_traceback_each(
-        upstream: FakeUpstream, caplog: pytest.LogCaptureFixture) -> None:
-    from relay.config import Config
-    from relay.run.server import start
-
-    runner, _ = await start(Config(upstream=upstream.base_url, api_key=TEST_KEY, model="fake-model", port=0,
-                                   rate_limit=0))
-    try:
-        port = runner.addresses[0][1]
+        upstream: FakeUpstream, serve_relay: Any, caplog: pytest.LogCaptureFixture) -> None:
+    async with serve_relay(rate_limit=0) as port:
         caplog.set_level(logging.INFO)
         for i in range(100):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -322,5 +316,3 @@ async def test_malformed_requests_log_one_concise_line_per_client_not_a_tracebac
         async with asyncio.timeout(10):
             assert (await reader.read()).startswith(b"HTTP/1.1 200")
         writer.close()
-    finally:
-        await runner.cleanup()
