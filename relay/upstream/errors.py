@@ -118,7 +118,7 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
         raw = b""
     err = None
     if len(raw) <= ERROR_BODY_LIMIT:
-        err = error_from_json(raw, status=status, request_id=request_id, midstream=False, redact=redact)
+        err = error_from_json(raw, status=status, request_id=request_id, redact=redact)
     if err is None:
         reason = redact.text(resp.reason or "error", 100)
         err = UpstreamError("upstream_error", f"the upstream answered HTTP {status} {reason}",
@@ -136,17 +136,17 @@ def redact_object(obj: Any, redact: Redactor) -> Any:
     return json.loads(redact(text))
 
 
-def error_from_json(raw: bytes | str, *, status: int | None, request_id: str | None, midstream: bool,
+def error_from_json(raw: bytes, *, status: int | None, request_id: str | None,
                     redact: Redactor) -> UpstreamError | None:
-    """An error body or event data that is JSON (an object or a list) → UpstreamError carrying it; else None."""
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    """An error body that is JSON (an object or a list) → UpstreamError carrying it; else None."""
+    text = raw.decode("utf-8", "replace")
     try:
         obj = json.loads(text)
     except ValueError:
         return None
     if not isinstance(obj, (dict, list)):
         return None
-    return error_from_body(obj, status=status, request_id=request_id, midstream=midstream, redact=redact,
+    return error_from_body(obj, status=status, request_id=request_id, midstream=False, redact=redact,
                            raw=text)
 
 
