@@ -116,6 +116,28 @@ class Config:
     cooldown_max: float = 300.0
     #: Seconds an upstream whose credentials or credit failed (401/402/403) is left alone.
     down_time: float = 600.0
+    # -- beyond one process (relay/core/redis_store.py, relay/run/workers.py) ------------
+    #: ``redis://``, ``rediss://`` or ``unix://``: streams, cancels and limits shared through Redis.
+    redis_url: str | None = field(default=None, repr=False)
+    #: From RELAY_REDIS_PASSWORD, --redis-password-file or the credential ``redis-password``.
+    redis_password: str | None = field(default=None, repr=False)
+    #: Every key the relay writes starts with this (several relays may share one Redis).
+    redis_prefix: str = "relay"
+    #: Seconds the producing instance's owner key lives unless refreshed (a third of it apart).
+    owner_ttl: float = 5.0
+    #: Seconds a reader on another instance counts as a listener unless it refreshes.
+    presence_ttl: float = 3.0
+    #: Events of one stream kept in Redis (``XADD MAXLEN ~``).
+    redis_log_events: int = 50_000
+    #: Events waiting to be written to Redis, for all streams together; past it, a stream is
+    #: marked unreplayable elsewhere (its local readers are not affected).
+    redis_queue: int = 100_000
+    #: Milliseconds the Redis writer waits to gather events of many streams into one round trip.
+    redis_flush_ms: float = 2.0
+    #: Signs events URLs; with --redis, every instance needs the same one (else kept in Redis).
+    signing_key: bytes | None = field(default=None, repr=False)
+    #: Worker processes (``auto``: one per CPU this process may run on); more than 1 needs --redis.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -183,6 +205,37 @@ def _validate(c: Config) -> None:
     if c.web_root is not None and not c.web_root.is_dir():
         raise ConfigError(f"--web-root {str(c.web_root)!r} is not a directory")
     _validate_access(c)
+    _validate_redis(c)
+
+
+def _validate_redis(c: Config) -> None:
+    if c.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (or auto), not {c.workers}")
+    if c.workers > 1 and c.redis_url is None:
+        raise ConfigError(f"--workers {c.workers} needs --redis URL: a reconnect can land on any worker, so "
+                          "the streams must be in a store every worker shares")
+    if c.redis_url is not None:
+        check_redis_url(c.redis_url)
+    for name, ttl in {"owner-ttl": c.owner_ttl, "presence-ttl": c.presence_ttl}.items():
+        if not (ttl > 0 and math.isfinite(ttl)):
+            raise ConfigError(f"--{name} must be a positive number of seconds, not {ttl}")
+    if not (0 <= c.redis_flush_ms <= 100):
+        raise ConfigError(f"--redis-flush-ms must be between 0 and 100, not {c.redis_flush_ms}")
+    if c.redis_log_events < 1 or c.redis_queue < 1:
+        raise ConfigError("--redis-log-events and --redis-queue must be at least 1")
+    if not c.redis_prefix or any(ch in c.redis_prefix for ch in "{} \t\r\n"):
+        raise ConfigError(f"--redis-prefix {c.redis_prefix!r} must be a word without braces or spaces")
+
+
+def check_redis_url(url: str) -> None:
+    """A Redis URL the relay can use; the message never repeats a password in it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError("--redis must name a host: redis://HOST:PORT/DB")
+    if parts.scheme == "unix" and not parts.path:
+        raise ConfigError("--redis unix:// must name a socket path: unix:///run/redis/redis.sock")
 
 
 def _validate_access(c: Config) -> None:
@@ -265,7 +318,7 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path!r} is not valid TOML: {exc}") from None
-    known = {f.name for f in fields(Config)} - {"api_key"}
+    known = {f.name for f in fields(Config)} - {"api_key", "redis_password", "signing_key"}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -274,7 +327,9 @@ def load_file(path: str) -> dict[str, Any]:
                 f"the config file {path!r} must not hold the API key; use api-key-file, "
                 "OPENAI_API_KEY or systemd credentials"
             )
-        if name not in known and name != "api_key_file":
+        if name in ("redis_password", "signing_key"):
+            raise ConfigError(f"the config file {path!r} must not hold {key!r}; use a file or the environment")
+        if name not in known and name not in ("api_key_file", "redis_password_file", "signing_key_file"):
             raise ConfigError(f"the config file {path!r} has an unknown setting {key!r}")
         out[name] = value
     return out

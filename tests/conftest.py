@@ -346,3 +346,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if reporter is not None:
         reporter.write_line(f"FAILED: the tests left {len(left)} processes running (now killed):\n{text}", red=True)
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+async def redis() -> AsyncIterator[Any]:
+    """A real redis-server (Debian's) on a temporary unix socket, stopped by its PID afterwards."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import redis_server
+
+    require(redis_server.available(), "redis-server is not installed (apt-get install redis-server)")
+    # A short directory: a unix socket path must fit in 108 bytes, pytest's tmp_path may not.
+    workdir = Path(tempfile.mkdtemp(prefix="relay-redis-"))
+    try:
+        async with redis_server.redis_server(workdir) as server:
+            yield server
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -23,10 +23,14 @@ from typing import Any, Protocol
 from relay.config import Config
 from relay.core.ids import new_stream_id
 from relay.core.logline import log_finished
+from relay.core.store import Mirror
 from relay.upstream import Chunk, Completion, UpstreamError
 from relay.upstream.pool import Pool, PooledResponse
 
 log = logging.getLogger("relay.generation")
+
+#: Presence checks in flight (a task must be referenced until it is done).
+_checks: set[asyncio.Task[None]] = set()
 
 
 class ResumeExpired(Exception):
@@ -92,8 +96,8 @@ class Generation:
     __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
                  "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
                  "_resume", "_started", "_subscribers", "_timer", "_upstream", "answer", "attempts", "ending",
-                 "finished", "id", "kind", "log_bytes", "model", "next_seq", "opened", "owner", "paused",
-                 "request_id", "resumable", "streaming", "task", "wire")
+                 "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq", "opened", "owner", "paused",
+                 "remote", "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
@@ -141,6 +145,10 @@ class Generation:
         #: With no subscriber attached: where the last one left off (0 before the first came), so
         #: the log keeps what a reconnect resumes from while the producer reads ahead of it.
         self._alone_floor = 0
+        #: Its copy in the shared store (relay/core/store.py); None with the memory store.
+        self.mirror: Mirror | None = None
+        #: A reader on another instance follows it (its log there, not this one, serves that reader).
+        self.remote = False
 
     def start(self, wait_for_subscriber: float | None = None) -> None:
         """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
@@ -155,11 +163,17 @@ class Generation:
 
     # -- the log -------------------------------------------------------------------------
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: bytes, last: bool = False) -> None:
         self._events.append(data)
+        if self.mirror is not None:
+            self.mirror.append(self.next_seq, data, last)
         self.next_seq += 1
         self.log_bytes += len(data)
         self._bytes += len(data)
+
+    def logged(self) -> tuple[int, list[bytes]]:
+        """The sequence number of the first event still in memory, and the events from there."""
+        return self._base, list(self._events)
 
     def _trim(self) -> None:
         """Keep the log within its bound, but never drop what an attached client has yet to read.
@@ -284,7 +298,7 @@ class Generation:
         subs = self._subscribers
         if subs:
             return all(sub.blocked for sub in subs)
-        return self.resumable and self.log_bytes >= self._keep
+        return self.resumable and self.log_bytes >= self._keep and not self.remote
 
     def _wake(self) -> None:
         if self._resume is not None:
@@ -306,7 +320,29 @@ class Generation:
 
     def _arm(self, delay: float, why: str) -> None:
         self._disarm()
-        self._timer = self._loop.call_later(delay, self.cancel, "cancelled", why)
+        self._timer = self._loop.call_later(delay, self._expire, why)
+
+    def _expire(self, why: str) -> None:
+        """Nobody here reads it: stop, unless a reader on another instance does (shared store)."""
+        self._timer = None
+        if self.mirror is None or self.finished:
+            self.cancel("cancelled", why)
+            return
+        mirror = self.mirror
+        task = self._loop.create_task(self._expire_unless_listened(mirror, why))
+        _checks.add(task)
+        task.add_done_callback(_checks.discard)
+
+    async def _expire_unless_listened(self, mirror: Mirror, why: str) -> None:
+        listened = await mirror.listened()
+        if self.finished or self._subscribers or self._timer is not None:
+            return  # someone came back here meanwhile
+        if listened:
+            self.remote = True
+            self._wake()
+            self._arm(mirror.recheck, why)
+        else:
+            self.cancel("cancelled", why)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -404,7 +440,7 @@ class Generation:
         self._disarm()
         data = self.wire.end(ending, self.next_seq)
         if data is not None:
-            self._append(data)
+            self._append(data, last=True)
         self.finished = True
         self.ending = ending
         self._publish()

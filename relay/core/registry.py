@@ -15,6 +15,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.core.generation import Generation, Wire
+from relay.core.store import Store
 from relay.upstream.pool import Pool
 
 
@@ -23,9 +24,10 @@ class StreamLimit(Exception):
 
 
 class Registry:
-    def __init__(self, config: Config, upstream: Pool) -> None:
+    def __init__(self, config: Config, upstream: Pool, store: Store | None = None) -> None:
         self._config = config
         self._upstream = upstream
+        self.store = store if store is not None else Store()
         self._live: set[Generation] = set()
         self._by_id: dict[str, Generation] = {}
         #: Finished resumable generations, oldest first: id → (log bytes, expiry timer).
@@ -42,7 +44,8 @@ class Registry:
         return len(self._by_id)
 
     def create(self, *, kind: str, model: str, body: dict[str, Any], wire: Wire, resumable: bool = True,
-               streaming: bool = True, wait_for_subscriber: float | None = None) -> Generation:
+               streaming: bool = True, wait_for_subscriber: float | None = None,
+               owner: str | None = None) -> Generation:
         """Register and start a generation, or raise StreamLimit at the cap."""
         if self.closed:
             raise StreamLimit("the relay is shutting down; try again shortly")
@@ -51,9 +54,11 @@ class Registry:
                               "try again shortly")
         gen = Generation(kind=kind, config=self._config, upstream=self._upstream, wire=wire, model=model,
                          body=body, on_finished=self._finished, resumable=resumable, streaming=streaming)
+        gen.owner = owner
         self._live.add(gen)
         if resumable:
             self._by_id[gen.id] = gen
+            gen.mirror = self.store.mirror(gen)
         gen.start(wait_for_subscriber)
         return gen
 

@@ -85,7 +85,8 @@ class Access:
     def __init__(self, config: Config) -> None:
         self.path = config.tokens_file
         self._digests: frozenset[bytes] = read_tokens(self.path) if self.path is not None else frozenset()
-        # Per process: a restart forgets every stream anyway, so their URLs may die with it.
+        # Per process unless a shared one is given (use_secret): without a shared store a restart
+        # forgets every stream anyway, so their URLs may die with it.
         self._secret = secrets.token_bytes(32)
         # A capability lives as long as the stream it names can: running, then kept for replay.
         self.capability_ttl = int(config.attach_timeout + config.total_timeout + config.stream_ttl) + 1
@@ -94,6 +95,10 @@ class Access:
     @property
     def enabled(self) -> bool:
         return self.path is not None
+
+    def use_secret(self, secret: bytes) -> None:
+        """Sign with a secret every instance shares (--signing-key-file, or kept in Redis)."""
+        self._secret = secret
 
     def reload(self) -> bool:
         """Re-read the tokens file (SIGHUP).  On failure the old set stays and the log says why."""

@@ -22,19 +22,19 @@ from relay.http.ratelimit import TooManyStreams
 Refused = (StreamLimit, TooManyStreams)
 
 
-def start_generation(request: web.Request, *, kind: str, model: str, body: dict[str, Any], wire: Wire,
-                     resumable: bool, streaming: bool = True,
-                     wait_for_subscriber: float | None = None) -> Generation:
+async def start_generation(request: web.Request, *, kind: str, model: str, body: dict[str, Any], wire: Wire,
+                           resumable: bool, streaming: bool = True,
+                           wait_for_subscriber: float | None = None) -> Generation:
     """A started generation owned by this request's client; raises one of ``Refused``."""
     client = access.client_of(request)
-    release = request.app[LIMITS].streams.acquire(client.identity)
+    release = await request.app[LIMITS].acquire(client.identity)
     try:
         gen = request.app[REGISTRY].create(kind=kind, model=model, body=body, wire=wire, resumable=resumable,
-                                           streaming=streaming, wait_for_subscriber=wait_for_subscriber)
+                                           streaming=streaming, wait_for_subscriber=wait_for_subscriber,
+                                           owner=client.owner)
     except BaseException:
         release()
         raise
-    gen.owner = client.owner
     assert gen.task is not None
     gen.task.add_done_callback(lambda _task: release())
     return gen

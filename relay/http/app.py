@@ -16,7 +16,8 @@ from relay.config import Config
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, static
-from relay.http.appkeys import CATALOG, CONFIG, PROBE, REGISTRY, UPSTREAMS
+from relay.core.redis_store import RedisStore, open_store
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, LIMITS, PROBE, REGISTRY, STORE, UPSTREAMS
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
 from relay.upstream.pool import Pool, shortcut_spec
@@ -43,6 +44,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
+    app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(functools.partial(_upstream_ctx, clock=clock, rng=rng))
     app.on_shutdown.append(_end_generations)
     app.router.add_post("/chat", chat.post_chat, expect_handler=guard.expect_handler)
@@ -103,7 +105,10 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     pool = Pool.build(session, config, specs, clock=clock, rng=rng)
     app[UPSTREAMS] = pool
     app[CATALOG] = Catalog.of(pool, default_model=default_model, allowed=config.models, demo=config.demo)
-    app[REGISTRY] = Registry(config, pool)
+    store = app[STORE]
+    app[REGISTRY] = registry = Registry(config, pool, store)
+    if isinstance(store, RedisStore):
+        store.registry = registry
     app[PROBE] = ReadinessProbe(pool)
     try:
         yield
@@ -113,6 +118,26 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
         await session.close()
         if demo_runner is not None:
             await demo_runner.cleanup()
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The shared store when --redis is given (relay/core/redis_store.py), else the memory one."""
+    config = app[CONFIG]
+    store = open_store(config)
+    await store.start()
+    app[STORE] = store
+    if isinstance(store, RedisStore):
+        app[LIMITS].shared = store
+        if config.signing_key is None:
+            # Every instance must verify every other's events URLs: one secret, kept in Redis.
+            app[ACCESS].use_secret(await store.signing_secret())
+    if config.signing_key is not None:
+        app[ACCESS].use_secret(config.signing_key)
+    try:
+        yield
+    finally:
+        # After the upstream context (cleanup runs in reverse): the shutdown ends are written.
+        await store.close()
 
 
 async def _end_generations(app: web.Application) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from relay.config import Config
     from relay.core.registry import Registry
+    from relay.core.store import Store
     from relay.http.access import Access
     from relay.http.guard import Guard
     from relay.http.health import ReadinessProbe
@@ -28,3 +29,4 @@ GUARD: web.AppKey[Guard] = web.AppKey("guard")
 LIMITS: web.AppKey[ClientLimits] = web.AppKey("limits")
 PROBE: web.AppKey[ReadinessProbe] = web.AppKey("readiness_probe")
 UPSTREAMS: web.AppKey[Pool] = web.AppKey("upstreams")
+STORE: web.AppKey[Store] = web.AppKey("store")

@@ -12,14 +12,15 @@ from typing import Any
 from aiohttp import web
 
 from relay.config import Config
-from relay.core.generation import Generation
+from relay.core.generation import Generation, ResumeExpired
+from relay.core.store import StoreUnavailable
 from relay.core.ids import parse_event_id
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY
 from relay.http.body import BadRequest, read_json
 from relay.http.chat_body import chat_request
-from relay.http.chat_wire import ChatWire
+from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event
 from relay.http.errors import error_response, json_response
 from relay.http.params import RequestBounds
 from relay.http.sse_response import EventStream, SlowClient, follow
@@ -40,13 +41,13 @@ def _last_event_id(request: web.Request) -> str | None:
     return request.headers.get("Last-Event-ID") or request.query.get("lastEventId") or None
 
 
-def _start(request: web.Request, body: Any, *, wait: bool) -> Generation:
+async def _start(request: web.Request, body: Any, *, wait: bool) -> Generation:
     config = request.app[CONFIG]
     catalog = request.app[CATALOG]
     model, upstream_body = chat_request(body, default_model=catalog.default_model,
                                         stream_usage=config.stream_usage, models=catalog.allowed,
                                         limits=RequestBounds.of(config))
-    return start_generation(request, kind="chat", model=model, body=upstream_body, resumable=True,
+    return await start_generation(request, kind="chat", model=model, body=upstream_body, resumable=True,
                             wire=ChatWire(model=model, demo=catalog.demo, retry_ms=config.retry_ms),
                             wait_for_subscriber=config.attach_timeout if wait else None)
 
@@ -61,13 +62,15 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
     try:
         body = await read_json(request)
         if _wants_json(request):
-            stream = _start(request, body, wait=True)
+            stream = await _start(request, body, wait=True)
+            # Found by id on every instance before the client is told where it is.
+            await request.app[REGISTRY].store.ready(stream.id)
             # With tokens, the URL carries a capability for this stream alone (relay/http/access.py),
             # because EventSource cannot send the Authorization header.
             events = request.app[ACCESS].events_url(stream.id, stream.owner)
             return json_response({"id": stream.id, "events": events}, status=201,
                                  headers={"Location": f"/chat/{stream.id}"})
-        stream = _start(request, body, wait=False)
+        stream = await _start(request, body, wait=False)
     except (BadRequest, *Refused) as exc:
         return _refusal(exc)
     return await subscribe(request, stream, 0)
@@ -90,7 +93,7 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
     if "model" in request.query:
         body["model"] = request.query["model"]
     try:
-        stream = _start(request, body, wait=False)
+        stream = await _start(request, body, wait=False)
     except (BadRequest, *Refused) as exc:
         return _refusal(exc)
     return await subscribe(request, stream, 0)
@@ -111,7 +114,10 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 
 async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> web.StreamResponse:
     """Replay after ``last_seq`` (-1: from the start; None: the client has its end), then follow."""
-    stream = _visible(request, stream_id)
+    stream = request.app[REGISTRY].get(stream_id)
+    if stream is None:
+        return await _resume_remote(request, stream_id, last_seq)
+    _check_access(request, stream.id, stream.owner)
     if last_seq is None or (stream.finished and last_seq + 1 >= stream.next_seq):
         # 204 is what stops EventSource from reconnecting forever.
         return web.Response(status=204)
@@ -119,37 +125,93 @@ async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> 
 
 
 async def delete_stream(request: web.Request) -> web.StreamResponse:
-    stream = _visible(request, request.match_info["id"])
-    stream.cancel("cancelled", "the stream was stopped by a client")
+    stream_id = request.match_info["id"]
+    stream = request.app[REGISTRY].get(stream_id)
+    if stream is not None:
+        _check_access(request, stream.id, stream.owner)
+        stream.cancel("cancelled", "the stream was stopped by a client")
+        return web.Response(status=204)
+    store = request.app[REGISTRY].store
+    try:
+        remote = await store.lookup(stream_id)
+        if remote is None:
+            raise _not_found()
+        _check_access(request, remote.id, remote.owner)
+        if remote.end is None:
+            await store.cancel(stream_id)  # to whichever instance produces it
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
     return web.Response(status=204)
 
 
-def _visible(request: web.Request, stream_id: str) -> Generation:
-    """The stream, if this request may read or stop it; else 404 (or 401 for a bad events URL).
+def _check_access(request: web.Request, stream_id: str, stream_owner: str | None) -> None:
+    """Return if this request may read or stop the stream; else raise 404 (or 401 for a bad events URL).
 
     With tokens, a stream belongs to the token that started it: another token gets the same 404
     as an unknown id, so it learns nothing.  A request without a token gets here only with an
     events URL's capability (relay/http/guard.py), which must be valid for this stream and owner.
     """
-    stream = request.app[REGISTRY].get(stream_id)
-    if stream is None:
-        raise _not_found()
     checker = request.app[ACCESS]
     if not checker.enabled:
-        return stream  # the id itself is the capability (128 random bits)
+        return  # the id itself is the capability (128 random bits)
     owner = access.owner(request)
     if owner is not None:
-        if owner != stream.owner:
+        if owner != stream_owner:
             raise _not_found()
-        return stream
-    why = checker.capability_error(stream.id, stream.owner, request.query.get("exp", ""),
+        return
+    why = checker.capability_error(stream_id, stream_owner, request.query.get("exp", ""),
                                    request.query.get("sig", ""))
     if why is not None:
         raise web.HTTPUnauthorized(
             text=dumps({"error": {"message": why, "type": "invalid_request_error", "param": None,
                                        "code": "invalid_api_key"}}),
             content_type="application/json")
-    return stream
+
+
+async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | None) -> web.StreamResponse:
+    """A stream this process does not hold: from the shared store, if there is one and it has it."""
+    store = request.app[REGISTRY].store
+    if not store.shared:
+        raise _not_found()
+    try:
+        remote = await store.lookup(stream_id)
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+    if remote is None:
+        raise _not_found()
+    _check_access(request, remote.id, remote.owner)
+    if last_seq is None or last_seq == remote.end:
+        return web.Response(status=204)
+    # A position past the end is one the producer sent from memory before it died, beyond what
+    # reached Redis: follow() gives that client the end (the one event it has not seen).
+    if remote.unreplayable:
+        return error_response(503, "this stream's copy in the shared store is incomplete (Redis was lost or too "
+                              "slow while it ran), so it cannot be resumed here; start a new chat",
+                              code="store_incomplete")
+    config: Config = request.app[CONFIG]
+    resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                       send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream_id}"})
+    try:
+        await resp.prepare(request)
+        try:
+            async for data in store.follow(remote, last_seq + 1, interrupted_event(stream_id, config.retry_ms)):
+                await resp.send_bytes(data)
+        except ResumeExpired:
+            await resp.send_bytes(last_event(stream_id, RESUME_EXPIRED))
+        except StoreUnavailable as exc:
+            # The connection ends without a last event: the client reconnects, and while the store
+            # is away that reconnect gets the 503 that names the cause.
+            log.warning("stream %s: a remote reader was cut: %s", stream_id, exc)
+    except ConnectionResetError:
+        pass
+    except SlowClient as exc:
+        log.warning("stream %s: %s (bound %d)", stream_id, exc, config.send_buffer)
+    finally:
+        if resp.prepared:
+            resp.stop_streaming()
+    if resp.prepared:
+        await resp.wait()
+    return resp
 
 
 def _not_found() -> web.HTTPNotFound:
@@ -169,11 +231,7 @@ async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.S
     try:
         await resp.prepare(request)
         if not await follow(resp, stream, sub):
-            wire = stream.wire
-            assert isinstance(wire, ChatWire)
-            await resp.send_bytes(wire.last({
-                "type": "error", "code": "resume_expired", "retriable": False,
-                "message": "the events after your position are no longer kept; start a new chat"}))
+            await resp.send_bytes(last_event(stream.id, RESUME_EXPIRED))
     except ConnectionResetError:
         pass
     except SlowClient as exc:

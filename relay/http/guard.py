@@ -150,7 +150,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         refused = _authenticate(request)
         if refused is not None:
             return refused
-        limited = _rate_limit(request)
+        limited = await _rate_limit(request)
         if limited is not None:
             return limited
     try:
@@ -182,11 +182,12 @@ def _unauthorized(message: str) -> web.Response:
     return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'})
 
 
-def _rate_limit(request: web.Request) -> web.Response | None:
+async def _rate_limit(request: web.Request) -> web.Response | None:
     if request.method == "DELETE":
         return None  # stopping a generation saves money; never refuse it
-    limiter = request.app[LIMITS].rate
-    wait = limiter.take(client_of(request).identity)
+    limits = request.app[LIMITS]
+    limiter = limits.rate
+    wait = await limits.take(client_of(request).identity)
     if not wait:
         return None
     after = retry_after(wait)

@@ -60,7 +60,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                   models=catalog.allowed, stream_usage=config.stream_usage,
                                   limits=RequestBounds.of(config), policy=field_policy(config, catalog.allowed))
         wire = OpenAIWire(drop_usage=config.stream_usage and not req.client_usage)
-        gen = start_generation(request, kind="v1", model=req.model, body=req.body, wire=wire,
+        gen = await start_generation(request, kind="v1", model=req.model, body=req.body, wire=wire,
                                resumable=False, streaming=req.stream)
     except BadRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param)

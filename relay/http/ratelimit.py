@@ -12,7 +12,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 
 from relay.config import Config
@@ -66,12 +66,14 @@ class StreamSlots:
     def running(self, identity: str) -> int:
         return self._running.get(identity, 0)
 
-    def acquire(self, identity: str) -> Callable[[], None]:
-        """Take a slot, or raise TooManyStreams; call the returned function (once) to give it back."""
+    def acquire(self, identity: str, *, bound: bool = True) -> Callable[[], None]:
+        """Take a slot, or raise TooManyStreams; call the returned function (once) to give it back.
+
+        ``bound=False`` only counts (the shared store decided), so the local count is right
+        should the store go away while the generation runs."""
         count = self._running.get(identity, 0)
-        if count >= self.per_client:
-            raise TooManyStreams(f"this client already has {count} generations running, the most this relay "
-                                 f"allows (--max-streams-per-client); wait for one to finish or stop one")
+        if bound and count >= self.per_client:
+            raise TooManyStreams(_too_many(count))
         self._running[identity] = count + 1
         released = False
 
@@ -88,12 +90,63 @@ class StreamSlots:
         return release
 
 
-class ClientLimits:
-    """Per-client limits: the request rate and the generations running at once."""
+class SharedLimits(Protocol):
+    """The shared store's side of the limits (relay/core/redis_store.py); None answers: it is away."""
 
-    def __init__(self, config: Config) -> None:
+    async def take(self, identity: str, per_minute: int) -> float | None: ...
+
+    async def acquire(self, identity: str, per_client: int) -> tuple[str | None, int] | None: ...
+
+    def release(self, lease: str) -> None: ...
+
+
+class ClientLimits:
+    """Per-client limits: the request rate and the generations running at once.
+
+    With a shared store they hold across every instance; while the store is away each process
+    counts on its own (the store logs that once), and shared counting resumes when it is back.
+    """
+
+    def __init__(self, config: Config, shared: SharedLimits | None = None) -> None:
         self.rate = RateLimiter(config.rate_limit)
         self.streams = StreamSlots(config.max_streams_per_client)
+        self.shared = shared
+
+    async def take(self, identity: str) -> float:
+        """Spend one request: 0 when allowed, else the seconds until the next one is."""
+        if self.rate.per_minute <= 0:
+            return 0.0
+        if self.shared is not None:
+            wait = await self.shared.take(identity, self.rate.per_minute)
+            if wait is not None:
+                return wait
+        return self.rate.take(identity)
+
+    async def acquire(self, identity: str) -> Callable[[], None]:
+        """Take one of the client's slots, or raise TooManyStreams; the function gives it back (once)."""
+        shared = self.shared
+        if shared is not None:
+            got = await shared.acquire(identity, self.streams.per_client)
+            if got is not None:
+                lease, held = got
+                if lease is None:
+                    raise TooManyStreams(_too_many(held))
+                local = self.streams.acquire(identity, bound=False)
+                done = False
+
+                def release() -> None:
+                    nonlocal done
+                    if not done:
+                        done = True
+                        local()
+                        shared.release(lease)
+                return release
+        return self.streams.acquire(identity)
+
+
+def _too_many(count: int) -> str:
+    return (f"this client already has {count} generations running, the most this relay allows "
+            "(--max-streams-per-client); wait for one to finish or stop one")
 
 
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relay import __version__
 from relay.http.access import read_tokens
@@ -20,7 +21,7 @@ from relay.config import (
     parse_pairs,
     read_api_key,
 )
-from relay.upstream_config import parse_upstreams
+from relay.upstream_config import parse_upstreams, read_key_file
 
 log = logging.getLogger("relay")
 
@@ -86,6 +87,20 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--cooldown-max", "cooldown_max", float, None, "longest cooldown, seconds"),
     ("--down-time", "down_time", float, None,
      "seconds an upstream whose credentials or credit were refused (401/402/403) is left alone"),
+    ("--redis", "redis_url", str, "RELAY_REDIS_URL",
+     "share streams, cancels and limits through Redis: redis://HOST:PORT/DB, rediss:// (TLS) or "
+     "unix:///PATH; the password comes from RELAY_REDIS_PASSWORD, --redis-password-file or the "
+     "credential redis-password, never from this flag"),
+    ("--redis-prefix", "redis_prefix", str, None, "prefix of every Redis key the relay writes"),
+    ("--owner-ttl", "owner_ttl", float, None,
+     "seconds after which a stream whose producing process stopped refreshing is taken as interrupted"),
+    ("--presence-ttl", "presence_ttl", float, None,
+     "seconds a reader on another instance counts as a listener without refreshing"),
+    ("--redis-log-events", "redis_log_events", int, None, "events of one stream kept in Redis"),
+    ("--redis-queue", "redis_queue", int, None,
+     "events waiting for Redis, all streams together; past it a stream cannot be resumed elsewhere"),
+    ("--redis-flush-ms", "redis_flush_ms", float, None,
+     "milliseconds the Redis writer gathers events of many streams into one round trip"),
 ]
 
 # (flag, dest, environment variable with comma-separated values, help): repeatable flags.
@@ -125,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, dest=dest, type=type_, default=None,
                            help=f"{text}{extra} (default: {shown})")
     serve.add_argument("--config", help="TOML settings file [RELAY_CONFIG]")
+    serve.add_argument("--workers", default=None, metavar="N|auto",
+                       help="worker processes sharing the listening socket (auto: one per CPU this process may "
+                       "use); more than 1 needs --redis [RELAY_WORKERS] (default: 1)")
+    serve.add_argument("--redis-password-file", help="file holding the Redis password")
+    serve.add_argument("--signing-key-file",
+                       help="file holding the secret that signs events URLs, the same on every instance "
+                       "(default with --redis: one kept in Redis; else a per-process random one)")
     serve.add_argument("--api-key-file", help="file holding the upstream API key")
     serve.add_argument("--upstream-header", action="append", default=None, metavar="'NAME: VALUE'",
                        help="extra header sent upstream (repeatable)")
@@ -214,10 +236,47 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
                               "together: list every upstream in the file, or use the flag alone")
         values["upstreams"] = parse_upstreams(values["upstreams"], environ)
     values["api_key"] = read_api_key(key_file, environ)
+    _redis_settings(args, values, environ)
     config = from_mapping(values)
     if config.tokens_file is not None:
         read_tokens(config.tokens_file)  # a missing or empty file stops the start, with the reason
     return config
+
+
+def _redis_settings(args: argparse.Namespace, values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """--workers, and the Redis and signing secrets: from the environment, a file or a credential."""
+    if args.redis_url and urlsplit(args.redis_url).password:
+        raise ConfigError("--redis must not hold the password (ps shows every flag): put it in "
+                          "RELAY_REDIS_PASSWORD, --redis-password-file or the systemd credential redis-password")
+    workers = args.workers or environ.get("RELAY_WORKERS") or values.pop("workers", None)
+    if workers is not None:
+        values["workers"] = parse_workers(str(workers))
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    password_file = args.redis_password_file or values.pop("redis_password_file", None)
+    if password_file is None and credentials and (Path(credentials) / "redis-password").exists():
+        password_file = str(Path(credentials) / "redis-password")
+    if password_file is not None:
+        values["redis_password"] = read_key_file(Path(password_file), "the Redis password file")
+    elif environ.get("RELAY_REDIS_PASSWORD"):
+        values["redis_password"] = environ["RELAY_REDIS_PASSWORD"]
+    signing_file = args.signing_key_file or values.pop("signing_key_file", None)
+    if signing_file is None and credentials and (Path(credentials) / "signing-key").exists():
+        signing_file = str(Path(credentials) / "signing-key")
+    if signing_file is not None:
+        secret = read_key_file(Path(signing_file), "the signing key file")
+        if len(secret) < 16:
+            raise ConfigError("the signing key file must hold at least 16 characters of secret")
+        values["signing_key"] = secret.encode()
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: a count, or ``auto`` for the CPUs this process may run on."""
+    if text.strip() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--workers must be a number or auto, not {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
