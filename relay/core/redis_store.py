@@ -6,7 +6,8 @@ Cluster slot::
     P:{ID}:log      Redis Stream; entry ``<seq>-1`` holds ``d`` (the event's bytes) and, on the
                     terminal event only, ``e``.  An event id means the same on every instance.
     P:{ID}:meta     hash: ``owner`` (the token digest), ``end`` (the terminal's seq, once there
-                    is one), ``lost`` (the log here is incomplete).
+                    is one), ``interrupted`` (that terminal was appended because the producer was
+                    gone), ``lost`` (the log here is incomplete).
     P:{ID}:owner    the producing instance, set with a short TTL and refreshed: gone = producer gone.
     P:{ID}:seen     a reader on another instance, set with a short TTL and refreshed (presence).
     P:{rate:WHO}    a client's token bucket;  P:{slots:WHO}: its running generations (leases).
@@ -65,10 +66,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local seq = 0
 if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
-redis.call('XADD', KEYS[2], seq .. '-1', 'd', ARGV[1] .. seq .. ARGV[2], 'e', '1')
-redis.call('HSET', KEYS[1], 'end', seq)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('XADD', KEYS[2], seq .. '-1', 'd', ARGV[1], 'e', '1')
+redis.call('HSET', KEYS[1], 'end', seq, 'interrupted', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return seq
 """
 
@@ -229,12 +230,15 @@ class RedisStore(Store):
                     await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning("Redis: %d writes not sent at shutdown", len(self._pending))
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Bounded: closing a TLS connection waits for the peer's close_notify, which may not come.
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
         try:
-            await self.redis.aclose()
-        except RedisError:
+            await asyncio.wait_for(self.redis.aclose(), timeout=2)
+        except (RedisError, OSError, TimeoutError):
             pass
 
     # -- the producer's side -------------------------------------------------------------
@@ -438,8 +442,8 @@ class RedisStore(Store):
                 await asyncio.sleep(0.5)
             finally:
                 try:
-                    await pubsub.aclose()
-                except (RedisError, OSError):
+                    await asyncio.wait_for(pubsub.aclose(), timeout=1)
+                except (RedisError, OSError, TimeoutError):
                     pass
 
     # -- readers elsewhere ---------------------------------------------------------------
@@ -459,9 +463,10 @@ class RedisStore(Store):
             return None
         owner = meta.get(b"owner", b"").decode() or None
         end = meta.get(b"end")
-        return Remote(stream_id, owner, int(end) if end is not None else None, unreplayable=b"lost" in meta)
+        return Remote(stream_id, owner, int(end) if end is not None else None, unreplayable=b"lost" in meta,
+                      interrupted=b"interrupted" in meta)
 
-    async def follow(self, remote: Remote, pos: int, interrupted: tuple[bytes, bytes]) -> AsyncIterator[bytes]:
+    async def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
         logkey = self.key(remote.id, "log")
         keys = [self.key(remote.id, "meta"), logkey, self.key(remote.id, "owner")]
         seen = self.key(remote.id, "seen")
@@ -502,7 +507,7 @@ class RedisStore(Store):
                         return
                     continue
                 # Nothing for a while: is the producer still there?
-                ended = await self._interrupt(keys=keys, args=[*interrupted, self._kept_ms])
+                ended = await self._interrupt(keys=keys, args=[interrupted, self._kept_ms])
                 if ended is not None:
                     if int(ended) < 0:
                         return  # the stream expired meanwhile: nothing more to send

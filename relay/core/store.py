@@ -46,6 +46,8 @@ class Remote:
     end: int | None
     #: Its log in the store is incomplete (the store was lost or overflowed while it ran).
     unreplayable: bool = False
+    #: Its end was appended because its producer was gone (relay/http/chat_wire.py).
+    interrupted: bool = False
 
 
 class Store:
@@ -70,11 +72,10 @@ class Store:
         """A stream that is not in this process; None when the store does not know it."""
         return None
 
-    def follow(self, remote: Remote, pos: int, interrupted: tuple[bytes, bytes]) -> AsyncIterator[bytes]:
+    def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
         """The stream's events from ``pos`` on, until its terminal event, while counting as a listener.
 
-        ``interrupted`` is the terminal event to append, split around where its sequence number
-        goes, should the producer turn out to be gone.  Raises ``ResumeExpired`` when ``pos`` has
+        ``interrupted`` is the terminal event to append should the producer turn out to be gone.  Raises ``ResumeExpired`` when ``pos`` has
         left the shared log, ``StoreUnavailable`` when the store is lost.
         """
         raise StoreUnavailable("no shared store is configured")

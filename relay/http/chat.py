@@ -180,10 +180,10 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
     if remote is None:
         raise _not_found()
     _check_access(request, remote.id, remote.owner)
-    if last_seq is None or last_seq == remote.end:
+    if last_seq is None or (last_seq == remote.end and not remote.interrupted):
         return web.Response(status=204)
-    # A position past the end is one the producer sent from memory before it died, beyond what
-    # reached Redis: follow() gives that client the end (the one event it has not seen).
+    # After an interrupted end, a position at or past it is one the producer sent from memory
+    # before it died, beyond what reached Redis: follow() gives that client the end.
     if remote.unreplayable:
         return error_response(503, "this stream's copy in the shared store is incomplete (Redis was lost or too "
                               "slow while it ran), so it cannot be resumed here; start a new chat",

@@ -59,29 +59,24 @@ RESUME_EXPIRED: dict[str, Any] = {
     "type": "error", "code": "resume_expired", "retriable": False,
     "message": "the events after your position are no longer kept; start a new chat"}
 
-#: Where the sequence number goes in ``interrupted_event`` (stream ids never hold a "#").
-_SEQ = "#seq#"
-
-
 def last_event(stream_id: str, event: dict[str, Any]) -> bytes:
     """An event for one subscriber only (not in the log), after which it has nothing more to get."""
     return encode(dumps(event), id=event_id(stream_id, None))
 
 
-def interrupted_event(stream_id: str, retry_ms: int) -> tuple[bytes, bytes]:
-    """The end of a stream whose producing process died (shared store), split around its seq.
+def interrupted_event(stream_id: str, retry_ms: int) -> bytes:
+    """The end of a stream whose producing process died (shared store).
 
     Whoever finds the producer gone appends it to the shared log, atomically and once
-    (relay/core/redis_store.py), so every reader sees the same event with the same id.
+    (relay/core/redis_store.py), so every reader sees the same event.  Its id is the end mark,
+    not a position: the dead producer may have sent its own readers events that never reached
+    Redis, under the very positions the end now takes there, and a client holding one of those
+    ids must still get the end rather than a 204.
     """
-    data = encode(dumps({"type": "error", "code": "interrupted", "retriable": True,
+    return encode(dumps({"type": "error", "code": "interrupted", "retriable": True,
                          "message": "the relay process producing this answer stopped before it ended; what it "
                                     "generated is above; send the request again"}),
-                  id=f"{stream_id}.{_SEQ}", retry=retry_ms)
-    before, _, after = data.partition(_SEQ.encode())
-    return before, after
-
-
+                  id=event_id(stream_id, None), retry=retry_ms)
 def delta_event(obj: dict[str, Any]) -> str | None:
     """The delta event's JSON for one upstream chunk, or None when its first choice carries nothing.
 

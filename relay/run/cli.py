@@ -251,6 +251,11 @@ def _redis_settings(args: argparse.Namespace, values: dict[str, Any], environ: M
     workers = args.workers or environ.get("RELAY_WORKERS") or values.pop("workers", None)
     if workers is not None:
         values["workers"] = parse_workers(str(workers))
+        if str(workers).strip() == "auto" and not (args.redis_url or environ.get("RELAY_REDIS_URL")
+                                                   or values.get("redis_url")):
+            # Whatever auto resolves to on this machine, the same command elsewhere means many.
+            raise ConfigError("--workers auto needs --redis URL: a reconnect can land on any worker, so the "
+                              "streams must be in a store every worker shares")
     credentials = environ.get("CREDENTIALS_DIRECTORY")
     password_file = args.redis_password_file or values.pop("redis_password_file", None)
     if password_file is None and credentials and (Path(credentials) / "redis-password").exists():
@@ -296,8 +301,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from relay.run import workers
+
+    worker = workers.worker_number()
+    where = f" [worker {worker}]" if worker else ""
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+    if config.workers > 1 and worker is None:
+        return workers.supervise(config, sys.argv[1:] if argv is None else list(argv))
     from relay.run.server import run
 
     return run(config, args.loop)

@@ -25,7 +25,7 @@ from relay.core.registry import Registry
 from relay.http.app import make_app
 from relay.http.appkeys import ACCESS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
-from relay.run import systemd
+from relay.run import systemd, workers
 from relay.openfiles import open_files, raise_open_files
 from relay.run.connections import ConnectionLimits, auto_total
 
@@ -38,6 +38,11 @@ HANDLER_GRACE = 5.0
 async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[web.AppRunner, list[str]]:
     """Start serving on ``sockets`` (inherited, already listening) or on config.host:port."""
     app = make_app(config)
+    worker = workers.worker_number()
+    if worker is not None:
+        async def name_worker(_request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["Relay-Worker"] = worker  # which process answered (--workers)
+        app.on_response_prepare.append(name_worker)
     # aiohttp's run_app leaves handler cancellation off: without it a client that goes away
     # while the upstream is silent is only noticed at the next write, and the upstream bills on.
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE,
@@ -81,14 +86,14 @@ class _Signals:
 
 async def serve(config: Config) -> None:
     try:
-        sockets = systemd.listen_sockets()
+        sockets = workers.worker_socket() or systemd.listen_sockets()
     except ValueError as exc:
         raise SystemExit(f"relay: error: {exc}") from None
-    _refuse_open_sockets(config, sockets)
+    refuse_open_sockets(config, sockets)
     soft, hard = raise_open_files()
     log.info("open-file limit %d (hard limit %d)", soft, hard)
     runner, urls = await start(config, sockets)
-    where = ", ".join(urls) + (" (socket-activated)" if sockets else "")
+    where = ", ".join(urls) + ((" (from the supervisor)" if workers.worker_number() else " (socket-activated)") if sockets else "")
     loop_name = type(asyncio.get_running_loop()).__module__.partition(".")[0]
     log.info("relay listening on %s%s (%s)", where, " (demo model)" if config.demo else "", loop_name)
     signals = _Signals()
@@ -119,7 +124,7 @@ def reload(app: web.Application, where: str) -> None:
     systemd.notify(f"READY=1\nSTATUS=listening on {where}")
 
 
-def _refuse_open_sockets(config: Config, sockets: Sequence[socket.socket]) -> None:
+def refuse_open_sockets(config: Config, sockets: Sequence[socket.socket]) -> None:
     """The --host check of config.py, for sockets systemd hands us (their address is not --host)."""
     if config.tokens_file is not None or config.allow_anonymous:
         return

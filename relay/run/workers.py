@@ -1,0 +1,299 @@
+"""``relay serve --workers N``: a small supervisor and N worker processes on one listening socket.
+
+The supervisor binds the socket (or takes systemd's) and hands it to each worker explicitly
+(systemd's fd is not inheritable).  Each worker is ``python -m relay`` with the same arguments,
+started in its own session (a terminal's Ctrl-C reaches only the supervisor, which forwards
+it once) and told to die with its parent.  Workers speak the sd_notify protocol to the
+supervisor, on one socket each, exactly as they would to systemd; the supervisor alone talks to
+systemd (``NotifyAccess=main``): ``READY=1`` once every worker listens, ``WATCHDOG=1`` only while
+every worker has pinged within its interval, ``STOPPING=1`` on the way out.
+
+- A worker that exits unexpectedly is logged and replaced; one that keeps dying before it is
+  ready backs off (0.1 s doubling to 5 s) and after ``CRASH_LIMIT`` in a row the supervisor
+  stops the rest and exits 1 (systemd's restart policy takes it from there).
+- SIGTERM/SIGINT: forwarded to every worker, which drains (relay/run/server.py); a second one
+  is forwarded too and cuts the drains short.  SIGHUP: forwarded, every worker re-reads the
+  tokens file; no worker restarts, so no stream is cut by a reload.
+
+Why not gunicorn's aiohttp worker: it leaves handler cancellation off, restarts workers on
+SIGHUP (cutting streams) and skips the relay's own drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from relay.config import Config
+from relay.run import systemd
+
+log = logging.getLogger("relay.workers")
+
+CRASH_LIMIT: Final = 5
+BACKOFF_MAX: Final = 5.0
+#: Environment a worker gets: its number, the listening socket's fd, the supervisor's pid.
+WORKER_ENV: Final = "RELAY_WORKER"
+WORKER_FD_ENV: Final = "RELAY_WORKER_FD"
+SUPERVISOR_ENV: Final = "RELAY_SUPERVISOR_PID"
+PR_SET_PDEATHSIG: Final = 1
+
+
+def worker_number(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
+    """This process's worker number when a supervisor started it, else None."""
+    return environ.get(WORKER_ENV) or None
+
+
+def worker_socket(environ: os._Environ[str] = os.environ) -> list[socket.socket]:
+    """The listening sockets the supervisor handed down (and the promise to die with it)."""
+    fds = environ.pop(WORKER_FD_ENV, "")
+    parent = environ.pop(SUPERVISOR_ENV, "")
+    if not fds:
+        return []
+    _die_with_parent(int(parent) if parent.isdigit() else None)
+    sockets = []
+    for fd in fds.split(","):
+        os.set_inheritable(int(fd), False)
+        sockets.append(socket.socket(fileno=int(fd)))
+    return sockets
+
+
+def _die_with_parent(parent: int | None) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask
+
+
+@dataclass
+class _Worker:
+    number: int
+    proc: asyncio.subprocess.Process | None = None
+    notify: socket.socket | None = None
+    address: str = ""
+    ready: bool = False
+    last_ping: float = 0.0
+    started: float = 0.0
+    reader: asyncio.Task[None] | None = None
+    failures: int = 0
+    messages: asyncio.Queue[dict[str, str]] = field(default_factory=asyncio.Queue)
+
+
+class Supervisor:
+    def __init__(self, config: Config, argv: Sequence[str], sockets: list[socket.socket]) -> None:
+        self.config = config
+        self.argv = list(argv)
+        self.sockets = sockets
+        self.workers = [_Worker(n) for n in range(1, config.workers + 1)]
+        self.stopping = False
+        self.signals = 0
+        self.changed = asyncio.Event()
+        self.watchdog = systemd.watchdog_interval()
+        self.where = ""
+
+    async def _spawn(self, worker: _Worker) -> None:
+        name = f"relay-worker-{os.getpid()}-{worker.number}-{secrets.token_hex(4)}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind("\0" + name)
+        sock.setblocking(False)
+        worker.notify, worker.address, worker.ready = sock, "@" + name, False
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID",
+                            "WATCHDOG_USEC")}
+        fds = tuple(sock.fileno() for sock in self.sockets)
+        env.update({WORKER_ENV: str(worker.number), WORKER_FD_ENV: ",".join(map(str, fds)),
+                    SUPERVISOR_ENV: str(os.getpid()), "NOTIFY_SOCKET": worker.address})
+        if self.watchdog is not None:
+            # The worker pings us at half this; we ping systemd only while every worker does.
+            env["WATCHDOG_USEC"] = str(int(self.watchdog * 2 * 1_000_000))
+        worker.started = time.monotonic()
+        worker.last_ping = worker.started
+        worker.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "relay", *self.argv, env=env, pass_fds=fds,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
+        worker.reader = asyncio.create_task(self._read(worker), name=f"worker-{worker.number}-notify")
+        log.info("worker %d started (pid %d)", worker.number, worker.proc.pid)
+
+    async def _read(self, worker: _Worker) -> None:
+        assert worker.notify is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await loop.sock_recv(worker.notify, 4096)
+            message = dict(line.split("=", 1) for line in data.decode(errors="replace").splitlines() if "=" in line)
+            worker.last_ping = time.monotonic()
+            if message.get("READY") == "1" and not worker.ready:
+                worker.ready = True
+                worker.failures = 0
+                if "STATUS" in message:
+                    self.where = message["STATUS"].replace("listening on ", "", 1).split(" (")[0]
+                self.changed.set()
+
+    def _close_notify(self, worker: _Worker) -> None:
+        if worker.reader is not None:
+            worker.reader.cancel()
+        if worker.notify is not None:
+            worker.notify.close()
+            worker.notify = None
+
+    def _forward(self, sig: int) -> None:
+        for worker in self.workers:
+            if worker.proc is not None and worker.proc.returncode is None:
+                try:
+                    worker.proc.send_signal(sig)
+                except ProcessLookupError:
+                    pass
+
+    def _signal(self, sig: int) -> None:
+        if sig == signal.SIGHUP:
+            systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+            self._forward(signal.SIGHUP)
+            systemd.notify(f"READY=1\nSTATUS={self._status()}")
+            return
+        self.signals += 1
+        if not self.stopping:
+            self.stopping = True
+            running = sum(1 for w in self.workers if w.proc is not None and w.proc.returncode is None)
+            log.info("shutting down: %d workers draining", running)
+            systemd.notify(f"STOPPING=1\nSTATUS=draining {running} workers")
+        self._forward(signal.SIGTERM)
+        self.changed.set()
+
+    def _status(self) -> str:
+        return f"listening on {self.where} ({len(self.workers)} workers)"
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self._signal, sig)
+        for worker in self.workers:
+            await self._spawn(worker)
+        announced = False
+        pinger = asyncio.create_task(self._watchdog(), name="watchdog") if self.watchdog else None
+        try:
+            while True:
+                if not announced and not self.stopping and all(w.ready for w in self.workers):
+                    announced = True
+                    log.info("all %d workers listen on %s", len(self.workers), self.where)
+                    systemd.notify(f"READY=1\nSTATUS={self._status()}")
+                exits = [asyncio.create_task(w.proc.wait()) for w in self.workers
+                         if w.proc is not None and w.proc.returncode is None]
+                if not exits:
+                    break
+                changed = asyncio.create_task(self.changed.wait())
+                await asyncio.wait([*exits, changed], return_when=asyncio.FIRST_COMPLETED)
+                for task in (*exits, changed):
+                    task.cancel()
+                self.changed.clear()
+                for worker in self.workers:
+                    proc = worker.proc
+                    if proc is None or proc.returncode is None:
+                        continue
+                    self._close_notify(worker)
+                    worker.proc = None
+                    if self.stopping:
+                        log.info("worker %d (pid %d) exited with status %d", worker.number, proc.pid,
+                                 proc.returncode)
+                        continue
+                    if not announced:
+                        # Dead before the relay ever served (bad settings, Redis unreachable): every
+                        # worker would do the same, so stop now with its status and its one line.
+                        log.error("worker %d exited with status %d before the relay was ready",
+                                  worker.number, proc.returncode)
+                        self.stopping = True
+                        self._forward(signal.SIGTERM)
+                        return proc.returncode if proc.returncode > 0 else 1
+                    if not await self._replace(worker, proc):
+                        return 1
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            if pinger is not None:
+                pinger.cancel()
+            await self._stop_all()
+        return 0
+
+    async def _replace(self, worker: _Worker, proc: asyncio.subprocess.Process) -> bool:
+        ready = worker.ready
+        worker.failures = 0 if ready else worker.failures + 1
+        log.error("worker %d (pid %d) exited unexpectedly with status %d; starting another", worker.number,
+                  proc.pid, proc.returncode)
+        if worker.failures >= CRASH_LIMIT:
+            log.error("worker %d died %d times in a row before it was ready: giving up", worker.number,
+                      worker.failures)
+            self.stopping = True
+            self._forward(signal.SIGTERM)
+            return False
+        if worker.failures:
+            await asyncio.sleep(min(BACKOFF_MAX, 0.1 * 2 ** (worker.failures - 1)))
+        if self.stopping:
+            return True
+        await self._spawn(worker)
+        return True
+
+    async def _watchdog(self) -> None:
+        assert self.watchdog is not None
+        while True:
+            now = time.monotonic()
+            # A worker pings at half its interval (2 x ours): one silent for longer is stuck.
+            if all(now - w.last_ping < self.watchdog * 2 for w in self.workers):
+                systemd.notify("WATCHDOG=1")
+            else:
+                stuck = [w.number for w in self.workers if now - w.last_ping >= self.watchdog * 2]
+                log.error("workers %s stopped answering: withholding the watchdog ping", stuck)
+            await asyncio.sleep(self.watchdog)
+
+    async def _stop_all(self) -> None:
+        procs = [w.proc for w in self.workers if w.proc is not None]
+        for proc in procs:
+            if proc.returncode is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        if procs:
+            await asyncio.gather(*(proc.wait() for proc in procs))
+        for worker in self.workers:
+            self._close_notify(worker)
+
+
+def listen(config: Config) -> list[socket.socket]:
+    """systemd's listening sockets, else one bound here on --host/--port."""
+    try:
+        sockets = systemd.listen_sockets()
+    except ValueError as exc:
+        raise SystemExit(f"relay: error: {exc}") from None
+    if sockets:
+        return sockets
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"relay: error: cannot listen on {config.host}:{config.port}: {exc.strerror}") from None
+    sock.listen(config.backlog)
+    return [sock]
+
+
+def supervise(config: Config, argv: Sequence[str]) -> int:
+    """Run ``config.workers`` workers until SIGTERM; the exit status."""
+    sockets = listen(config)
+    from relay.run.server import refuse_open_sockets
+
+    refuse_open_sockets(config, sockets)
+    log.info("starting %d workers", config.workers)
+    return asyncio.run(Supervisor(config, argv, sockets).run())

@@ -1,0 +1,286 @@
+"""Real ``relay serve`` processes sharing one real Redis: kill -9, --workers, TLS, secrets.
+
+The upstream is the fake (tests/conftest.py) in this process; every relay process is stopped
+and waited for (a worker is in its own session, so the supervisor's SIGTERM is what ends it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+import redis_server
+from conftest import FakeUpstream, SSEClient, chunk, require, sse, text_of
+from procs import REPO, NotifyListener, Relay, port_of, spawn_relay
+
+FAST = ("--owner-ttl", "0.6", "--presence-ttl", "0.6", "--drain-timeout", "1", "--rate-limit", "0")
+
+
+def endless(first: list[str]) -> Any:
+    """Sends ``first``, then one more chunk whenever ``fake.release`` is set, never finishing."""
+    async def run(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        for part in first:
+            await fake.send(resp, sse(chunk(part)))
+        await asyncio.Event().wait()
+        return resp
+    return run
+
+
+async def in_redis(url: str, event_id: str) -> None:
+    """Wait until the event with this id has reached Redis (the writer is a round trip behind)."""
+    import redis.asyncio as aioredis
+
+    stream_id, _, seq = event_id.rpartition(".")
+    client = aioredis.Redis.from_url(url)
+    try:
+        async with asyncio.timeout(10):
+            while not await client.xrange(f"relay:{{{stream_id}}}:log", f"{seq}-1", f"{seq}-1"):
+                await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+
+
+async def stop(relay: Relay) -> int:
+    """SIGTERM and wait: the supervisor drains its workers and reaps them before it exits."""
+    if relay.proc.returncode is None:
+        relay.proc.send_signal(signal.SIGTERM)
+    return await relay.exit_status(60)
+
+
+async def events(resp: aiohttp.ClientResponse) -> list[Any]:
+    reader = SSEClient(resp)
+    out = []
+    while (event := await reader.next()) is not None:
+        out.append(event)
+    return out
+
+
+async def head(resp: aiohttp.ClientResponse, count: int) -> list[Any]:
+    reader = SSEClient(resp)
+    out = []
+    while len(out) < count:
+        event = await reader.next()
+        assert event is not None
+        out.append(event)
+    return out
+
+
+async def test_kill_9_of_the_producer_resume_elsewhere_replays_and_ends_interrupted(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    upstream.behaviour = endless(["one ", "two "])
+    notify_a, notify_b = NotifyListener(), NotifyListener()
+    try:
+        async with spawn_relay(tmp_path, upstream, "--redis", redis.url, *FAST, notify=notify_a) as a, \
+                spawn_relay(tmp_path, upstream, "--redis", redis.url, *FAST, notify=notify_b) as b:
+            port_a = port_of(await notify_a.until("READY"))
+            port_b = port_of(await notify_b.until("READY"))
+            resp = await session.post(f"http://127.0.0.1:{port_a}/chat", json={"prompt": "hi"})
+            got = await head(resp, 3)
+            location = resp.headers["Location"]
+            # Until B has what A sent (the writer's round trip is a few ms behind A's own readers).
+            async with asyncio.timeout(10):
+                while True:
+                    probe = await session.get(f"http://127.0.0.1:{port_b}{location}",
+                                              headers={"Last-Event-ID": got[1].id})
+                    if probe.status == 200:
+                        assert [e.data for e in await head(probe, 1)] == [got[2].data]
+                        probe.close()
+                        break
+                    probe.close()
+                    await asyncio.sleep(0.02)
+            a.proc.kill()  # kill -9: no drain, no last event, the owner key simply stops being renewed
+            await a.proc.wait()
+            again = await session.get(f"http://127.0.0.1:{port_b}{location}", headers={"Last-Event-ID": got[0].id})
+            assert again.status == 200
+            rest = await events(again)
+            assert [(e.id, e.data) for e in rest[:2]] == [(e.id, e.data) for e in got[1:3]]
+            end = json.loads(rest[-1].data)
+            assert (end["type"], end["code"], end["retriable"]) == ("error", "interrupted", True)
+            assert len(rest) == 3
+            assert upstream.calls == 1
+            assert await stop(b) == 0
+    finally:
+        notify_a.close()
+        notify_b.close()
+
+
+async def test_workers_without_redis_is_refused_with_one_line() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--workers", "2", cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert err.decode().count("\n") == 1 and "--workers 2 needs --redis" in err.decode()
+
+
+async def test_workers_auto_without_redis_is_refused_whatever_it_resolves_to() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "taskset", "-c", "0", sys.executable, "-m", "relay", "serve", "--workers", "auto", cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # one CPU: auto resolves to 1, still refused
+    _, err = await proc.communicate()
+    assert proc.returncode == 2 and "--workers auto needs --redis" in err.decode()
+
+
+async def test_two_workers_serve_and_a_resume_lands_on_either_one(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession,
+        notify: NotifyListener) -> None:
+    upstream.behaviour = endless(["one ", "two "])
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", *FAST, notify=notify) as sup:
+        ready = await notify.until("READY")
+        assert "2 workers" in ready["STATUS"]
+        port = port_of(ready)
+        resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+        got = await head(resp, 3)
+        producer = resp.headers["Relay-Worker"]
+        seen: dict[str, list[str]] = {}
+        for _ in range(60):  # bounded: new connections until both workers have answered a resume
+            async with aiohttp.ClientSession() as fresh:
+                again = await fresh.get(f"http://127.0.0.1:{port}{resp.headers['Location']}",
+                                        headers={"Last-Event-ID": got[0].id})
+                assert again.status == 200
+                replay = await head(again, 2)
+                seen[again.headers["Relay-Worker"]] = [e.data for e in replay]
+                again.close()
+            if len(seen) == 2:
+                break
+        assert set(seen) == {"1", "2"}
+        assert all(data == [got[1].data, got[2].data] for data in seen.values())
+        assert producer in seen
+        resp.close()
+        assert await stop(sup) == 0
+        assert "all 2 workers listen" in sup.output()
+        assert (await notify.until("STOPPING"))["STOPPING"] == "1"
+
+
+async def test_a_worker_that_dies_is_replaced_and_its_streams_resume_on_another(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession,
+        notify: NotifyListener) -> None:
+    upstream.behaviour = endless(["one "])
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", *FAST, notify=notify) as sup:
+        port = port_of(await notify.until("READY"))
+        resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+        got = await head(resp, 2)
+        victim = resp.headers["Relay-Worker"]
+        await in_redis(redis.url, got[1].id)
+        pids = dict(re.findall(r"worker (\d) started \(pid (\d+)\)", sup.output()))
+        os.kill(int(pids[victim]), signal.SIGKILL)
+        with pytest.raises(aiohttp.ClientPayloadError):  # the connection drops: no made-up end
+            await events(resp)
+        async with asyncio.timeout(20):
+            while len(re.findall(rf"worker {victim} started", sup.output())) < 2:
+                await asyncio.sleep(0.05)
+        assert f"worker {victim} (pid {pids[victim]}) exited unexpectedly" in sup.output()
+        again = await session.get(f"http://127.0.0.1:{port}{resp.headers['Location']}",
+                                  headers={"Last-Event-ID": got[1].id})
+        assert again.status == 200
+        end = json.loads((await events(again))[-1].data)
+        assert end["code"] == "interrupted"
+        assert await stop(sup) == 0
+
+
+async def test_sighup_reloads_tokens_in_every_worker_without_restarting_them(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("tok-old-0123456789\n")
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", "--tokens-file",
+                           str(tokens), *FAST, notify=notify) as sup:
+        port = port_of(await notify.until("READY"))
+        tokens.write_text("tok-new-0123456789\n")
+        sup.proc.send_signal(signal.SIGHUP)
+        await notify.until("RELOADING")
+        answered: set[str] = set()
+        async with asyncio.timeout(20):
+            while answered != {"1", "2"}:
+                async with aiohttp.ClientSession() as fresh, fresh.get(
+                        f"http://127.0.0.1:{port}/v1/models",
+                        headers={"Authorization": "Bearer tok-new-0123456789"}) as resp:
+                    await resp.read()
+                    status, worker = resp.status, resp.headers["Relay-Worker"]
+                if status == 200:
+                    answered.add(worker)
+                else:
+                    await asyncio.sleep(0.02)  # that worker has not read the file yet
+        assert sup.output().count("started (pid") == 2  # nobody was restarted
+        assert await stop(sup) == 0
+
+
+async def test_redis_unreachable_at_start_is_one_line_and_exit_1(tmp_path: Path, upstream: FakeUpstream) -> None:
+    async with spawn_relay(tmp_path, upstream, "--redis", f"unix://{tmp_path}/none.sock",
+                           env={"RELAY_REDIS_PASSWORD": "hunter2-secret"}) as relay:
+        assert await relay.exit_status() == 1
+        out = relay.output()
+        assert "relay: error: cannot use Redis at unix://" in out
+        assert "hunter2" not in out
+
+
+async def test_a_password_in_the_redis_flag_is_refused() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--redis", "redis://:hunter2@127.0.0.1:1/0", cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert "must not hold the password" in err.decode() and "hunter2" not in err.decode()
+
+
+@pytest.fixture
+async def tls_redis() -> AsyncIterator[redis_server.RedisServer]:
+    require(redis_server.available(), "redis-server is not installed (apt-get install redis-server)")
+    require(shutil.which("openssl") is not None, "openssl is not installed")
+    workdir = Path(tempfile.mkdtemp(prefix="relay-redis-tls-"))
+    ca, ca_key, cert, key = (workdir / n for n in ("ca.pem", "ca.key", "server.pem", "server.key"))
+    run = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=throwaway test CA"]
+    subprocess.run([*run, "-keyout", str(ca_key), "-out", str(ca)], check=True, capture_output=True)
+    csr = workdir / "server.csr"
+    subprocess.run(["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(csr)], check=True, capture_output=True)
+    ext = workdir / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                    "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server = redis_server.RedisServer(workdir, tls=(ca, cert, key))
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_rediss_with_a_password_from_the_environment(
+        tls_redis: redis_server.RedisServer, tmp_path: Path, upstream: FakeUpstream,
+        session: aiohttp.ClientSession, notify: NotifyListener) -> None:
+    import redis.asyncio as aioredis
+
+    admin = aioredis.Redis.from_url(tls_redis.url)
+    await admin.config_set("requirepass", "tls-pass-0123456789")
+    await admin.aclose()
+    async with spawn_relay(tmp_path, upstream, "--redis", tls_redis.url, *FAST, notify=notify,
+                           env={"RELAY_REDIS_PASSWORD": "tls-pass-0123456789"}) as relay:
+        port = port_of(await notify.until("READY"))
+        resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+        whole = await events(resp)
+        assert text_of([json.loads(e.data) for e in whole]) == "Hello, world!"
+        again = await session.get(f"http://127.0.0.1:{port}{resp.headers['Location']}")
+        assert [e.data for e in await events(again)] == [e.data for e in whole]
+        try:
+            assert await stop(relay) == 0
+        finally:
+            print(relay.output())
+        assert "rediss://127.0.0.1" in relay.output()
+        assert "tls-pass" not in relay.output()
