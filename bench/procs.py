@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import random
 import resource
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -86,6 +89,47 @@ def children(pid: int) -> list[int]:
         return [int(p) for p in f.read().split()]
 
 
+def wait_workers(port: int, count: int, proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """Until every worker has answered (the supervisor's socket accepts before they listen)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"only workers {sorted(seen)} of {count} answered")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)  # a new connection each time
+        try:
+            conn.request("GET", "/healthz")
+            resp = conn.getresponse()
+            resp.read()
+            seen.add(resp.getheader("Relay-Worker") or "?")
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            conn.close()
+
+
+class Redis:
+    """Debian's redis-server on a temporary unix socket, for the Redis phases."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bench-redis-"))
+        self.socket = self.dir / "redis.sock"
+        self.proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(self.socket), "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.socket.exists():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        self.url = f"unix://{self.socket}"
+        self.pids = [self.proc.pid]
+
+    def close(self) -> None:
+        stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def wait_port(port: int, proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -129,7 +173,7 @@ class Relay:
     """``python -m relay serve`` against the fake upstream, one process."""
 
     def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = (),
-                 src: Path | None = None, config: Path | None = None) -> None:
+                 src: Path | None = None, config: Path | None = None, workers: int = 1) -> None:
         self.port = free_port()
         # ``config``: a TOML file with [[upstreams]] instead of the one --upstream.
         where = ["--config", str(config)] if config else ["--upstream", f"http://127.0.0.1:{upstream_port}/v1"]
@@ -144,9 +188,19 @@ class Relay:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
         env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
         # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).
+        if workers > 1:
+            args += ["--workers", str(workers)]
         self.proc = subprocess.Popen(args, cwd=src or REPO, env=env)
         wait_port(self.port, self.proc)
-        self.pids = [self.proc.pid]
+        if workers > 1:
+            wait_workers(self.port, workers, self.proc)
+        # With --workers, the supervisor and its workers (whose CPU is the relay's).
+        self.pids = [self.proc.pid, *children(self.proc.pid)]
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=5) as resp:
+            body: dict[str, Any] = json.load(resp)
+            return body
 
     def close(self) -> None:
         stop(self.proc)

@@ -27,7 +27,8 @@ from typing import Any
 if __package__ in (None, ""):  # python bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.procs import REPO, Nginx, Relay, Upstream, cpu_seconds, free_port, nginx_binary, raise_nofile, rss_kib
+from bench.procs import (REPO, Nginx, Redis, Relay, Upstream, cpu_seconds, free_port, nginx_binary, raise_nofile,
+                         rss_kib)
 from bench.wire import request_body
 
 OUT = REPO / "bench" / "out"
@@ -57,6 +58,7 @@ FULL: dict[str, Any] = {
     # streams start once the stalled ones have had 12 s to fill every buffer in their way.
     "stalled": dict(stalled=300, stalled_n=6000, stalled_dt=0.005, settle=12.0,
                     healthy=dict(streams=20, n=20, dt=0.05, ramp=0.5)),
+    "redis_rate": 5000,
 }
 QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
@@ -75,6 +77,7 @@ QUICK: dict[str, Any] = {
     "failover": dict(streams=20, n=3, dt=0.02, ramp=0.2),
     "stalled": dict(stalled=20, stalled_n=200, stalled_dt=0.005, settle=0.3,
                     healthy=dict(streams=5, n=5, dt=0.02, ramp=0.05)),
+    "redis_rate": 400,
 }
 
 
@@ -91,8 +94,9 @@ class Bench:
     def close(self) -> None:
         self.upstream.close()
 
-    def relay(self, config: Path | None = None) -> Relay:
-        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src, config=config)
+    def relay(self, config: Path | None = None, *, extra: tuple[str, ...] = (), workers: int = 1) -> Relay:
+        return Relay(self.upstream.port, loop=self.args.relay_loop, src=self.args.relay_src, config=config,
+                     extra=extra, workers=workers)
 
     def load(self, name: str, port: int, target: str, spec: dict[str, Any], *,
              hold: Any = None) -> dict[str, Any]:
@@ -340,6 +344,74 @@ class Bench:
                   f"p99 {r['ttft_ms']['p99']} ms, {r['seconds']} s, relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
         self.results["stalled"] = out
 
+    def redis(self) -> None:
+        """One process, memory store against the Redis store: CPU per event (the relay's, and the
+        relay's plus redis-server's), added TTFT at 100 streams, Redis round trips per event at
+        the rate of ``redis_rate``."""
+        out: dict[str, Any] = {}
+        server = Redis()
+        try:
+            for label, extra in (("memory", ()), ("redis", ("--redis", server.url))):
+                relay = self.relay(extra=extra)
+                try:
+                    self.load(f"redis/{label}/warmup", relay.port, "chat", self.p["warmup"])
+                    r_before = cpu_seconds(server.pids)
+                    h_before = relay.health().get("store", {})
+                    r = self.measured(f"redis/{label}", relay.port, "chat", self.rate_spec(self.p["redis_rate"]),
+                                      relay.pids)
+                    h_after = relay.health().get("store", {})
+                    r["redis_cpu_s"] = round(cpu_seconds(server.pids) - r_before, 3)
+                    if h_after:
+                        trips = h_after["round_trips"] - h_before.get("round_trips", 0)
+                        written = h_after["events_written"] - h_before.get("events_written", 0)
+                        r["round_trips_per_event"] = round(trips / written, 4) if written else None
+                    spec = dict(self.p["ttft"][0])
+                    spec.pop("concurrent")
+                    r["ttft100"] = self.measured(f"redis/{label}/ttft", relay.port, "chat", spec, relay.pids)["ttft_ms"]
+                finally:
+                    relay.close()
+                out[label] = r
+                print(f"  redis {label:>7}: cpu {r['cpu_us_per_event']} us/event (+redis {r['redis_cpu_s']} s), "
+                      f"delay p99 {r['delay_ms']['p99']} ms, ttft@100 p50 {r['ttft100']['p50']} ms, "
+                      f"round trips/event {r.get('round_trips_per_event')}", flush=True)
+        finally:
+            server.close()
+        self.results["redis"] = out
+
+    def workers(self) -> None:
+        """--workers 1 against --workers N (both with Redis): sustained events/s (p99 delay under
+        50 ms) and TTFT at the larger ``ttft`` load.  ``--workers-max`` sets N."""
+        out: dict[str, Any] = {}
+        server = Redis()
+        try:
+            for count in sorted({1, self.args.workers_max}):
+                relay = self.relay(extra=("--redis", server.url), workers=count)
+                steps = []
+                try:
+                    self.load(f"workers/{count}/warmup", relay.port, "chat", self.p["warmup"])
+                    for rate in self.p["rates"]:
+                        r = self.measured(f"workers/{count}@{rate}", relay.port, "chat", self.rate_spec(rate),
+                                          relay.pids)
+                        passed = r["errors"] == 0 and (r["delay_ms"]["p99"] or 1e9) < 50
+                        steps.append({"rate": rate, "passed": passed, "delay_ms": r["delay_ms"],
+                                      "cpu_us_per_event": r["cpu_us_per_event"]})
+                        print(f"  workers {count} {rate:>6}/s: delay p99 {r['delay_ms']['p99']} ms"
+                              f"{'' if passed else '  <- over'}", flush=True)
+                        if not passed:
+                            break
+                    spec = dict(self.p["ttft"][-1])
+                    spec.pop("concurrent")
+                    ttft = self.measured(f"workers/{count}/ttft", relay.port, "chat", spec, relay.pids)["ttft_ms"]
+                finally:
+                    relay.close()
+                best = max((s["rate"] for s in steps if s["passed"]), default=0)
+                out[str(count)] = {"sustained_events_per_s": best, "steps": steps, "ttft_ms": ttft}
+                print(f"  workers {count}: sustained {best} events/s, ttft p50 {ttft['p50']} ms p99 {ttft['p99']} ms",
+                      flush=True)
+        finally:
+            server.close()
+        self.results["workers"] = out
+
 
 def stalled_reader(port: int, body: bytes) -> socket.socket:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -409,6 +481,22 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         row("stalled readers: healthy run time beside / alone",
             round(beside["seconds"] / alone["seconds"], 2) if alone["seconds"] else None, "x", 1.1)
         row("stalled readers: relay CPU per second beside them", beside["relay_cpu_per_s"], "s/s")
+    if "redis" in res:
+        mem, red = res["redis"]["memory"], res["redis"]["redis"]
+        if mem["cpu_us_per_event"] and red["cpu_us_per_event"]:
+            row("redis store: relay CPU per event / memory", round(red["cpu_us_per_event"] / mem["cpu_us_per_event"], 2),
+                "x", 1.3)
+            both = (red["cpu_s"] + red["redis_cpu_s"]) / red["events"] * 1e6 if red["events"] else None
+            row("redis store: relay + redis-server CPU per event / memory",
+                round(both / mem["cpu_us_per_event"], 2) if both else None, "x")
+        row("redis store: added TTFT p50 @100 vs memory", round(red["ttft100"]["p50"] - mem["ttft100"]["p50"], 2),
+            "ms", 1)
+        row("redis store: round trips per relayed event", red.get("round_trips_per_event"), "", 0.2)
+    if "workers" in res:
+        by = res["workers"]
+        for count, r in by.items():
+            row(f"--workers {count}: sustained events/s (p99 delay < 50 ms)", r["sustained_events_per_s"], "ev/s")
+            row(f"--workers {count}: TTFT p50 at the large ttft load", r["ttft_ms"]["p50"], "ms")
     return rows
 
 
@@ -429,7 +517,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover", "stalled")
+PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover", "stalled", "redis",
+          "workers")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -440,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relay-src", type=Path, default=None,
                         help="run the relay package from this directory instead (e.g. an older version: "
                         "git archive REV relay | tar -x -C DIR)")
+    parser.add_argument("--workers-max", type=int, default=max(2, os.cpu_count() or 2),
+                        help="the --workers N compared with --workers 1 (default: the cores, at least 2)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is installed")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")

@@ -14,6 +14,7 @@ import signal
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from relay.sse import SSEDecoder
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
 
 
-def site_for_test(text: str, *, tls_port: int, http_port: int, relay_port: int, cert: Path, key: Path) -> str:
+def site_for_test(text: str, *, tls_port: int, http_port: int, relay_port: int | None, cert: Path,
+                  key: Path) -> str:
     replacements = [
         ("listen 443 ssl http2;", f"listen 127.0.0.1:{tls_port} ssl http2;"),
         ("listen [::]:443 ssl http2;", ""),
@@ -38,8 +40,9 @@ def site_for_test(text: str, *, tls_port: int, http_port: int, relay_port: int, 
         ("listen [::]:80;", ""),
         ("/etc/letsencrypt/live/relay.example.com/fullchain.pem", str(cert)),
         ("/etc/letsencrypt/live/relay.example.com/privkey.pem", str(key)),
-        ("server 127.0.0.1:8080;", f"server 127.0.0.1:{relay_port};"),
     ]
+    if relay_port is not None:  # None: the caller has put its own upstream block in
+        replacements.append(("server 127.0.0.1:8080;", f"server 127.0.0.1:{relay_port};"))
     for old, new in replacements:
         assert text.count(old) == 1, f"deploy/nginx.conf no longer has exactly one {old!r}"
         text = text.replace(old, new)
@@ -80,16 +83,23 @@ async def front(tmp_path: Path, make_relay: RelayFactory) -> AsyncIterator[Front
     test: a write to a client that has gone also ends the request (even with
     proxy_ignore_client_abort on), and would hide whether nginx passed the abort on by itself.
     """
+    relay = await make_relay(resume_grace=0, keepalive=3600)
+    async with run_nginx(tmp_path, SHIPPED.read_text(), relay.server.port) as front_:
+        yield front_
+
+
+@asynccontextmanager
+async def run_nginx(tmp_path: Path, text: str, relay_port: int | None) -> AsyncIterator[Front]:
+    """nginx running ``text`` (the shipped site) through ``site_for_test``, stopped by its group afterwards."""
     require(shutil.which("nginx") is not None, "nginx is not installed")
     require(shutil.which("openssl") is not None, "openssl is not installed")
-    relay = await make_relay(resume_grace=0, keepalive=3600)
     prefix = tmp_path / "nginx"
     prefix.mkdir()
     cert, key = make_certificate(prefix)
     tls_port = free_port()
     site = prefix / "relay.conf"
-    site.write_text(site_for_test(SHIPPED.read_text(), tls_port=tls_port, http_port=free_port(),
-                                  relay_port=relay.server.port, cert=cert, key=key))
+    site.write_text(site_for_test(text, tls_port=tls_port, http_port=free_port(),
+                                  relay_port=relay_port, cert=cert, key=key))
     (prefix / "nginx.conf").write_text(main_config(prefix, site))
     log = prefix / "stderr.log"
     with open(log, "wb") as out:
@@ -184,3 +194,46 @@ async def test_eight_concurrent_streams_on_one_http2_connection_all_complete(
     for version, seen in results:
         assert version == "HTTP/2"
         assert '"content":"together"' in seen[-2] and '"type":"done"' in seen[-1]
+
+
+async def test_two_instances_behind_one_upstream_block_resume_on_either(
+        redis: Any, tmp_path: Path, make_relay: RelayFactory, upstream: FakeUpstream) -> None:
+    """deploy/redis/nginx-upstream.conf's block in the shipped site: two relays sharing one Redis."""
+    from relay.core.redis_store import RedisStore
+    from relay.http.appkeys import STORE
+
+    settings = {"redis_url": redis.url, "owner_ttl": 0.6, "presence_ttl": 0.6, "keepalive": 3600}
+    a, b = await make_relay(**settings), await make_relay(**settings)
+    block = (SHIPPED.parent / "redis" / "nginx-upstream.conf").read_text()
+    block = block[block.rindex("upstream relay {"):]  # the block itself, not its mention in the comment
+    for shipped, mine in (("10.0.0.11:8080", f"127.0.0.1:{a.server.port}"),
+                          ("10.0.0.12:8080", f"127.0.0.1:{b.server.port}")):
+        assert block.count(shipped) == 1
+        block = block.replace(shipped, mine)
+    text = SHIPPED.read_text()
+    start = text.index("upstream relay {")
+    text = text[:start] + block + text[text.index("}", start) + 1:]
+    gates: dict[str, asyncio.Event] = {}
+    upstream.behaviour = first_delta_then_wait(gates)
+    stores = [a.app[STORE], b.app[STORE]]
+    assert all(isinstance(st, RedisStore) for st in stores)
+    async with run_nginx(tmp_path, text, None) as front, \
+            front.client() as client:
+        async with client.stream("POST", "/chat", json={"prompt": "first"}) as resp:
+            location = resp.headers["location"]
+            decoder = SSEDecoder()
+            seen = await read_events(resp.aiter_raw(), decoder, '"delta"')
+        last_id = decoder.last_event_id
+        # Round robin across the two: resume until the instance without the stream has served one.
+        served_remote = lambda: sum(st.remote_reads for st in stores)  # noqa: E731
+        async with asyncio.timeout(20):
+            while served_remote() == 0:
+                async with client.stream("GET", location, headers={"Last-Event-ID": last_id}) as again:
+                    assert again.status_code == 200
+                    await again.aclose()
+        gates["first"].set()
+        async with client.stream("GET", location, headers={"Last-Event-ID": last_id}) as again:
+            rest = await read_events(again.aiter_raw(), SSEDecoder(), '"done"')
+        assert '"content":" done"' in rest[-2] and '"finish_reason":"stop"' in rest[-1]
+        assert '"content":"first"' in seen[-1]
+        assert upstream.calls == 1

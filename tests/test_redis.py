@@ -209,6 +209,12 @@ async def test_running_generations_per_client_are_counted_across_instances(
     second = await b.post("/chat", json={"prompt": "hi"})
     assert second.status == 429
     assert "--max-streams-per-client" in (await second.json())["error"]["message"]
+    # The lease lives twice the owner TTL unless renewed: after more renewal rounds than fit in
+    # that, it is still held (renewed), so B still refuses.
+    store = store_of(a)
+    rounds = store.refreshes
+    await wait_for(lambda: store.refreshes >= rounds + 8, what="A renewed its leases for longer than their TTL")
+    assert (await b.post("/chat", json={"prompt": "hi"})).status == 429
     gate.set()
     await first.read()
     await wait_for(lambda: not a.app[REGISTRY].running(), what="the first generation ended")

@@ -105,6 +105,7 @@ async def test_kill_9_of_the_producer_resume_elsewhere_replays_and_ends_interrup
                     await asyncio.sleep(0.02)
             a.proc.kill()  # kill -9: no drain, no last event, the owner key simply stops being renewed
             await a.proc.wait()
+            resp.close()
             again = await session.get(f"http://127.0.0.1:{port_b}{location}", headers={"Last-Event-ID": got[0].id})
             assert again.status == 200
             rest = await events(again)
@@ -181,6 +182,7 @@ async def test_a_worker_that_dies_is_replaced_and_its_streams_resume_on_another(
         os.kill(int(pids[victim]), signal.SIGKILL)
         with pytest.raises(aiohttp.ClientPayloadError):  # the connection drops: no made-up end
             await events(resp)
+        resp.close()
         async with asyncio.timeout(20):
             while len(re.findall(rf"worker {victim} started", sup.output())) < 2:
                 await asyncio.sleep(0.05)

@@ -158,9 +158,11 @@ class _Mirror:
 class RedisStore(Store):
     shared = True
 
-    def __init__(self, config: Config, client: Any) -> None:
+    def __init__(self, config: Config, client: Any, readers: Any = None) -> None:
         self.config = config
         self.redis = client
+        #: For remote readers' blocking reads (a connection each while they wait).
+        self.readers = readers if readers is not None else client
         self.prefix = config.redis_prefix
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._where = where(config.redis_url or "")
@@ -180,6 +182,10 @@ class RedisStore(Store):
         self.available = True
         #: Times Redis was found restarted (its run_id changed) and the running streams rewritten.
         self.restarts_seen = 0
+        #: Streams followed from Redis for readers of this process (resumes of another's streams).
+        self.remote_reads = 0
+        #: Rounds of owner-key and lease renewal done.
+        self.refreshes = 0
         self.round_trips = 0  # writer pipelines sent (bench/: round trips per event)
         self.events_written = 0
         self._interrupt = client.register_script(_INTERRUPT)
@@ -236,10 +242,12 @@ class RedisStore(Store):
         # Bounded: closing a TLS connection waits for the peer's close_notify, which may not come.
         if tasks:
             await asyncio.wait(tasks, timeout=2)
-        try:
-            await asyncio.wait_for(self.redis.aclose(), timeout=2)
-        except (RedisError, OSError, TimeoutError):
-            pass
+        for client in {id(self.redis): self.redis, id(self.readers): self.readers}.values():
+            try:
+                await asyncio.wait_for(client.aclose(), timeout=2)
+                await asyncio.wait_for(client.connection_pool.disconnect(), timeout=2)
+            except (RedisError, OSError, TimeoutError):
+                pass
 
     # -- the producer's side -------------------------------------------------------------
 
@@ -369,9 +377,9 @@ class RedisStore(Store):
                 for mirror in self._owned:
                     if mirror.created and not mirror.gen.finished:
                         pipe.set(self.key(mirror.gen.id, "owner"), self.instance, px=self._owner_ms)
-                await pipe.execute()
                 for lease, key in list(self._leases.items()):
-                    await self._renew(keys=[key], args=[lease, self._owner_ms * 2])
+                    await self._renew(keys=[key], args=[lease, self._owner_ms * 2], client=pipe)  # queued
+                await pipe.execute()
                 server = await self.redis.info("server")
             except UNAVAILABLE as exc:
                 self._lost_redis(exc)
@@ -380,6 +388,7 @@ class RedisStore(Store):
                 log.warning("Redis: refreshing owner keys failed: %s", _reason(exc))
                 continue
             self._back()
+            self.refreshes += 1
             run_id = str(server.get("run_id", "")).encode()
             if run_id != self._run_id:
                 log.warning("Redis at %s restarted (its data may be gone): writing the running streams again",
@@ -467,6 +476,7 @@ class RedisStore(Store):
                       interrupted=b"interrupted" in meta)
 
     async def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
+        self.remote_reads += 1
         logkey = self.key(remote.id, "log")
         keys = [self.key(remote.id, "meta"), logkey, self.key(remote.id, "owner")]
         seen = self.key(remote.id, "seen")
@@ -490,7 +500,7 @@ class RedisStore(Store):
                 if loop.time() >= refresh_at:
                     await self.redis.set(seen, b"1", px=self._presence_ms)
                     refresh_at = loop.time() + self.config.presence_ttl / 3
-                answer = await self.redis.xread({logkey: last}, count=1000, block=block_ms)
+                answer = await self.readers.xread({logkey: last}, count=1000, block=block_ms)
                 if answer:
                     entries = answer[0][1]
                     out = []
@@ -581,8 +591,11 @@ def open_store(config: Config) -> Store:
         import redis.asyncio as aioredis
     except ImportError:
         raise SystemExit("relay: error: --redis needs the redis library: pip install 'llm-sse-relay[redis]'") from None
-    client = aioredis.Redis.from_url(
-        config.redis_url, password=config.redis_password, decode_responses=False,
-        socket_connect_timeout=5, socket_timeout=max(10.0, config.presence_ttl * 2),
-        health_check_interval=30, client_name="relay")
-    return RedisStore(config, client)
+    common: dict[str, Any] = dict(password=config.redis_password, decode_responses=False, socket_connect_timeout=5,
+                                  socket_timeout=max(10.0, config.presence_ttl * 2), client_name="relay")
+    # Commands share a bounded pool and queue for a free connection (a burst of a thousand new
+    # streams must wait a moment, not fail); each remote reader's blocking read holds a connection
+    # of its own, from a second pool, so readers can never starve the writer.
+    commands = aioredis.BlockingConnectionPool.from_url(config.redis_url, max_connections=64, timeout=10, **common)
+    readers = aioredis.ConnectionPool.from_url(config.redis_url, max_connections=100_000, **common)
+    return RedisStore(config, aioredis.Redis(connection_pool=commands), aioredis.Redis(connection_pool=readers))

@@ -23,7 +23,7 @@ from relay.http.chat_body import chat_request
 from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event
 from relay.http.errors import error_response, json_response
 from relay.http.params import RequestBounds
-from relay.http.sse_response import EventStream, SlowClient, follow
+from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, follow
 from relay.jsoncodec import dumps
 
 log = logging.getLogger("relay.http")
@@ -193,6 +193,10 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
                        send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream_id}"})
     try:
         await resp.prepare(request)
+        # The headers go out now, not with the first event (aiohttp sends them with the first
+        # write): the stream may be silent for a while (a model thinking), and a proxy or an
+        # EventSource waiting on headers looks like a hung connection.
+        await resp.send_bytes(KEEPALIVE)
         try:
             async for data in store.follow(remote, last_seq + 1, interrupted_event(stream_id, config.retry_ms)):
                 await resp.send_bytes(data)

@@ -23,6 +23,7 @@ from typing import Final
 import aiohttp
 from aiohttp import web
 
+from relay.core.redis_store import RedisStore
 from relay.http.appkeys import PROBE, REGISTRY, UPSTREAMS
 from relay.http.errors import json_response
 from relay.openfiles import open_files
@@ -91,8 +92,14 @@ async def healthz(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     count, limit = open_files()
     # How close the process is to its open-file limit: every connection is a descriptor.
-    return json_response({"status": "ok", "live_streams": registry.live, "open_files": count,
-                          "open_files_limit": limit})
+    body: dict[str, object] = {"status": "ok", "live_streams": registry.live, "open_files": count,
+                               "open_files_limit": limit}
+    store = registry.store
+    if isinstance(store, RedisStore):
+        # The shared store's health and cost: reachable now, and round trips per event written.
+        body["store"] = {"kind": "redis", "available": store.available, "round_trips": store.round_trips,
+                         "events_written": store.events_written}
+    return json_response(body)
 
 
 async def readyz(request: web.Request) -> web.Response:
