@@ -7,6 +7,7 @@ works (processes start, streams are checked, the JSON has every figure).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,16 @@ FIGURES = (
     "disconnect → upstream close p99 chat", "disconnect → upstream close p99 v1",
     "RSS per open stream chat", "RSS per open stream v1", "most concurrent streams",
     "first byte while upstream silent p50", "failover added TTFT p50", "stalled readers: healthy TTFT p50",
+    "redis store: added TTFT p50", "redis store: round trips per relayed event", "--workers 1: sustained",
+    "--workers 2: sustained",
 )
 
 
 def test_the_quick_benchmark_produces_every_figure_with_every_stream_checked(tmp_path: Path) -> None:
     require(nginx_binary() is not None, "nginx is not installed")
-    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    require(shutil.which("redis-server") is not None, "redis-server is not installed (the redis and workers phases)")
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--workers-max", "2", "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "latest.json").read_text())
     assert report["content_ok"] is True

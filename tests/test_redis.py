@@ -161,7 +161,7 @@ async def test_the_producer_gone_ends_every_remote_reader_with_one_retriable_int
     resp = await a.post("/chat", json={"prompt": "hi"})
     head = await read_until(SSEClient(resp), 3)
     store = store_of(a)
-    await wait_for(lambda: not store._pending, what="A's events are in Redis")
+    await wait_for(lambda: not store._pending and not store.sending, what="A's events are in Redis")
     # A stops refreshing its owner key and writing (what a kill -9 looks like from Redis).
     for task in store._tasks:
         task.cancel()
@@ -305,7 +305,8 @@ async def test_redis_restarted_empty_running_streams_are_written_again(
     stream_id = head[0].id.rsplit(".", 1)[0]
     await redis.restart()
     store = store_of(a)
-    await wait_for(lambda: store.restarts_seen == 1 and not store._pending and store_key_back(store),
+    await wait_for(lambda: (store.restarts_seen == 1 and not store._pending and not store.sending
+                            and store_key_back(store)),
                    timeout=20, what="A wrote the running stream again")
     await store.ready(stream_id)
     on_b = await b.get(f"/chat/{stream_id}", headers={"Last-Event-ID": head[0].id})
@@ -355,3 +356,65 @@ async def test_stream_keys_share_one_cluster_slot(redis: Any, make_relay: Any, u
         ttl = await store.redis.pttl(key)
         assert 0 < ttl <= 300_000  # --stream-ttl once finished
     assert TEST_KEY.encode() not in b"".join([await store.redis.dump(k) or b"" for k in keys])
+
+
+async def test_an_upstream_cooldown_seen_by_one_instance_is_honoured_by_the_other(
+        redis: Any, aiohttp_client: Any, upstream: FakeUpstream) -> None:
+    from relay.http.app import make_app
+    from relay.http.appkeys import UPSTREAMS
+    from relay.upstream_config import UpstreamSpec
+    from redis_server import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: the connect is refused
+    specs = (UpstreamSpec(name="dead", url=dead, models=(("m", "m"),), priority=0),
+             UpstreamSpec(name="live", url=upstream.base_url, models=(("m", "m"),), priority=1))
+    settings = dict(upstreams=specs, model="m", rate_limit=0, redis_url=redis.url, cooldown=60, **SHORT)
+    a = await aiohttp_client(make_app(Config(**settings)))
+    b = await aiohttp_client(make_app(Config(**settings)))
+    first = await a.post("/v1/chat/completions", json={"model": "m", "stream": True,
+                                                        "messages": [{"role": "user", "content": "x"}]})
+    assert first.status == 200 and first.headers["x-relay-attempts"] == "2"  # dead, then live
+    await first.read()
+    pool_b = b.app[UPSTREAMS]
+    dead_b = next(m for m in pool_b.members if m.name == "dead")
+    await wait_for(lambda: not dead_b.health.usable(time_now()), what="B heard of A's cooldown")
+    assert "another instance" in dead_b.health.why
+    second = await b.post("/v1/chat/completions", json={"model": "m", "stream": True,
+                                                         "messages": [{"role": "user", "content": "x"}]})
+    assert second.status == 200
+    assert second.headers.get("x-relay-attempts", "1") == "1"  # B went straight to the live one
+    await second.read()
+    assert dead_b.stats.requests == 0 and dead_b.stats.failures == 0
+
+
+def time_now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+async def test_a_slow_redis_overflows_the_bounded_queue_and_only_that_stream_is_given_up(
+        redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
+    import os
+    import signal
+
+    gate = asyncio.Event()
+    upstream.behaviour = gated(gate, ["one "], [f"w{i} " for i in range(20)])
+    a, b = await pair(make_relay, redis, redis_queue=5)
+    resp = await a.post("/chat", json={"prompt": "hi"})
+    reader = SSEClient(resp)
+    head = await read_until(reader, 2)
+    store = store_of(a)
+    await store.ready(head[0].id.rsplit(".", 1)[0])
+    assert redis.proc is not None
+    os.kill(redis.proc.pid, signal.SIGSTOP)  # Redis stops answering: the writer's pipeline hangs
+    try:
+        gate.set()
+        rest = [json.loads(e.data) async for e in _rest(reader)]  # local readers are not held back
+        assert text_of(rest) == "".join(f"w{i} " for i in range(20)) and rest[-1]["type"] == "done"
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    await wait_for(lambda: not store._pending and not store.sending, what="A's writer caught up")
+    elsewhere = await b.get(resp.headers["Location"], headers={"Last-Event-ID": head[0].id})
+    assert elsewhere.status == 503
+    assert (await elsewhere.json())["error"]["code"] == "store_incomplete"

@@ -286,3 +286,31 @@ async def test_rediss_with_a_password_from_the_environment(
             print(relay.output())
         assert "rediss://127.0.0.1" in relay.output()
         assert "tls-pass" not in relay.output()
+
+
+async def test_the_supervisor_pings_the_watchdog_only_while_every_worker_answers(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", *FAST, notify=notify,
+                           env={"WATCHDOG_USEC": "400000"}, pid_vars=("WATCHDOG_PID",)) as sup:
+        await notify.until("READY")
+        assert (await notify.until("WATCHDOG"))["WATCHDOG"] == "1"
+        pids = dict(re.findall(r"worker (\d) started \(pid (\d+)\)", sup.output()))
+        os.kill(int(pids["1"]), signal.SIGSTOP)  # a worker whose loop no longer runs
+        try:
+            async with asyncio.timeout(20):
+                while "workers [1] stopped answering" not in sup.output():
+                    await asyncio.sleep(0.05)
+            # Withheld from here on: whatever is queued was sent before the worker stopped.
+            while True:
+                try:
+                    notify.sock.recv(65536)
+                except BlockingIOError:
+                    break
+            await asyncio.sleep(0.5)  # a whole watchdog interval (0.2 s) and more: not one ping may come
+            with pytest.raises(BlockingIOError):
+                notify.sock.recv(65536)
+        finally:
+            os.kill(int(pids["1"]), signal.SIGCONT)
+        async with asyncio.timeout(20):  # it answers again: the pings resume
+            assert (await notify.until("WATCHDOG"))["WATCHDOG"] == "1"
+        assert await stop(sup) == 0

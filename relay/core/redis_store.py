@@ -12,6 +12,8 @@ Cluster slot::
     P:{ID}:seen     a reader on another instance, set with a short TTL and refreshed (presence).
     P:{rate:WHO}    a client's token bucket;  P:{slots:WHO}: its running generations (leases).
     P:cancel        pub/sub channel: a stream id to stop, for whichever instance produces it.
+    P:upstreams     pub/sub channel: an upstream's cooldown (or recovery) seen by one instance,
+                    so the others skip it too.
 
 The producer serves its own readers from memory (relay/core/generation.py); this module only
 copies.  One writer per process sends what every stream appended since its last round trip as
@@ -26,6 +28,7 @@ marked ``lost``.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -41,6 +44,7 @@ from relay.core.store import Remote, Store, StoreUnavailable
 if TYPE_CHECKING:
     from relay.core.generation import Generation
     from relay.core.registry import Registry
+    from relay.upstream.pool import Pool
 
 log = logging.getLogger("relay.redis")
 
@@ -167,6 +171,7 @@ class RedisStore(Store):
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._where = where(config.redis_url or "")
         self.registry: Registry | None = None
+        self.pool: Pool | None = None
         self._owner_ms = max(1, int(config.owner_ttl * 1000))
         self._presence_ms = max(1, int(config.presence_ttl * 1000))
         self._running_ms = int((config.attach_timeout + config.total_timeout + config.stream_ttl) * 1000)
@@ -186,6 +191,8 @@ class RedisStore(Store):
         self.remote_reads = 0
         #: Rounds of owner-key and lease renewal done.
         self.refreshes = 0
+        #: A pipeline of the writer is in flight.
+        self.sending = False
         self.round_trips = 0  # writer pipelines sent (bench/: round trips per event)
         self.events_written = 0
         self._interrupt = client.register_script(_INTERRUPT)
@@ -300,7 +307,11 @@ class RedisStore(Store):
             batch, self._pending = self._pending, []
             self._queued_events = 0
             if batch:
-                await self._send(batch)
+                self.sending = True
+                try:
+                    await self._send(batch)
+                finally:
+                    self.sending = False
 
     async def _send(self, batch: list[tuple[Any, ...]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -428,19 +439,41 @@ class RedisStore(Store):
             self.available = True
             log.warning("Redis at %s is reachable again: limits are shared again", self._where)
 
+    def share_health(self, pool: Pool) -> None:
+        """Upstream cooldowns started here reach every instance, and theirs reach this one."""
+        self.pool = pool
+        pool.on_health = self._publish_health
+
+    def _publish_health(self, name: str, wait: float, why: str, down: bool) -> None:
+        message = json.dumps({"from": self.instance, "name": name, "wait": wait, "why": why, "down": down})
+        task = asyncio.get_running_loop().create_task(self._publish(f"{self.prefix}:upstreams", message))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _publish(self, channel: str, message: str) -> None:
+        try:
+            await self.redis.publish(channel, message)
+        except (RedisError, OSError) as exc:
+            self._lost_redis(exc)
+
     async def _cancels(self) -> None:
-        channel = f"{self.prefix}:cancel"
+        """Cancels (a stream id) and upstream health (JSON), from every instance."""
+        cancels, health = f"{self.prefix}:cancel", f"{self.prefix}:upstreams"
         while True:
-            pubsub = self.redis.pubsub()
+            pubsub = self.readers.pubsub()
             try:
-                await pubsub.subscribe(channel)
+                await pubsub.subscribe(cancels, health)
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
                     if message is None or message.get("type") != "message":
                         continue
                     data = message.get("data")
-                    stream_id = data.decode("ascii", "replace") if isinstance(data, bytes) else str(data)
-                    gen = self.registry.get(stream_id) if self.registry is not None else None
+                    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
+                    channel = message.get("channel")
+                    if (channel.decode() if isinstance(channel, bytes) else channel) == health:
+                        self._heard(text)
+                        continue
+                    gen = self.registry.get(text) if self.registry is not None else None
                     if gen is not None:
                         gen.cancel("cancelled", "the stream was stopped by a client")
             except UNAVAILABLE as exc:
@@ -454,6 +487,15 @@ class RedisStore(Store):
                     await asyncio.wait_for(pubsub.aclose(), timeout=1)
                 except (RedisError, OSError, TimeoutError):
                     pass
+
+    def _heard(self, text: str) -> None:
+        try:
+            news = json.loads(text)
+            if news["from"] == self.instance or self.pool is None:
+                return
+            self.pool.heard(str(news["name"]), float(news["wait"]), str(news["why"]), bool(news["down"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("Redis: ignoring a malformed upstream-health message")
 
     # -- readers elsewhere ---------------------------------------------------------------
 

@@ -109,6 +109,7 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     app[REGISTRY] = registry = Registry(config, pool, store)
     if isinstance(store, RedisStore):
         store.registry = registry
+        store.share_health(pool)
     app[PROBE] = ReadinessProbe(pool)
     try:
         yield

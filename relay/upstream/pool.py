@@ -184,6 +184,9 @@ class Pool:
         self._clock = clock
         self._rng = rng or random.Random()
         self._models: dict[str, tuple[float, list[str]]] = {}
+        #: Told of every cooldown this process starts (name, seconds, why, down) and of every
+        #: recovery (name, 0, "", False): the shared store passes them to the other instances.
+        self.on_health: Callable[[str, float, str, bool], None] | None = None
 
     @classmethod
     def build(cls, session: aiohttp.ClientSession, config: Config, specs: Iterable[UpstreamSpec], *,
@@ -300,6 +303,8 @@ class Pool:
                                                        config.cooldown_max)
             health.why = f"HTTP {exc.status}" if exc.status is not None else exc.message[:200]
         health.until = now + wait
+        if self.on_health is not None:
+            self.on_health(member.name, wait, health.why, health.down)
         # Once when it starts failing, not once per request: a dead upstream under load would
         # otherwise write a line for every request that tried it.
         (log.warning if first else log.debug)("upstream %s failed (%s); skipped for %.3g s%s", member.name,
@@ -309,7 +314,24 @@ class Pool:
         health = member.health
         if health.until != 0.0:
             log.info("upstream %s answers again", member.name)
+            if self.on_health is not None:
+                self.on_health(member.name, 0.0, "", False)
         health.failures, health.until, health.why, health.down, health.probing = 0, 0.0, "", False, False
+
+    def heard(self, name: str, wait: float, why: str, down: bool) -> None:
+        """Another instance started a cooldown of ``name`` (or saw it recover: ``wait`` 0)."""
+        for member in self.members:
+            if member.name != name:
+                continue
+            health = member.health
+            if wait <= 0:
+                if health.until != 0.0 and not health.down:
+                    health.failures, health.until, health.why, health.probing = 0, 0.0, "", False
+                return
+            until = self._clock() + min(wait, max(self._config.cooldown_max, self._config.down_time))
+            if until > health.until:
+                health.until, health.why, health.down = until, f"{why} (seen by another instance)"[:240], down
+                health.failures = max(health.failures, 1)
 
     # -- what the operator and clients see ------------------------------------------------
 
