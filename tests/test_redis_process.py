@@ -314,3 +314,13 @@ async def test_the_supervisor_pings_the_watchdog_only_while_every_worker_answers
         async with asyncio.timeout(20):  # it answers again: the pings resume
             assert (await notify.until("WATCHDOG"))["WATCHDOG"] == "1"
         assert await stop(sup) == 0
+
+
+async def test_redis_without_its_library_is_one_line_and_exit_2() -> None:
+    script = ("import sys; sys.modules['redis'] = None; from relay.run.cli import main; "
+              "sys.exit(main(['serve', '--redis', 'redis://127.0.0.1:1/0']))")
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=REPO,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert err.decode() == "relay: error: --redis needs the redis library: pip install 'llm-sse-relay[redis]'\n"

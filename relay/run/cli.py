@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
@@ -248,6 +249,10 @@ def _redis_settings(args: argparse.Namespace, values: dict[str, Any], environ: M
     if args.redis_url and urlsplit(args.redis_url).password:
         raise ConfigError("--redis must not hold the password (ps shows every flag): put it in "
                           "RELAY_REDIS_PASSWORD, --redis-password-file or the systemd credential redis-password")
+    if args.redis_url or environ.get("RELAY_REDIS_URL") or values.get("redis_url"):
+        # The optional extra, checked before anything starts (a missing one is a setup error, exit 2).
+        if importlib.util.find_spec("redis") is None:
+            raise ConfigError("--redis needs the redis library: pip install 'llm-sse-relay[redis]'")
     workers = args.workers or environ.get("RELAY_WORKERS") or values.pop("workers", None)
     if workers is not None:
         values["workers"] = parse_workers(str(workers))
