@@ -324,3 +324,26 @@ async def test_redis_without_its_library_is_one_line_and_exit_2() -> None:
     _, err = await proc.communicate()
     assert proc.returncode == 2
     assert err.decode() == "relay: error: --redis needs the redis library: pip install 'llm-sse-relay[redis]'\n"
+
+
+async def test_a_worker_that_keeps_dying_before_it_is_ready_backs_off_then_the_supervisor_exits_1(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", *FAST, notify=notify) as sup:
+        await notify.until("READY")
+        killed: list[str] = []
+        async with asyncio.timeout(60):
+            while sup.proc.returncode is None:
+                started = re.findall(r"worker 1 started \(pid (\d+)\)", sup.output())
+                if started[-1] not in killed:
+                    killed.append(started[-1])
+                    os.kill(int(started[-1]), signal.SIGKILL)  # before the new one can say READY
+                await asyncio.sleep(0.005)
+        assert sup.proc.returncode == 1
+        out = sup.output()
+        assert "worker 1 died 5 times in a row before it was ready: giving up" in out
+        assert len(killed) == 6  # the first (ready) one, then five that never were
+        # Every process is gone: the other worker was stopped, not left behind.
+        pids = re.findall(r"worker \d started \(pid (\d+)\)", out)
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(int(pid), 0)
