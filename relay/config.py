@@ -51,6 +51,8 @@ class Config:
     #: Seconds an idle keep-alive connection (between requests) is kept open; aiohttp's 75 s is
     #: long for a server that holds a paid key and counts its sockets.
     keepalive_idle: float = 15.0
+    #: Seconds a new connection's request line and headers may take to arrive (then 408).
+    header_timeout: float = 10.0
     #: Seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s.
     body_timeout: float = 10.0
     #: Connections one peer address may hold open (``--trust-proxy`` addresses are exempt).
@@ -73,6 +75,10 @@ class Config:
     replay_bytes: int = 1 * MIB
     send_buffer: int = 256 * KIB
     send_timeout: float = 30.0
+    #: SO_SNDBUF of a client connection that streams (the kernel doubles it); 0: the kernel's
+    #: autotuning.  Small, so a reader that stops reading is found stalled after kilobytes, not
+    #: megabytes; 32 KiB in flight still carries 300 KB/s at 100 ms round trip.
+    client_sndbuf: int = 16 * KIB
     backlog: int = 4096
     #: On SIGTERM, seconds that streams in flight may keep running before they end with a retriable
     #: ``shutdown`` error (deploy/relay.service's TimeoutStopSec= must stay above it).
@@ -157,7 +163,7 @@ def _validate(c: Config) -> None:
                               "together: list every upstream in the file, or use the flag alone")
     _validate_upstreams(c)
     positive = {
-        "keepalive": c.keepalive, "keepalive-idle": c.keepalive_idle, "body-timeout": c.body_timeout, "connect-timeout": c.connect_timeout,
+        "keepalive": c.keepalive, "keepalive-idle": c.keepalive_idle, "header-timeout": c.header_timeout, "body-timeout": c.body_timeout, "connect-timeout": c.connect_timeout,
         "first-token-timeout": c.first_token_timeout, "idle-timeout": c.idle_timeout,
         "total-timeout": c.total_timeout, "attach-timeout": c.attach_timeout,
         "stream-ttl": c.stream_ttl, "send-timeout": c.send_timeout, "cooldown": c.cooldown,
@@ -182,6 +188,9 @@ def _validate(c: Config) -> None:
     for name, count in counts.items():
         if count < 1:
             raise ConfigError(f"--{name} must be at least 1, not {count}")
+    if c.client_sndbuf < 0:
+        raise ConfigError("--client-sndbuf must be 0 (the kernel's autotuning) or a number of bytes, "
+                          f"not {c.client_sndbuf}")
     if c.max_connections < 0:
         raise ConfigError(f"--max-connections must be 0 (from the open-file limit) or more, not {c.max_connections}")
     for name in c.models:

@@ -1,6 +1,6 @@
-"""What a connection may cost before its request is in: a request head must be complete within
---keepalive-idle (from the connection's start or its previous answer: idle keep-alive and
-slowloris alike), a body within its own deadline; and the process raises its open-file limit and
+"""What a connection may cost before its request is in: a new connection's request head must be
+complete within --header-timeout (408), any head within --keepalive-idle (from the connection's
+start or its previous answer: idle keep-alive and slowloris alike), a body within its own deadline; and the process raises its open-file limit and
 says how close it is."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from conftest import FakeUpstream, SSEClient, text_of
 from procs import listening_socket, spawn_relay
-from relay.config import Config
+from relay.config import Config, ConfigError
 
 
 async def test_an_idle_keepalive_connection_is_closed_after_keepalive_idle(upstream: FakeUpstream, serve_relay: Any) -> None:
@@ -158,3 +158,30 @@ def test_the_automatic_total_leaves_room_for_upstream_connections() -> None:
 
     assert auto_total(64) == 16  # a tiny limit still serves a few
     assert auto_total(65536) == 32736  # half: each client connection may hold an upstream one
+
+
+async def test_a_request_head_late_past_header_timeout_gets_408_and_one_log_line_per_client(
+        upstream: FakeUpstream, serve_relay: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="relay.http")
+    async with serve_relay(header_timeout=0.3, keepalive_idle=60, rate_limit=0, max_streams_per_client=1000) as port:
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(30)]
+        for _, writer in conns:
+            writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: 1\r\n")  # never the blank line
+        # Meanwhile a client whose head is in time is served, its stream whole.
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"}) as resp:
+                events = await SSEClient(resp).all()
+        assert text_of(events) == "Hello, world!" and events[-1]["type"] == "done"
+        async with asyncio.timeout(20):
+            answers = await asyncio.gather(*(reader.read() for reader, _ in conns))
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"--header-timeout" in answer
+        for _, writer in conns:
+            writer.close()
+    lines = [r.getMessage() for r in caplog.records if "request head did not arrive" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("closed a connection from 127.0.0.1")
+
+
+def test_header_timeout_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="--header-timeout"):
+        Config(header_timeout=0)

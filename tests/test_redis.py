@@ -256,6 +256,8 @@ async def test_a_stream_evicted_from_memory_is_served_from_redis(
     events = [e async for e in _rest(SSEClient(resp))]
     stream_id = events[0].id.rsplit(".", 1)[0]
     await wait_for(lambda: a.app[REGISTRY].get(stream_id) is None, what="the finished stream left memory")
+    store = store_of(a)
+    await wait_for(lambda: not store._pending and not store.sending, what="its events are in Redis")
     again = await a.get(f"/chat/{stream_id}")
     assert again.status == 200
     assert [(e.id, e.data) async for e in _rest(SSEClient(again))] == [(e.id, e.data) for e in events]

@@ -212,6 +212,9 @@ class Generation:
                     if sub.sink(self._since(sub.pos)):
                         sub.pos = self.next_seq
                         continue
+                    # Refused: its client is not keeping up.  It counts as blocked from now, not
+                    # from when its handler next runs, or the producer reads on meanwhile.
+                    sub.blocked = True
                 except ConnectionError:
                     gone = [*(gone or ()), sub]
             sub.waiter = None
@@ -232,7 +235,13 @@ class Generation:
                 sub.waiter = None
 
     def read(self, sub: Subscriber) -> bytes:
-        """Everything the subscriber has not yet read, joined; advances its position."""
+        """Everything the subscriber has not yet read, joined; advances its position.
+
+        A subscriber whose sink refused was blocked from that step (``_publish``); reading is its
+        handler taking over, so it is unblocked here (and blocks again if its client still lags).
+        """
+        if sub.blocked:
+            self.unblock(sub)
         pos = sub.pos
         if pos < self._base:
             raise ResumeExpired

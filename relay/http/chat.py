@@ -190,6 +190,7 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
                               code="store_incomplete")
     config: Config = request.app[CONFIG]
     resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                       sndbuf=config.client_sndbuf,
                        send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream_id}"})
     try:
         await resp.prepare(request)
@@ -230,6 +231,7 @@ async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.S
     """Send the stream's events from ``pos`` on, then follow live until its end."""
     config: Config = request.app[CONFIG]
     resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                       sndbuf=config.client_sndbuf,
                        send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream.id}"})
     sub = stream.attach(pos, resp.try_send)
     try:

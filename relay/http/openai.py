@@ -142,6 +142,7 @@ async def _commit(request: web.Request, config: Config, request_id: str | None, 
     if attempts > 1:
         headers["x-relay-attempts"] = str(attempts)  # it failed over before the first byte
     out = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
+                      sndbuf=config.client_sndbuf,
                       send_buffer=config.send_buffer, headers=headers or None)
     await out.prepare(request)
     return out

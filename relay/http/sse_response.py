@@ -18,6 +18,7 @@ can never land inside an event.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 
 from aiohttp import web
@@ -29,6 +30,11 @@ from relay.core.generation import Generation, ResumeExpired, Subscriber
 from relay.sse import comment
 
 KEEPALIVE = comment("keepalive")
+#: Bytes queued for a client past which it counts as not keeping up: the producer's batches stop
+#: going straight to it, its handler waits until the queue is back under this, and while every
+#: reader of a generation waits so, the generation stops reading its upstream (backpressure).
+#: Small on purpose: what a stalled reader costs is what is produced before it is found full.
+PAUSE_BYTES = 16 * 1024
 #: Chunked transfer framing around each write: hex length, CRLF, CRLF.
 _CHUNK_OVERHEAD = 16
 
@@ -38,7 +44,7 @@ class SlowClient(Exception):
 
 
 class EventStream(EventSourceResponse):
-    def __init__(self, *, keepalive: float, send_timeout: float, send_buffer: int,
+    def __init__(self, *, keepalive: float, send_timeout: float, send_buffer: int, sndbuf: int = 0,
                  headers: Mapping[str, str] | None = None) -> None:
         super().__init__(headers=headers, allow_all_methods=True, send_timeout=send_timeout,
                          ping_interval=keepalive)
@@ -46,6 +52,8 @@ class EventStream(EventSourceResponse):
         # queued, so what is queued never passes the bound (see send_bytes).
         self._high = max(send_buffer // 2, 2 * _CHUNK_OVERHEAD)
         self._piece = self._high - _CHUNK_OVERHEAD
+        self._pause = min(self._high, PAUSE_BYTES)
+        self._sndbuf = sndbuf
         self._loop = asyncio.get_running_loop()
         self._last_write = 0.0
         self._sending = False
@@ -60,8 +68,17 @@ class EventStream(EventSourceResponse):
         writer = await super().prepare(request)
         transport = request.transport
         if transport is not None:
-            # Above the mark the protocol pauses; drain() waits until it is resumed.
-            transport.set_write_buffer_limits(high=self._high)
+            # Above the mark the protocol pauses; drain() waits until it is resumed (a quarter of it).
+            transport.set_write_buffer_limits(high=self._pause)
+            sock = transport.get_extra_info("socket")
+            if self._sndbuf and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                # A fixed kernel send buffer (--client-sndbuf): left to autotuning, the kernel takes
+                # megabytes for a reader that never reads (loopback, a proxy), all produced for
+                # nobody before backpressure can see the reader is stalled.
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._sndbuf)
+                except OSError:
+                    pass
         return writer
 
     async def send_bytes(self, data: bytes) -> None:
@@ -119,7 +136,7 @@ class EventStream(EventSourceResponse):
         if self._sending or self._eof_sent or not isinstance(writer, StreamWriter) or len(data) > self._piece:
             return False
         queued = transport.get_write_buffer_size()
-        if queued > self._high:
+        if queued > self._pause:
             return False
         step = writer.write(data, drain=False)
         try:
@@ -131,6 +148,30 @@ class EventStream(EventSourceResponse):
             return True
         step.close()
         return False
+
+    async def drained(self) -> None:
+        """Return once what is queued for the client is back under the pause mark.
+
+        Bounded by the send timeout like a send: a client that takes nothing is aborted.
+        """
+        transport = self._req.transport if self._req is not None else None
+        if transport is None or transport.get_write_buffer_size() <= self._pause:
+            return
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                while transport.get_write_buffer_size() > self._pause:
+                    if transport.is_closing():
+                        raise ConnectionResetError("the client connection is closed")
+                    assert self._payload_writer is not None
+                    before = transport.get_write_buffer_size()
+                    await self._payload_writer.drain()
+                    if transport.get_write_buffer_size() >= before:
+                        # drain() waits only while the protocol is paused; a transport whose
+                        # buffer sits above the mark unpaused (TLS counts differently) is polled.
+                        await asyncio.sleep(0.005)
+        except TimeoutError:
+            self._abort_transport()
+            raise SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued") from None
 
     async def _ping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +210,9 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
                 # stops reading the upstream (relay/core/generation.py, backpressure).
                 gen.block(sub)
                 try:
+                    # Not keeping up: blocked until its queue is back under the pause mark, so
+                    # what waits for it is at most that mark and one batch.
+                    await resp.drained()
                     await resp.send_bytes(data)
                 finally:
                     gen.unblock(sub)

@@ -40,6 +40,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--keepalive-idle", "keepalive_idle", float, None,
      "seconds a connection may stay open without a complete request head: idle between requests, "
      "or sending its headers (slowloris)"),
+    ("--header-timeout", "header_timeout", float, None,
+     "seconds a new connection's request line and headers may take to arrive (then 408 and closed)"),
     ("--body-timeout", "body_timeout", float, None,
      "seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s (then 408)"),
     ("--retry-ms", "retry_ms", int, None, "reconnect delay suggested to EventSource clients (retry:), ms"),
@@ -61,6 +63,9 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--replay-bytes", "replay_bytes", int, None, "bytes of events each stream keeps for replay"),
     ("--send-buffer", "send_buffer", int, None, "bytes queued for one client before the relay waits for it"),
     ("--send-timeout", "send_timeout", float, None, "seconds a client may leave its buffer full before it is cut"),
+    ("--client-sndbuf", "client_sndbuf", int, None,
+     "kernel send buffer of a streaming client connection, bytes (0: autotuned); small, so a reader that "
+     "stops reading is found stalled early"),
     ("--backlog", "backlog", int, None, "listen backlog (absorbs bursts of connects)"),
     ("--drain-timeout", "drain_timeout", float, "RELAY_DRAIN_TIMEOUT",
      "on SIGTERM, seconds streams in flight may run on before they end with a retriable 'shutdown' error"),

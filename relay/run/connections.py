@@ -58,7 +58,7 @@ class ConnectionLimits:
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            addr = _address(transport.get_extra_info("peername"))
+            addr = peer_address(transport.get_extra_info("peername"))
             if len(self._addr_of) >= self.total:
                 self._refuse(transport, addr, "503 Service Unavailable", "the relay is at its limit of "
                              f"{self.total} connections; try again shortly", "too_many_connections")
@@ -102,7 +102,7 @@ class ConnectionLimits:
                      f" ({folded} more since the last line)" if folded else "")
 
 
-def _address(peer: Any) -> str:
+def peer_address(peer: Any) -> str:
     if isinstance(peer, (tuple, list)) and peer:
         return str(peer[0])
     return "unix" if peer is not None else "unknown"

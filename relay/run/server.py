@@ -28,6 +28,7 @@ from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd, workers
 from relay.openfiles import open_files, raise_open_files
 from relay.run.connections import ConnectionLimits, auto_total
+from relay.run.deadlines import HeaderDeadline
 
 log = logging.getLogger("relay")
 
@@ -48,8 +49,11 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE,
                            logger=ClientErrorLog(logging.getLogger("aiohttp.server")),
                            keepalive_timeout=config.keepalive_idle)
+    deadline = HeaderDeadline(config.header_timeout)
+    deadline.end_with_handlers(app)  # before setup freezes the middlewares
     await runner.setup()
     assert runner.server is not None
+    deadline.install(runner.server)
     _, open_limit = open_files()
     total = config.max_connections or auto_total(open_limit)
     ConnectionLimits(per_client=config.max_connections_per_client, total=total,
