@@ -420,3 +420,18 @@ async def test_a_slow_redis_overflows_the_bounded_queue_and_only_that_stream_is_
     elsewhere = await b.get(resp.headers["Location"], headers={"Last-Event-ID": head[0].id})
     assert elsewhere.status == 503
     assert (await elsewhere.json())["error"]["code"] == "store_incomplete"
+
+
+async def test_a_graceful_stop_writes_its_shutdown_ends_so_readers_elsewhere_get_them_not_interrupted(
+        redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
+    gate = asyncio.Event()  # never set: the answer is still running when A stops
+    upstream.behaviour = gated(gate, ["one "], ["never"])
+    a, b = await pair(make_relay, redis)
+    resp = await a.post("/chat", json={"prompt": "hi"})
+    head = await read_until(SSEClient(resp), 2)
+    resp.close()
+    await a.close()  # A's shutdown: every generation ends with a retriable "shutdown" error
+    again = await b.get(resp.headers["Location"], headers={"Last-Event-ID": head[1].id})
+    assert again.status == 200
+    end = [json.loads(e.data) async for e in _rest(SSEClient(again))]
+    assert [(e["type"], e["code"], e["retriable"]) for e in end] == [("error", "shutdown", True)]

@@ -116,8 +116,8 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 return 1
 """
 
-#: Bytes of a credential never shown: where a Redis is, for log lines and errors.
 def where(url: str) -> str:
+    """Where a Redis is, for log lines and errors: scheme, host and port, never a credential."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
         return f"unix://{parts.path}"
@@ -239,7 +239,7 @@ class RedisStore(Store):
         self._wake.set()
         try:
             async with asyncio.timeout(5):
-                while self._pending:
+                while self._pending or self.sending:  # (a batch in flight holds the last ends too)
                     await asyncio.sleep(0.01)
         except TimeoutError:
             log.warning("Redis: %d writes not sent at shutdown", len(self._pending))
