@@ -144,6 +144,9 @@ class Config:
     signing_key: bytes | None = field(default=None, repr=False)
     #: Worker processes (``auto``: one per CPU this process may run on); more than 1 needs --redis.
     workers: int = 1
+    # -- observability (relay/metrics.py, relay/http/metrics_listener.py) ---------------------
+    #: ``HOST:PORT`` (or ``PORT``, on loopback) of the Prometheus listener; None: no metrics.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -215,6 +218,27 @@ def _validate(c: Config) -> None:
         raise ConfigError(f"--web-root {str(c.web_root)!r} is not a directory")
     _validate_access(c)
     _validate_redis(c)
+    if c.metrics_listen is not None:
+        host, port = parse_listen(c.metrics_listen, "--metrics-listen")
+        if port == c.port and port != 0 and host == c.host:
+            raise ConfigError("--metrics-listen must not be the relay's own address: metrics get a listener of "
+                              "their own, never the public port")
+
+
+def parse_listen(text: str, flag: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (loopback) as (host, port)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text.strip()
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{flag} must be HOST:PORT or PORT, with a port from 0 to 65535, not {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"{flag} must name an IP address (or localhost), not {host!r}") from None
+    return host, int(port)
 
 
 def _validate_redis(c: Config) -> None:

@@ -18,14 +18,19 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.config import Config
 from relay.core.ids import new_stream_id
-from relay.core.logline import log_finished
+from relay.core.logline import answered_upstream, log_finished, token_counts
 from relay.core.store import Mirror
 from relay.upstream import Chunk, Completion, UpstreamError
 from relay.upstream.pool import Pool, PooledResponse
+
+if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
+    from relay.metrics import Metrics
 
 log = logging.getLogger("relay.generation")
 
@@ -94,14 +99,14 @@ class Generation:
 
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
-                 "_deltas", "_events", "_first_delta", "_grace", "_keep", "_loop", "_on_finished", "_resp",
-                 "_resume", "_started", "_subscribers", "_timer", "_upstream", "answer", "attempts", "ending",
-                 "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq", "opened", "owner", "paused",
-                 "remote", "request_id", "resumable", "streaming", "task", "wire")
+                 "_deltas", "_events", "_first_delta", "_gap", "_grace", "_keep", "_label", "_loop", "_metrics",
+                 "_on_finished", "_resp", "_resume", "_started", "_subscribers", "_timer", "_upstream", "answer",
+                 "attempts", "client", "ending", "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq",
+                 "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
-                 resumable: bool = True, streaming: bool = True) -> None:
+                 resumable: bool = True, streaming: bool = True, metrics: Metrics | None = None) -> None:
         self.id = new_stream_id()
         self.kind = kind
         self.model = model
@@ -109,6 +114,8 @@ class Generation:
         self.streaming = streaming
         #: The access token (its digest) that started it; None without tokens (relay/http/access.py).
         self.owner: str | None = None
+        #: The client's address, for the log line (never a metrics label).
+        self.client: str | None = None
         self._config = config
         self._upstream = upstream
         self.wire = wire
@@ -149,6 +156,15 @@ class Generation:
         self.mirror: Mirror | None = None
         #: A reader on another instance follows it (its log there, not this one, serves that reader).
         self.remote = False
+        self._metrics = metrics
+        self._gap: Histogram | None = None
+        self._label = model
+        if metrics is not None:
+            self._label = metrics.model_label(model)
+            # The one per-chunk measurement: its labelled child is looked up once, here.
+            self._gap = metrics.chunk_gap.labels(kind, self._label)
+            metrics.started.labels(kind, self._label).inc()
+            metrics.live_streams.labels(kind).inc()
 
     def start(self, wait_for_subscriber: float | None = None) -> None:
         """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
@@ -270,6 +286,8 @@ class Generation:
     def attach(self, pos: int, sink: Callable[[bytes], bool] | None = None) -> Subscriber:
         sub = Subscriber(pos, sink)
         self._subscribers.add(sub)
+        if self._metrics is not None:
+            self._metrics.live_subscribers.labels(self.kind).inc()
         self._disarm()
         self._wake()
         return sub
@@ -278,13 +296,17 @@ class Generation:
         if sub not in self._subscribers:
             return
         self._subscribers.discard(sub)
+        if self._metrics is not None:
+            self._metrics.live_subscribers.labels(self.kind).dec()
+            if not self.finished:
+                self._metrics.disconnects.labels(self.kind).inc()
         if not self._subscribers:
             self._alone_floor = sub.pos
         self._wake()
         self._trim()  # what only this client still needed can go now
         if not self._subscribers and not self.finished:
             if self._grace <= 0:
-                self.cancel("cancelled", "every client disconnected")
+                self._unheard("every client disconnected")
             else:
                 self._arm(self._grace, "every client disconnected and none came back within the resume grace")
 
@@ -335,7 +357,7 @@ class Generation:
         """Nobody here reads it: stop, unless a reader on another instance does (shared store)."""
         self._timer = None
         if self.mirror is None or self.finished:
-            self.cancel("cancelled", why)
+            self._unheard(why)
             return
         mirror = self.mirror
         task = self._loop.create_task(self._expire_unless_listened(mirror, why))
@@ -351,7 +373,14 @@ class Generation:
             self._wake()
             self._arm(mirror.recheck, why)
         else:
-            self.cancel("cancelled", why)
+            self._unheard(why)
+
+    def _unheard(self, why: str) -> None:
+        """Nobody listens: stop, and count the upstream closed for nobody and what no client got."""
+        if self._metrics is not None and not self.finished and self.task is not None:
+            self._metrics.unheard.labels(self.kind).inc()
+            self._metrics.unrelayed.labels(self.kind).inc(max(0, self.next_seq - self._alone_floor))
+        self.cancel("cancelled", why)
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -411,11 +440,20 @@ class Generation:
         self._answered(resp.request_id)
         wire = self.wire
         committed = False
+        gap = self._gap
+        last = 0.0
         try:
             while chunks := await resp.read():
                 for chunk in chunks:
                     if chunk.delta:
-                        if self._first_delta is None:
+                        if gap is not None:
+                            now = self._loop.time()
+                            if self._first_delta is None:
+                                self._first_token(now, resp.upstream)
+                            else:
+                                gap.observe(now - last)
+                            last = now
+                        elif self._first_delta is None:
                             self._first_delta = self._loop.time()
                         self._deltas += 1
                     data = wire.chunk(chunk, self.next_seq)
@@ -432,10 +470,15 @@ class Generation:
             resp.close()
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
 
+    def _first_token(self, now: float, upstream: str) -> None:
+        self._first_delta = now
+        if self._metrics is not None:
+            self._metrics.ttft.labels(self.kind, self._label, upstream).observe(now - self._started)
+
     async def _complete(self) -> Ending:
         answer = await self._upstream.complete(self._body, self.attempts)
         self.answer = answer
-        self._first_delta = self._loop.time()
+        self._first_token(self._loop.time(), answered_upstream(self.attempts))
         choices = answer.obj.get("choices")
         self._deltas = len(choices) if isinstance(choices, list) else 0
         self._bytes += len(answer.raw)
@@ -455,6 +498,20 @@ class Generation:
         self._publish()
         self._on_finished(self)
         usage = ending.usage if ending.usage is not None else (self._resp.usage if self._resp is not None else None)
+        now = self._loop.time()
+        if self._metrics is not None:
+            self._count_finish(ending.code, now, usage)
         log_finished(log, self.kind, self.id, self.model, ending.code, started=self._started,
-                     first_delta=self._first_delta, now=self._loop.time(), deltas=self._deltas,
-                     nbytes=self._bytes, usage=usage, attempts=self.attempts)
+                     first_delta=self._first_delta, now=now, deltas=self._deltas,
+                     nbytes=self._bytes, usage=usage, attempts=self.attempts, client=self.client,
+                     status=200 if self.opened else (ending.error.status if ending.error is not None else None))
+
+    def _count_finish(self, outcome: str, now: float, usage: dict[str, Any] | None) -> None:
+        metrics = self._metrics
+        assert metrics is not None
+        upstream = answered_upstream(self.attempts)
+        metrics.finished.labels(self.kind, self._label, upstream, outcome).inc()
+        metrics.live_streams.labels(self.kind).dec()
+        metrics.duration.labels(self.kind, self._label, outcome).observe(now - self._started)
+        for kind, count in token_counts(usage):
+            metrics.tokens.labels(self._label, upstream, kind).inc(count)

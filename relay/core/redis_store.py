@@ -33,6 +33,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ from relay.core.store import Remote, Store, StoreUnavailable
 if TYPE_CHECKING:
     from relay.core.generation import Generation
     from relay.core.registry import Registry
+    from relay.metrics import Metrics
     from relay.upstream.pool import Pool
 
 log = logging.getLogger("relay.redis")
@@ -194,6 +196,8 @@ class RedisStore(Store):
         #: A pipeline of the writer is in flight.
         self.sending = False
         self.round_trips = 0  # writer pipelines sent (bench/: round trips per event)
+        #: Round-trip times and errors, when metrics are on (relay/metrics.py).
+        self.metrics: Metrics | None = None
         self.events_written = 0
         self._interrupt = client.register_script(_INTERRUPT)
         self._take = client.register_script(_TAKE)
@@ -347,9 +351,11 @@ class RedisStore(Store):
                     pipe.pexpire(meta, self._kept_ms)
                     pipe.delete(self.key(gen.id, "owner"))
                     owners += [mirror] * 3
+        began = time.perf_counter()
         try:
             results = await pipe.execute(raise_on_error=False)
         except UNAVAILABLE as exc:
+            self._count("write", None)
             self._lost_redis(exc)
             # What was in flight is gone: the streams that lost events are marked when Redis is
             # back; the ones not yet created are created then.
@@ -362,6 +368,7 @@ class RedisStore(Store):
             if self._pending:
                 self._wake.set()
             return
+        self._count("write", began)
         self.round_trips += 1
         self.events_written += events
         self._back()
@@ -379,10 +386,20 @@ class RedisStore(Store):
             if op[0] == "event" and op[4]:
                 self._owned.discard(mirror)
 
+    def _count(self, op: str, began: float | None) -> None:
+        """One round trip for the metrics: its time since ``began``, or (None) an error."""
+        if self.metrics is None:
+            return
+        if began is None:
+            self.metrics.redis_errors.labels(op).inc()
+        else:
+            self.metrics.redis_round_trip.labels(op).observe(time.perf_counter() - began)
+
     async def _refresher(self) -> None:
         interval = self.config.owner_ttl / 3
         while True:
             await asyncio.sleep(interval)
+            began = time.perf_counter()
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for mirror in self._owned:
@@ -391,11 +408,14 @@ class RedisStore(Store):
                 for lease, key in list(self._leases.items()):
                     await self._renew(keys=[key], args=[lease, self._owner_ms * 2], client=pipe)  # queued
                 await pipe.execute()
+                self._count("refresh", began)
                 server = await self.redis.info("server")
             except UNAVAILABLE as exc:
+                self._count("refresh", None)
                 self._lost_redis(exc)
                 continue
             except RedisError as exc:
+                self._count("refresh", None)
                 log.warning("Redis: refreshing owner keys failed: %s", _reason(exc))
                 continue
             self._back()

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.core.generation import Generation, Wire
 from relay.core.store import Store
 from relay.upstream.pool import Pool
+
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
 
 
 class StreamLimit(Exception):
@@ -24,8 +27,10 @@ class StreamLimit(Exception):
 
 
 class Registry:
-    def __init__(self, config: Config, upstream: Pool, store: Store | None = None) -> None:
+    def __init__(self, config: Config, upstream: Pool, store: Store | None = None,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
+        self._metrics = metrics
         self._upstream = upstream
         self.store = store if store is not None else Store()
         self._live: set[Generation] = set()
@@ -53,7 +58,8 @@ class Registry:
             raise StreamLimit(f"the relay is at its limit of {self._config.max_streams} live streams; "
                               "try again shortly")
         gen = Generation(kind=kind, config=self._config, upstream=self._upstream, wire=wire, model=model,
-                         body=body, on_finished=self._finished, resumable=resumable, streaming=streaming)
+                         body=body, on_finished=self._finished, resumable=resumable, streaming=streaming,
+                         metrics=self._metrics)
         gen.owner = owner
         self._live.add(gen)
         if resumable:

@@ -14,7 +14,7 @@ from aiohttp import web
 from relay.core.generation import Generation, Wire
 from relay.core.registry import StreamLimit
 from relay.http import access
-from relay.http.appkeys import LIMITS, REGISTRY
+from relay.http.appkeys import ACCESS, LIMITS, REGISTRY
 from relay.http.errors import error_response
 from relay.http.ratelimit import TooManyStreams
 
@@ -35,6 +35,7 @@ async def start_generation(request: web.Request, *, kind: str, model: str, body:
     except BaseException:
         release()
         raise
+    gen.client = access.client_address(request, request.app[ACCESS].trusted)
     assert gen.task is not None
     gen.task.add_done_callback(lambda _task: release())
     return gen
@@ -45,5 +46,5 @@ def refusal(exc: Exception) -> web.Response:
     if isinstance(exc, TooManyStreams):
         # 429: the SDKs raise RateLimitError (and wait Retry-After before their own retries).
         return error_response(429, str(exc), code="rate_limit_exceeded", type_="requests",
-                              headers={"Retry-After": "5"})
-    return error_response(503, str(exc), headers={"Retry-After": "5"})
+                              headers={"Retry-After": "5"}, refusal="client_streams")
+    return error_response(503, str(exc), headers={"Retry-After": "5"}, refusal="stream_limit")

@@ -17,7 +17,8 @@ from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, static
 from relay.core.redis_store import RedisStore, open_store
-from relay.http.appkeys import ACCESS, CATALOG, CONFIG, LIMITS, PROBE, REGISTRY, STORE, UPSTREAMS
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
+from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
 from relay.upstream.pool import Pool, shortcut_spec
@@ -43,9 +44,11 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     # client_max_size bounds the body aiohttp will read for us; handlers turn its 413 into ours.
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
+    app[METRICS] = make_metrics(config)
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(functools.partial(_upstream_ctx, clock=clock, rng=rng))
+    app.cleanup_ctx.append(metrics_ctx)
     app.on_shutdown.append(_end_generations)
     app.router.add_post("/chat", chat.post_chat, expect_handler=guard.expect_handler)
     app.router.add_get("/chat", chat.get_chat, allow_head=False)
@@ -103,12 +106,14 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     connector = aiohttp.TCPConnector(limit=config.pool_limit)
     session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
     pool = Pool.build(session, config, specs, clock=clock, rng=rng)
+    pool.metrics = metrics = app[METRICS]
     app[UPSTREAMS] = pool
     app[CATALOG] = Catalog.of(pool, default_model=default_model, allowed=config.models, demo=config.demo)
     store = app[STORE]
-    app[REGISTRY] = registry = Registry(config, pool, store)
+    app[REGISTRY] = registry = Registry(config, pool, store, metrics)
     if isinstance(store, RedisStore):
         store.registry = registry
+        store.metrics = metrics
         store.share_health(pool)
     app[PROBE] = ReadinessProbe(pool)
     try:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from relay.http.guard import Guard
     from relay.http.health import ReadinessProbe
     from relay.http.ratelimit import ClientLimits
+    from relay.metrics import Metrics
     from relay.upstream.catalog import Catalog
     from relay.upstream.pool import Pool
 
@@ -30,3 +31,5 @@ LIMITS: web.AppKey[ClientLimits] = web.AppKey("limits")
 PROBE: web.AppKey[ReadinessProbe] = web.AppKey("readiness_probe")
 UPSTREAMS: web.AppKey[Pool] = web.AppKey("upstreams")
 STORE: web.AppKey[Store] = web.AppKey("store")
+#: None unless --metrics-listen (or this is a worker whose supervisor serves them).
+METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")

@@ -7,6 +7,7 @@ Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,13 +18,13 @@ from relay.core.store import StoreUnavailable
 from relay.core.ids import parse_event_id
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
-from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, METRICS, REGISTRY
 from relay.http.body import BadRequest, read_json
 from relay.http.chat_body import chat_request
 from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event
-from relay.http.errors import error_response, json_response
+from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.params import RequestBounds
-from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, follow
+from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, event_stream, follow
 from relay.jsoncodec import dumps
 
 log = logging.getLogger("relay.http")
@@ -54,7 +55,7 @@ async def _start(request: web.Request, body: Any, *, wait: bool) -> Generation:
 
 def _refusal(exc: Exception) -> web.Response:
     if isinstance(exc, BadRequest):
-        return error_response(exc.status, exc.message, param=exc.param)
+        return error_response(exc.status, exc.message, param=exc.param, refusal=request_refusal(exc.status))
     return refusal(exc)
 
 
@@ -81,13 +82,14 @@ async def get_chat(request: web.Request) -> web.StreamResponse:
     for key in request.query:
         if key not in GET_PARAMS:
             return error_response(400, f"'{key}' is not a supported query parameter; supported: prompt, model",
-                                  param=key)
+                                  param=key, refusal="invalid")
     last = _last_event_id(request)
     if last is not None:
         # A reconnect.  Never start a new (paid) generation for an id we do not know.
         parsed = parse_event_id(last)
         if parsed is None:
-            return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+            return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID",
+                                  refusal="invalid")
         return await resume(request, parsed[0], parsed[1])
     body: dict[str, Any] = {"prompt": request.query.get("prompt", "")}
     if "model" in request.query:
@@ -106,9 +108,11 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
         return await resume(request, stream_id, -1)
     parsed = parse_event_id(last)
     if parsed is None:
-        return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID")
+        return error_response(400, "Last-Event-ID is not an event id of this relay", param="Last-Event-ID",
+                                  refusal="invalid")
     if parsed[0] != stream_id:
-        return error_response(400, "Last-Event-ID belongs to another stream", param="Last-Event-ID")
+        return error_response(400, "Last-Event-ID belongs to another stream", param="Last-Event-ID",
+                              refusal="invalid")
     return await resume(request, stream_id, parsed[1])
 
 
@@ -120,8 +124,18 @@ async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> 
     _check_access(request, stream.id, stream.owner)
     if last_seq is None or (stream.finished and last_seq + 1 >= stream.next_seq):
         # 204 is what stops EventSource from reconnecting forever.
+        _resumed(request, last_seq, "no_content")
         return web.Response(status=204)
+    base, _ = stream.logged()
+    _resumed(request, last_seq, "resume_expired" if last_seq + 1 < base else "replayed")
     return await subscribe(request, stream, last_seq + 1)
+
+
+def _resumed(request: web.Request, last_seq: int | None, result: str) -> None:
+    """Count a resume (a request with a Last-Event-ID; a first GET of a 201 stream is not one)."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None and last_seq != -1:
+        metrics.resumes.labels(result).inc()
 
 
 async def delete_stream(request: web.Request) -> web.StreamResponse:
@@ -172,46 +186,69 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
     """A stream this process does not hold: from the shared store, if there is one and it has it."""
     store = request.app[REGISTRY].store
     if not store.shared:
+        _resumed(request, last_seq, "not_found")
         raise _not_found()
     try:
         remote = await store.lookup(stream_id)
     except StoreUnavailable as exc:
+        _resumed(request, last_seq, "store_unavailable")
         return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
     if remote is None:
+        _resumed(request, last_seq, "not_found")
         raise _not_found()
     _check_access(request, remote.id, remote.owner)
     if last_seq is None or (last_seq == remote.end and not remote.interrupted):
+        _resumed(request, last_seq, "no_content")
         return web.Response(status=204)
     # After an interrupted end, a position at or past it is one the producer sent from memory
     # before it died, beyond what reached Redis: follow() gives that client the end.
     if remote.unreplayable:
+        _resumed(request, last_seq, "store_incomplete")
         return error_response(503, "this stream's copy in the shared store is incomplete (Redis was lost or too "
                               "slow while it ran), so it cannot be resumed here; start a new chat",
                               code="store_incomplete")
     config: Config = request.app[CONFIG]
-    resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
-                       sndbuf=config.client_sndbuf,
-                       send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream_id}"})
-    try:
-        await resp.prepare(request)
+    resp = event_stream(request, {"Location": f"/chat/{stream_id}"})
+    counted = False
+
+    async def send() -> None:
+        nonlocal counted
         # The headers go out now, not with the first event (aiohttp sends them with the first
         # write): the stream may be silent for a while (a model thinking), and a proxy or an
         # EventSource waiting on headers looks like a hung connection.
         await resp.send_bytes(KEEPALIVE)
         try:
             async for data in store.follow(remote, last_seq + 1, interrupted_event(stream_id, config.retry_ms)):
+                if not counted:
+                    counted = True
+                    _resumed(request, last_seq, "replayed")
                 await resp.send_bytes(data)
         except ResumeExpired:
+            if not counted:
+                counted = True
+                _resumed(request, last_seq, "resume_expired")
             await resp.send_bytes(last_event(stream_id, RESUME_EXPIRED))
         except StoreUnavailable as exc:
             # The connection ends without a last event: the client reconnects, and while the store
             # is away that reconnect gets the 503 that names the cause.
             log.warning("stream %s: a remote reader was cut: %s", stream_id, exc)
+
+    return await _event_response(request, resp, stream_id, send)
+
+
+async def _event_response(request: web.Request, resp: EventStream, stream_id: str, send: Callable[[], Awaitable[None]],
+                          done: Callable[[], None] | None = None) -> web.StreamResponse:
+    """Prepare ``resp`` and let ``send`` write its events; the client leaving ends it quietly."""
+    try:
+        await resp.prepare(request)
+        await send()
     except ConnectionResetError:
         pass
     except SlowClient as exc:
-        log.warning("stream %s: %s (bound %d)", stream_id, exc, config.send_buffer)
+        log.warning("stream %s: %s (bound %d)", stream_id, exc, request.app[CONFIG].send_buffer)
     finally:
+        if done is not None:
+            done()
         if resp.prepared:
             resp.stop_streaming()
     if resp.prepared:
@@ -229,23 +266,11 @@ def _not_found() -> web.HTTPNotFound:
 
 async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.StreamResponse:
     """Send the stream's events from ``pos`` on, then follow live until its end."""
-    config: Config = request.app[CONFIG]
-    resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
-                       sndbuf=config.client_sndbuf,
-                       send_buffer=config.send_buffer, headers={"Location": f"/chat/{stream.id}"})
+    resp = event_stream(request, {"Location": f"/chat/{stream.id}"})
     sub = stream.attach(pos, resp.try_send)
-    try:
-        await resp.prepare(request)
+
+    async def send() -> None:
         if not await follow(resp, stream, sub):
             await resp.send_bytes(last_event(stream.id, RESUME_EXPIRED))
-    except ConnectionResetError:
-        pass
-    except SlowClient as exc:
-        log.warning("stream %s: %s (bound %d)", stream.id, exc, config.send_buffer)
-    finally:
-        stream.detach(sub)
-        if resp.prepared:
-            resp.stop_streaming()
-    if resp.prepared:
-        await resp.wait()
-    return resp
+
+    return await _event_response(request, resp, stream.id, send, lambda: stream.detach(sub))

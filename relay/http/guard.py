@@ -33,8 +33,8 @@ from aiohttp.http import HttpVersion11
 from relay.config import Config
 from relay.core.ids import is_ascii_digits
 from relay.http.access import Access, client_of, from_trusted_proxy
-from relay.http.appkeys import ACCESS, CONFIG, GUARD, LIMITS
-from relay.http.errors import error_response
+from relay.http.appkeys import ACCESS, CONFIG, GUARD, LIMITS, METRICS
+from relay.http.errors import REFUSAL, error_response
 from relay.http.ratelimit import ClientLimits, retry_after
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -101,7 +101,7 @@ def _too_large(request: web.Request) -> web.Response | None:
     if length is None or length <= limit:
         return None
     resp = error_response(413, f"the request body ({length} bytes) is larger than the limit of {limit} bytes "
-                          "(--max-body)", code="request_too_large")
+                          "(--max-body)", code="request_too_large", refusal="size")
     resp.force_close()  # the body that may follow is never read
     return resp
 
@@ -114,7 +114,7 @@ async def expect_handler(request: web.Request) -> web.StreamResponse | None:
     if request.version == HttpVersion11:
         if request.headers.get("Expect", "").lower() != "100-continue":
             return error_response(417, "the only Expect this relay knows is 100-continue",
-                                  code="expectation_failed")
+                                  code="expectation_failed", refusal="invalid")
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the response proper has not begun
     return None
@@ -131,21 +131,21 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     checks = app[GUARD]
     if "Host" not in request.headers and not checks.missing_host_allowed:
         return error_response(400, "the request has no Host header; this relay answers only requests that name it "
-                              "(--allow-missing-host to accept them)", code="host_missing")
+                              "(--allow-missing-host to accept them)", code="host_missing", refusal="host")
     if not checks.host_allowed(request.host):
         return error_response(421, "this relay does not answer to that Host name; if it is yours, add it with "
-                     "--allow-host (this check stops DNS-rebinding pages)", code="host_not_allowed")
+                     "--allow-host (this check stops DNS-rebinding pages)", code="host_not_allowed", refusal="host")
     origin = request.headers.get("Origin")
     if origin is not None:
         if not checks.origin_allowed(request, origin):
             return error_response(403, "requests from this web page's origin are not allowed; add it with --allow-origin "
-                         "if it should be", code="origin_not_allowed", type_="permission_error")
+                         "if it should be", code="origin_not_allowed", type_="permission_error", refusal="origin")
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             return web.Response(status=204, headers={**CORS_HEADERS, "Access-Control-Allow-Origin": origin,
                                                      "Vary": "Origin"})
     elif request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site" and is_api(request.path):
         return error_response(403, "cross-site requests without an Origin (links, images, forms of other sites) may not "
-                     "use this relay", code="cross_site", type_="permission_error")
+                     "use this relay", code="cross_site", type_="permission_error", refusal="origin")
     if is_api(request.path):
         refused = _authenticate(request)
         if refused is not None:
@@ -158,7 +158,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPMethodNotAllowed as exc:
         allowed = ", ".join(sorted(exc.allowed_methods))
         return error_response(405, f"the method {request.method} is not allowed here; allowed: {allowed}",
-                     code="method_not_allowed", headers={"Allow": allowed})
+                     code="method_not_allowed", headers={"Allow": allowed}, refusal="method")
 
 
 def _authenticate(request: web.Request) -> web.Response | None:
@@ -179,7 +179,8 @@ def _authenticate(request: web.Request) -> web.Response | None:
 
 
 def _unauthorized(message: str) -> web.Response:
-    return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'})
+    return error_response(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="relay"'},
+                          refusal="auth")
 
 
 async def _rate_limit(request: web.Request) -> web.Response | None:
@@ -193,12 +194,17 @@ async def _rate_limit(request: web.Request) -> web.Response | None:
     after = retry_after(wait)
     return error_response(429, f"too many requests: this relay allows {limiter.per_minute} per minute per client "
                  f"(--rate-limit); retry in {after} s", code="rate_limit_exceeded", type_="requests",
-                 headers={"Retry-After": after})
+                 headers={"Retry-After": after}, refusal="rate_limit")
 
 
 async def on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Headers every response gets, whichever handler (or aiohttp itself) made it."""
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        reason = response.get(REFUSAL) or ("auth" if response.status == 401 else None)
+        if reason is not None:
+            metrics.refused.labels(reason).inc()
     origin = request.headers.get("Origin")
     if (origin is not None and request.path not in OPEN_PATHS and "Access-Control-Allow-Origin" not in response.headers
             and request.app[GUARD].origin_allowed(request, origin)):

@@ -36,12 +36,12 @@ from relay.core.generation import Generation, Subscriber
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import CATALOG, CONFIG
 from relay.http.body import BadRequest, read_json
-from relay.http.errors import error_response, json_response
+from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.fields import FieldPolicy
 from relay.http.openai_body import completions_request
 from relay.http.openai_wire import OpenAIWire, failure_response
 from relay.http.params import RequestBounds
-from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, follow
+from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, event_stream, follow
 from relay.jsoncodec import dumps
 from relay.sse import encode
 
@@ -63,7 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         gen = await start_generation(request, kind="v1", model=req.model, body=req.body, wire=wire,
                                resumable=False, streaming=req.stream)
     except BadRequest as exc:
-        return error_response(exc.status, exc.message, param=exc.param)
+        return error_response(exc.status, exc.message, param=exc.param, refusal=request_refusal(exc.status))
     except Refused as exc:
         return refusal(exc)
     # Attached before anything can wait: a client that leaves from here on detaches, and a
@@ -141,9 +141,7 @@ async def _commit(request: web.Request, config: Config, request_id: str | None, 
     headers = {"x-request-id": request_id} if request_id else {}
     if attempts > 1:
         headers["x-relay-attempts"] = str(attempts)  # it failed over before the first byte
-    out = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout,
-                      sndbuf=config.client_sndbuf,
-                      send_buffer=config.send_buffer, headers=headers or None)
+    out = event_stream(request, headers or None)
     await out.prepare(request)
     return out
 

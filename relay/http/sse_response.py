@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -27,7 +28,11 @@ from aiohttp.http import StreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from relay.core.generation import Generation, ResumeExpired, Subscriber
+from relay.http.appkeys import CONFIG, METRICS
 from relay.sse import comment
+
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
 
 KEEPALIVE = comment("keepalive")
 #: Bytes queued for a client past which it counts as not keeping up: the producer's batches stop
@@ -45,7 +50,7 @@ class SlowClient(Exception):
 
 class EventStream(EventSourceResponse):
     def __init__(self, *, keepalive: float, send_timeout: float, send_buffer: int, sndbuf: int = 0,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, metrics: Metrics | None = None) -> None:
         super().__init__(headers=headers, allow_all_methods=True, send_timeout=send_timeout,
                          ping_interval=keepalive)
         # Writes go out in pieces of at most half the bound and wait while more than half is
@@ -54,6 +59,7 @@ class EventStream(EventSourceResponse):
         self._piece = self._high - _CHUNK_OVERHEAD
         self._pause = min(self._high, PAUSE_BYTES)
         self._sndbuf = sndbuf
+        self.metrics = metrics
         self._loop = asyncio.get_running_loop()
         self._last_write = 0.0
         self._sending = False
@@ -110,8 +116,7 @@ class EventStream(EventSourceResponse):
                     self._last_write = asyncio.get_running_loop().time()
                     await self.write(piece)
         except TimeoutError:
-            self._abort_transport()
-            raise SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued") from None
+            raise self._cut() from None
         finally:
             self._sending = False
 
@@ -170,8 +175,13 @@ class EventStream(EventSourceResponse):
                         # buffer sits above the mark unpaused (TLS counts differently) is polled.
                         await asyncio.sleep(0.005)
         except TimeoutError:
-            self._abort_transport()
-            raise SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued") from None
+            raise self._cut() from None
+
+    def _cut(self) -> SlowClient:
+        self._abort_transport()
+        if self.metrics is not None:
+            self.metrics.cut.labels("send_timeout").inc()
+        return SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued")
 
     async def _ping(self) -> None:
         loop = asyncio.get_running_loop()
@@ -191,6 +201,15 @@ class EventStream(EventSourceResponse):
                 await self.write(KEEPALIVE)
             except (ConnectionResetError, RuntimeError):
                 return
+            if self.metrics is not None:
+                self.metrics.keepalives.inc()
+
+
+def event_stream(request: web.Request, headers: Mapping[str, str] | None = None) -> EventStream:
+    """An EventStream with the app's settings (keepalive, send bounds) and metrics."""
+    config = request.app[CONFIG]
+    return EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout, sndbuf=config.client_sndbuf,
+                       send_buffer=config.send_buffer, headers=headers, metrics=request.app.get(METRICS))
 
 
 async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
@@ -199,12 +218,16 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
     False when the position has left the bounded log (``ResumeExpired``).  A client that goes
     away raises ``ConnectionResetError`` (or ``SlowClient``) out of here.
     """
+    sent = False
     while True:
         try:
             data = gen.read(sub)
         except ResumeExpired:
+            if sent and resp.metrics is not None:
+                resp.metrics.cut.labels("fell_behind").inc()
             return False
         if data:
+            sent = True
             if not resp.try_send(data):
                 # The client's buffer is full: while every reader is like this, the generation
                 # stops reading the upstream (relay/core/generation.py, backpressure).

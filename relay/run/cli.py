@@ -107,6 +107,9 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
      "events waiting for Redis, all streams together; past it a stream cannot be resumed elsewhere"),
     ("--redis-flush-ms", "redis_flush_ms", float, None,
      "milliseconds the Redis writer gathers events of many streams into one round trip"),
+    ("--metrics-listen", "metrics_listen", str, "RELAY_METRICS_LISTEN",
+     "serve Prometheus metrics at /metrics on HOST:PORT (or PORT, on 127.0.0.1), a listener of its own, "
+     "never the public port; with --workers the supervisor serves every worker's (needs the metrics extra)"),
 ]
 
 # (flag, dest, environment variable with comma-separated values, help): repeatable flags.
@@ -180,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "or auto: uvloop when installed (default: auto)")
     serve.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"),
                        choices=["debug", "info", "warning", "error"], help="log level [RELAY_LOG_LEVEL]")
+    serve.add_argument("--log-format", default=os.environ.get("RELAY_LOG_FORMAT", "text"),
+                       choices=["text", "json"],
+                       help="text for a person or journald; json: one object per line (time, level, logger, "
+                       "message, and a finished stream's fields) [RELAY_LOG_FORMAT] (default: text)")
     demo = sub.add_parser("demo-upstream", help="run only the built-in demo model (an OpenAI-compatible server)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -243,6 +250,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["upstreams"] = parse_upstreams(values["upstreams"], environ)
     values["api_key"] = read_api_key(key_file, environ)
     _redis_settings(args, values, environ)
+    if values.get("metrics_listen") and importlib.util.find_spec("prometheus_client") is None:
+        raise ConfigError("--metrics-listen needs the prometheus-client library: "
+                          "pip install 'llm-sse-relay[metrics]'")
     config = from_mapping(values)
     if config.tokens_file is not None:
         read_tokens(config.tokens_file)  # a missing or empty file stops the start, with the reason
@@ -307,16 +317,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--token-delay must not be negative")
         run_demo_upstream(args.host, args.port, token_delay=args.token_delay)
         return 0
+    if args.log_level not in ("debug", "info", "warning", "error"):
+        parser.error(f"--log-level (RELAY_LOG_LEVEL) must be debug, info, warning or error, not {args.log_level!r}")
+    if args.log_format not in ("text", "json"):
+        parser.error(f"--log-format (RELAY_LOG_FORMAT) must be text or json, not {args.log_format!r}")
     try:
         config = config_from_args(args, os.environ)
     except ConfigError as exc:
         parser.error(str(exc))
+    from relay.logformat import setup_logging
     from relay.run import workers
 
     worker = workers.worker_number()
-    where = f" [worker {worker}]" if worker else ""
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
+    setup_logging(args.log_level, args.log_format, worker)
     if config.workers > 1 and worker is None:
         return workers.supervise(config, sys.argv[1:] if argv is None else list(argv))
     from relay.run.server import run

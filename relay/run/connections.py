@@ -18,13 +18,16 @@ import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from relay.http.client_errors import OncePerClient
 from relay.jsoncodec import dumps
+
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
 
 log = logging.getLogger("relay.http")
 
@@ -43,7 +46,9 @@ def auto_total(open_files_limit: int) -> int:
 
 
 class ConnectionLimits:
-    def __init__(self, *, per_client: int, total: int, exempt: Iterable[str] = ()) -> None:
+    def __init__(self, *, per_client: int, total: int, exempt: Iterable[str] = (),
+                 metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
         self.per_client = per_client
         self.total = total
         self._exempt = [ipaddress.ip_network(n, strict=False) for n in exempt]
@@ -61,11 +66,11 @@ class ConnectionLimits:
             addr = peer_address(transport.get_extra_info("peername"))
             if len(self._addr_of) >= self.total:
                 self._refuse(transport, addr, "503 Service Unavailable", "the relay is at its limit of "
-                             f"{self.total} connections; try again shortly", "too_many_connections")
+                             f"{self.total} connections; try again shortly", "too_many_connections", "total")
             elif not self._is_exempt(addr) and self._by_addr[addr] >= self.per_client:
                 self._refuse(transport, addr, "429 Too Many Requests", "this client has "
                              f"{self.per_client} connections open already (--max-connections-per-client)",
-                             "too_many_connections")
+                             "too_many_connections", "per_client")
             else:
                 self._addr_of[handler] = addr
                 self._by_addr[addr] += 1
@@ -92,8 +97,11 @@ class ConnectionLimits:
             return False
         return any(ip in net for net in self._exempt)
 
-    def _refuse(self, transport: asyncio.Transport, addr: str, status: str, message: str, code: str) -> None:
+    def _refuse(self, transport: asyncio.Transport, addr: str, status: str, message: str, code: str,
+                limit: str) -> None:
         self.refused += 1
+        if self._metrics is not None:
+            self._metrics.connections_refused.labels(limit).inc()
         transport.write(_answer(status, message, code))
         transport.close()
         folded = self._lines.due(addr)

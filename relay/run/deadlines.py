@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -21,14 +22,18 @@ from relay.http.client_errors import OncePerClient
 from relay.jsoncodec import dumps
 from relay.run.connections import peer_address
 
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
+
 log = logging.getLogger("relay.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HeaderDeadline:
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, metrics: Metrics | None = None) -> None:
         self.timeout = timeout
+        self._metrics = metrics
         #: Connections closed because their first request head was late.
         self.missed = 0
         self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
@@ -77,6 +82,8 @@ class HeaderDeadline:
         if transport.is_closing():
             return
         self.missed += 1
+        if self._metrics is not None:
+            self._metrics.deadlines_missed.labels("header").inc()
         transport.write(self._answer)
         transport.close()
         addr = peer_address(transport.get_extra_info("peername"))

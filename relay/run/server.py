@@ -23,7 +23,7 @@ from aiohttp import web
 from relay.config import Config, is_loopback
 from relay.core.registry import Registry
 from relay.http.app import make_app
-from relay.http.appkeys import ACCESS, REGISTRY
+from relay.http.appkeys import ACCESS, METRICS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd, workers
 from relay.openfiles import open_files, raise_open_files
@@ -49,7 +49,8 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=HANDLER_GRACE,
                            logger=ClientErrorLog(logging.getLogger("aiohttp.server")),
                            keepalive_timeout=config.keepalive_idle)
-    deadline = HeaderDeadline(config.header_timeout)
+    metrics = app[METRICS]
+    deadline = HeaderDeadline(config.header_timeout, metrics)
     deadline.end_with_handlers(app)  # before setup freezes the middlewares
     await runner.setup()
     assert runner.server is not None
@@ -57,7 +58,7 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     _, open_limit = open_files()
     total = config.max_connections or auto_total(open_limit)
     ConnectionLimits(per_client=config.max_connections_per_client, total=total,
-                     exempt=config.trust_proxy).install(runner.server)
+                     exempt=config.trust_proxy, metrics=metrics).install(runner.server)
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:
         sites.append(web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True))

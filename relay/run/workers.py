@@ -11,6 +11,9 @@ every worker has pinged within its interval, ``STOPPING=1`` on the way out.
 - A worker that exits unexpectedly is logged and replaced; one that keeps dying before it is
   ready backs off (0.1 s doubling to 5 s) and after ``CRASH_LIMIT`` in a row the supervisor
   stops the rest and exits 1 (systemd's restart policy takes it from there).
+- ``--metrics-listen``: the supervisor serves it; each worker writes its values to files in a
+  directory of the supervisor's (``prometheus-client``'s multiprocess mode), one scrape merges
+  them, and a dead worker's live gauges are dropped when it is replaced.
 - SIGTERM/SIGINT: forwarded to every worker, which drains (relay/run/server.py); a second one
   is forwarded too and cuts the drains short.  SIGHUP: forwarded, every worker re-reads the
   tokens file; no worker restarts, so no stream is cut by a reload.
@@ -25,13 +28,17 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
+
+from aiohttp import web
 
 from relay.config import Config
 from relay.run import systemd
@@ -103,6 +110,8 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.watchdog = systemd.watchdog_interval()
         self.where = ""
+        #: The workers' metric value files (--metrics-listen), served merged by this process.
+        self.metrics_dir = tempfile.mkdtemp(prefix="relay-metrics-") if config.metrics_listen else None
 
     async def _spawn(self, worker: _Worker) -> None:
         name = f"relay-worker-{os.getpid()}-{worker.number}-{secrets.token_hex(4)}"
@@ -116,6 +125,9 @@ class Supervisor:
         fds = tuple(sock.fileno() for sock in self.sockets)
         env.update({WORKER_ENV: str(worker.number), WORKER_FD_ENV: ",".join(map(str, fds)),
                     SUPERVISOR_ENV: str(os.getpid()), "NOTIFY_SOCKET": worker.address})
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if self.metrics_dir is not None:
+            env.update({"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, "RELAY_METRICS_SUPERVISED": "1"})
         if self.watchdog is not None:
             # The worker pings us at half this; we ping systemd only while every worker does.
             env["WATCHDOG_USEC"] = str(int(self.watchdog * 2 * 1_000_000))
@@ -175,6 +187,37 @@ class Supervisor:
         return f"listening on {self.where} ({len(self.workers)} workers)"
 
     async def run(self) -> int:
+        metrics = await self._serve_metrics()
+        try:
+            return await self._run()
+        finally:
+            if metrics is not None:
+                await metrics.cleanup()
+            if self.metrics_dir is not None:
+                shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    async def _serve_metrics(self) -> web.AppRunner | None:
+        if self.metrics_dir is None or self.config.metrics_listen is None:
+            return None
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from relay.http.metrics_listener import serve_metrics
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
+        runner, url = await serve_metrics(self.config.metrics_listen, registry)
+        log.info("metrics of every worker on %s", url)
+        return runner
+
+    def _dead(self, pid: int) -> None:
+        """A worker is gone: its live gauges leave the merge (its counters stay, so no total goes back)."""
+        if self.metrics_dir is not None:
+            from prometheus_client.multiprocess import mark_process_dead
+
+            mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self._signal, sig)
@@ -203,6 +246,7 @@ class Supervisor:
                         continue
                     self._close_notify(worker)
                     worker.proc = None
+                    self._dead(proc.pid)
                     if self.stopping:
                         log.info("worker %d (pid %d) exited with status %d", worker.number, proc.pid,
                                  proc.returncode)

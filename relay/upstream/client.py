@@ -46,6 +46,7 @@ class Completion:
     raw: bytes
     obj: dict[str, Any]
     request_id: str | None
+    status: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,13 +248,15 @@ class UpstreamResponse:
     def _timeout_error(self, now: float) -> UpstreamError:
         failover = False
         if now >= self._total_deadline:
-            msg = f"the answer did not finish within the total timeout ({self._total_timeout:g} s)"
+            phase, msg = "total", f"the answer did not finish within the total timeout ({self._total_timeout:g} s)"
         elif self._last_delta is None:
+            phase = "first_token"
             msg = f"the upstream sent no answer within the first-token timeout ({self._first_token_timeout:g} s)"
             failover = True
         else:
-            msg = f"the upstream went silent for longer than the idle timeout ({self._idle:g} s)"
-        return UpstreamError("upstream_timeout", msg, retriable=True, request_id=self.request_id, failover=failover)
+            phase, msg = "idle", f"the upstream went silent for longer than the idle timeout ({self._idle:g} s)"
+        return UpstreamError("upstream_timeout", msg, retriable=True, request_id=self.request_id, failover=failover,
+                             timeout=phase)
 
     def close(self) -> None:
         """Close the connection (not release: draining would let the upstream keep generating)."""
@@ -298,12 +301,12 @@ class UpstreamClient:
             total_deadline = started + self._config.total_timeout
         first = started + self.target.first_token_timeout
         if first <= total_deadline:
-            limit, deadline = self.target.first_token_timeout, first
+            limit, deadline, phase = self.target.first_token_timeout, first, "first_token"
             too_late = f"the upstream sent no answer within the first-token timeout ({limit:g} s)"
         else:
-            deadline = total_deadline
+            deadline, phase = total_deadline, "total"
             too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "text/event-stream", deadline, too_late, failover=first <= total_deadline)
+        resp = await self._post(body, "text/event-stream", deadline, too_late, phase, failover=first <= total_deadline)
         ctype = resp.headers.get("Content-Type", "")
         if not ctype.startswith("text/event-stream"):
             resp.close()
@@ -317,13 +320,14 @@ class UpstreamClient:
         """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
         deadline = total_deadline or asyncio.get_running_loop().time() + self._config.total_timeout
         too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "application/json", deadline, too_late, failover=False)
+        resp = await self._post(body, "application/json", deadline, too_late, "total", failover=False)
         request_id = request_id_of(resp.headers, self._redact)
         try:
             async with asyncio.timeout_at(deadline):
                 raw = await read_bounded(resp.content, self._config.max_upstream_event + 1)
         except TimeoutError:
-            raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id) from None
+            raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id,
+                                timeout="total") from None
         except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
             raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
                                 retriable=True, request_id=request_id, failover=True) from exc
@@ -342,9 +346,9 @@ class UpstreamClient:
         if obj.get("error"):
             raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
                                   redact=self._redact, raw=raw.decode("utf-8", "replace"))
-        return Completion(raw, obj, request_id)
+        return Completion(raw, obj, request_id, resp.status)
 
-    async def _post(self, body: dict[str, Any], accept: str, deadline: float, too_late: str, *,
+    async def _post(self, body: dict[str, Any], accept: str, deadline: float, too_late: str, phase: str, *,
                     failover: bool) -> aiohttp.ClientResponse:
         """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx.
 
@@ -356,8 +360,13 @@ class UpstreamClient:
             async with asyncio.timeout_at(deadline):
                 resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
                                                 params=self._params, timeout=self._timeout, allow_redirects=False)
+        except aiohttp.ConnectionTimeoutError:
+            raise UpstreamError("upstream_timeout", f"could not connect to the upstream within the connect timeout "
+                                f"({self.target.connect_timeout:g} s)", retriable=True, failover=True,
+                                timeout="connect") from None
         except TimeoutError:
-            raise UpstreamError("upstream_timeout", too_late, retriable=True, failover=failover) from None
+            raise UpstreamError("upstream_timeout", too_late, retriable=True, failover=failover,
+                                timeout=phase) from None
         except aiohttp.ClientConnectorError as exc:
             # From the errno, not strerror: asyncio's text names the upstream's address, which
             # is the operator's business, not the client's.

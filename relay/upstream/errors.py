@@ -54,6 +54,7 @@ class UpstreamError(Exception):
         raw: str | None = None,
         upstream: dict[str, Any] | None = None,
         failover: bool = False,
+        timeout: str | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -72,6 +73,8 @@ class UpstreamError(Exception):
         self.failover = failover
         #: How many upstreams were tried for the request before it failed with this.
         self.attempts = 1
+        #: Which deadline passed, for a timeout: ``connect``, ``first_token``, ``idle`` or ``total``.
+        self.timeout = timeout
 
 
 async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import aiohttp
 
@@ -36,6 +36,9 @@ from relay.upstream.errors import DOWN_STATUSES, UpstreamError
 from relay.upstream.metadata import Redactor
 from relay.upstream_config import UpstreamSpec
 
+if TYPE_CHECKING:
+    from relay.metrics import Metrics
+
 log = logging.getLogger("relay.upstream")
 
 #: Longest cooldown an upstream's own ``Retry-After`` can ask for.
@@ -44,7 +47,12 @@ MAX_RETRY_AFTER: Final = 3600.0
 MODELS_TTL: Final = 60.0
 MODELS_TIMEOUT: Final = 5.0
 
-T = TypeVar("T")
+class _Answer(Protocol):
+    @property
+    def status(self) -> int: ...
+
+
+T = TypeVar("T", bound=_Answer)
 
 
 @dataclass(slots=True)
@@ -141,6 +149,12 @@ class PooledResponse:
     def usage(self) -> dict[str, Any] | None:
         return self._resp.usage
 
+    @property
+    def upstream(self) -> str:
+        """The name of the upstream answering now (for metrics)."""
+        member = self._route.member
+        return member.name if member is not None else "-"
+
     def commit(self) -> None:
         self._committed = True
 
@@ -152,6 +166,7 @@ class PooledResponse:
             try:
                 return await self._resp.read()
             except UpstreamError as exc:
+                self._pool.timed_out(self._route, exc)
                 if self._committed or not exc.failover:
                     exc.attempts = self._route.tried
                     raise
@@ -187,6 +202,8 @@ class Pool:
         #: Told of every cooldown this process starts (name, seconds, why, down) and of every
         #: recovery (name, 0, "", False): the shared store passes them to the other instances.
         self.on_health: Callable[[str, float, str, bool], None] | None = None
+        #: Requests, timeouts and failovers per upstream, when metrics are on (relay/metrics.py).
+        self.metrics: Metrics | None = None
 
     @classmethod
     def build(cls, session: aiohttp.ClientSession, config: Config, specs: Iterable[UpstreamSpec], *,
@@ -257,9 +274,13 @@ class Pool:
                 health.probing = True  # half-open: this request tries it, the others go elsewhere
             # An alias: the upstream gets its own name for the model.
             upstream_body = {**route.body, "model": member.spec.upstream_model(route.model) or route.model}
+            metrics = self.metrics
             try:
                 result = await call(member, upstream_body)
             except UpstreamError as exc:
+                if metrics is not None:
+                    metrics.upstream_requests.labels(member.name, str(exc.status or "none")).inc()
+                self.timed_out(route, exc)
                 if not exc.failover:
                     # The request is at fault, not the upstream: it answered, so it is well.
                     self._recovered(member)
@@ -272,6 +293,8 @@ class Pool:
             except BaseException:
                 health.probing = False  # cancelled mid-attempt: neither well nor failed
                 raise
+            if metrics is not None:
+                metrics.upstream_requests.labels(member.name, str(result.status)).inc()
             self._recovered(member)
             route.attempts.append(f"{member.name}:ok")
             return result
@@ -287,6 +310,8 @@ class Pool:
             return
         route.attempts.append(f"{member.name}:{_outcome(exc)}")
         member.stats.failures += 1
+        if self.metrics is not None:
+            self.metrics.failovers.labels(member.name).inc()
         health = member.health
         health.probing = False
         first = health.until == 0.0
@@ -309,6 +334,16 @@ class Pool:
         # otherwise write a line for every request that tried it.
         (log.warning if first else log.debug)("upstream %s failed (%s); skipped for %.3g s%s", member.name,
                                               health.why, wait, "" if first else f" ({health.failures} in a row)")
+
+    def timed_out(self, route: Route, exc: UpstreamError) -> None:
+        """Count a deadline that passed on the route's current upstream."""
+        if exc.timeout is not None and self.metrics is not None and route.member is not None:
+            self.metrics.upstream_timeouts.labels(route.member.name, exc.timeout).inc()
+
+    def availability(self) -> list[tuple[str, bool]]:
+        """Each upstream's name and whether it is in use (not cooling down or down), for the metrics."""
+        now = self._clock()
+        return [(m.name, m.health.until == 0.0 or now >= m.health.until) for m in self.members]
 
     def _recovered(self, member: Member) -> None:
         health = member.health
