@@ -50,7 +50,7 @@ os.execv(sys.executable, [sys.executable, "-m", "relay", *sys.argv[1:]])
 
 # Variables of the test's own environment that would change what the child does.
 _SCRUB = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES",
-          "OPENAI_API_KEY", "OPENAI_BASE_URL", "CREDENTIALS_DIRECTORY")
+          "OPENAI_API_KEY", "OPENAI_BASE_URL", "CREDENTIALS_DIRECTORY", "PROMETHEUS_MULTIPROC_DIR")
 
 
 class NotifyListener:

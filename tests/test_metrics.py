@@ -334,3 +334,35 @@ async def test_late_request_heads_and_refused_connections_are_counted(upstream: 
         assert value(samples, "relay_connections_refused_total", limit="per_client") == 1
     finally:
         await runner.cleanup()
+
+
+async def test_log_format_json_writes_one_object_per_line_with_no_key_token_or_prompt(
+        tmp_path: Any, upstream: FakeUpstream, notify: Any) -> None:
+    from conftest import TEST_KEY
+    from procs import port_of, spawn_relay
+
+    token = "tok-json-logs-0123456789abcdef"
+    (tmp_path / "tokens").write_text(token + "\n")
+    prompt = "a prompt that must never reach a log line"
+    async with spawn_relay(tmp_path, upstream, "--log-format", "json", "--tokens-file", str(tmp_path / "tokens"),
+                           notify=notify) as relay:
+        port = port_of(await notify.until("READY"))
+        async with aiohttp.ClientSession() as session:
+            auth = {"Authorization": f"Bearer {token}"}
+            resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": prompt}, headers=auth)
+            assert (await SSEClient(resp).all())[-1]["type"] == "done"
+            wrong = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": prompt},
+                                       headers={"Authorization": "Bearer not-the-token"})
+            assert wrong.status == 401
+        relay.proc.send_signal(2)
+        assert await relay.exit_status() == 0
+    lines = [json.loads(line) for line in relay.output().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    (done,) = [line for line in lines if line.get("outcome") == "done"]
+    assert done["endpoint"] == "chat" and done["model"] == "fake-model" and done["upstream"] == "upstream"
+    assert done["client"] == "127.0.0.1" and done["status"] == 200 and done["tokens"] == {"prompt": 3,
+                                                                                           "completion": 4}
+    assert done["ttft_ms"] >= 0 and done["duration_ms"] >= done["ttft_ms"] and done["bytes"] > 0
+    text = relay.output()
+    for secret in (TEST_KEY, token, prompt, "not-the-token"):
+        assert secret not in text

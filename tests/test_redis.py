@@ -435,3 +435,30 @@ async def test_a_graceful_stop_writes_its_shutdown_ends_so_readers_elsewhere_get
     assert again.status == 200
     end = [json.loads(e.data) async for e in _rest(SSEClient(again))]
     assert [(e["type"], e["code"], e["retriable"]) for e in end] == [("error", "shutdown", True)]
+
+
+async def test_redis_round_trips_and_errors_are_in_the_metrics(
+        redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the metrics extra) is not installed")
+    from test_metrics import scrape, value
+
+    from relay.http.appkeys import METRICS
+
+    a = await make_relay(redis_url=redis.url, metrics_listen="127.0.0.1:0", **SHORT)
+    metrics = a.app[METRICS]
+    assert metrics is not None and metrics.url is not None
+    events = await SSEClient(await a.post("/chat", json={"prompt": "hi"})).all()
+    assert events[-1]["type"] == "done"
+    store = store_of(a)
+    await store.ready(events[0]["id"])
+    async with asyncio.timeout(10):
+        while store.sending or store._pending:  # the last batch written
+            await asyncio.sleep(0.01)
+    samples = await scrape(metrics.url)
+    assert value(samples, "relay_redis_round_trip_seconds_count", op="write") == store.round_trips >= 1
+    assert value(samples, "relay_redis_errors_total", op="write") == 0
+    await redis.stop()
+    async with asyncio.timeout(20):  # the refresher's next round finds it gone
+        while value(await scrape(metrics.url), "relay_redis_errors_total", op="refresh") < 1:
+            await asyncio.sleep(0.05)
+    await redis.start()

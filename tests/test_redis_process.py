@@ -349,3 +349,35 @@ async def test_a_worker_that_keeps_dying_before_it_is_ready_backs_off_then_the_s
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(int(pid), 0)
+
+
+async def test_with_two_workers_one_scrape_of_the_supervisor_sees_both_workers_streams(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the metrics extra) is not installed")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", "--metrics-listen",
+                           "127.0.0.1:0", *FAST, notify=notify, env={"TMPDIR": str(tmp_path)}) as sup:
+        port = port_of(await notify.until("READY"))
+        found = re.search(r"metrics of every worker on (http://\S+/metrics)", sup.output())
+        assert found is not None, sup.output()
+        by_worker: dict[str, int] = {}
+        for _ in range(60):  # bounded: new connections until both workers have run a stream
+            async with aiohttp.ClientSession() as fresh:
+                resp = await fresh.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+                assert text_of([json.loads(e.data) for e in await events(resp)]).startswith("Hello")
+                worker = resp.headers["Relay-Worker"]
+                by_worker[worker] = by_worker.get(worker, 0) + 1
+                assert (await fresh.get(f"http://127.0.0.1:{port}/metrics")).status == 404
+            if len(by_worker) == 2:
+                break
+        assert set(by_worker) == {"1", "2"}
+        async with aiohttp.ClientSession() as fresh, fresh.get(found.group(1)) as scraped:
+            text = await scraped.text()
+        finished = {tuple(sorted(s.labels.items())): s.value for f in text_string_to_metric_families(text)
+                    for s in f.samples if s.name == "relay_generations_finished_total"}
+        assert finished == {(("endpoint", "chat"), ("model", "fake-model"), ("outcome", "done"),
+                             ("upstream", "upstream")): sum(by_worker.values())}
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("relay-metrics-")]  # the value files
+        assert await stop(sup) == 0
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("relay-metrics-")]  # removed at exit
