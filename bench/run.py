@@ -378,6 +378,32 @@ class Bench:
             server.close()
         self.results["redis"] = out
 
+    def metrics(self) -> None:
+        """CPU per event with --metrics-listen against without, for /chat and /v1: three alternating
+        runs on two relays alive side by side (so neither is warmer), medians compared."""
+        out: dict[str, Any] = {}
+        off = self.relay()
+        on = self.relay(extra=("--metrics-listen", f"127.0.0.1:{free_port()}"))
+        try:
+            for target in ("chat", "v1"):
+                for relay in (off, on):
+                    self.load(f"metrics/{target}/warmup", relay.port, target, self.p["warmup"])
+                runs: dict[str, list[float]] = {"off": [], "on": []}
+                for i in range(3):
+                    for label, relay in (("off", off), ("on", on)):
+                        r = self.measured(f"metrics/{target}/{label}/{i}", relay.port, target, self.p["cpu"],
+                                          relay.pids)
+                        runs[label].append(r["cpu_us_per_event"])
+                med = {label: sorted(v)[1] for label, v in runs.items()}
+                out[target] = {"runs": runs, "median_off": med["off"], "median_on": med["on"],
+                               "ratio": round(med["on"] / med["off"], 3) if med["off"] else None}
+                print(f"  metrics {target:>4}: cpu off {runs['off']} on {runs['on']} us/event; "
+                      f"medians {med['off']} / {med['on']} = {out[target]['ratio']}x", flush=True)
+        finally:
+            off.close()
+            on.close()
+        self.results["metrics"] = out
+
     def workers(self) -> None:
         """--workers 1 against --workers N (both with Redis): sustained events/s (p99 delay under
         50 ms) and TTFT at the larger ``ttft`` load.  ``--workers-max`` sets N."""
@@ -492,6 +518,9 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         row("redis store: added TTFT p50 @100 vs memory", round(red["ttft100"]["p50"] - mem["ttft100"]["p50"], 2),
             "ms", 1)
         row("redis store: round trips per relayed event", red.get("round_trips_per_event"), "", 0.2)
+    if "metrics" in res:
+        for t, r in res["metrics"].items():
+            row(f"metrics on: relay {t} CPU per event / off (medians of 3)", r["ratio"], "x", 1.05)
     if "workers" in res:
         by = res["workers"]
         for count, r in by.items():
@@ -518,7 +547,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover", "stalled", "redis",
-          "workers")
+          "workers", "metrics")
 
 
 def main(argv: list[str] | None = None) -> int:
