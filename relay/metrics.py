@@ -143,11 +143,11 @@ class Metrics:
         """Until cancelled: each second, how late the loop woke us, and each upstream's availability."""
         loop = asyncio.get_running_loop()
         while True:
+            for name, available in upstreams():
+                self.upstream_available.labels(name).set(1 if available else 0)
             due = loop.time() + SAMPLE_INTERVAL
             await asyncio.sleep(SAMPLE_INTERVAL)
             self.loop_lag.observe(max(0.0, loop.time() - due))
-            for name, available in upstreams():
-                self.upstream_available.labels(name).set(1 if available else 0)
 
 
 def supervised() -> bool:

@@ -384,3 +384,34 @@ async def test_every_configured_key_is_blanked_in_what_any_upstream_sends(start:
     relay = await start(spec("b", fakes["b"].base_url), spec("a", fakes["a"].base_url, priority=1))
     resp = await relay.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "stream": True})
     assert resp.status == 400 and (await resp.json())["error"]["message"] == "key [redacted] is not mine"
+
+
+async def test_each_upstreams_state_and_failovers_are_in_the_metrics(
+        start: Any, fakes: dict[str, FakeUpstream], clock: Clock) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the metrics extra) is not installed")
+    from test_metrics import scrape, value
+
+    from relay.http.appkeys import METRICS
+
+    fakes["a"].behaviour = status(503)
+    relay = await start(spec("a", fakes["a"].base_url), spec("b", fakes["b"].base_url, priority=1),
+                        metrics_listen="127.0.0.1:0")
+    metrics = relay.app[METRICS]
+    assert metrics is not None and metrics.url is not None
+    before = await scrape(metrics.url)
+    assert value(before, "relay_upstream_available", upstream="a") == 1  # sampled from the start
+    assert text_of(await chat(relay)) == "Hello, world!"
+    async with asyncio.timeout(10):  # the sampler's next second sees a cooling down
+        while value(samples := await scrape(metrics.url), "relay_upstream_available", upstream="a") != 0:
+            await asyncio.sleep(0.05)
+    assert value(samples, "relay_upstream_available", upstream="b") == 1
+    assert value(samples, "relay_upstream_failovers_total", upstream="a") == 1
+    assert value(samples, "relay_upstream_failovers_total", upstream="b") == 0
+    assert value(samples, "relay_upstream_requests_total", upstream="a", status="503") == 1
+    assert value(samples, "relay_upstream_requests_total", upstream="b", status="200") == 1
+    assert value(samples, "relay_generations_finished_total", endpoint="chat", model="m", upstream="b",
+                 outcome="done") == 1
+    clock.now += 3600  # its cooldown is over: available again
+    async with asyncio.timeout(10):
+        while value(await scrape(metrics.url), "relay_upstream_available", upstream="a") != 1:
+            await asyncio.sleep(0.05)

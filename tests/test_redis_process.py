@@ -381,3 +381,34 @@ async def test_with_two_workers_one_scrape_of_the_supervisor_sees_both_workers_s
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith("relay-metrics-")]  # the value files
         assert await stop(sup) == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("relay-metrics-")]  # removed at exit
+
+
+async def test_a_dead_workers_live_gauges_leave_the_merged_metrics_and_its_counters_stay(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession,
+        notify: NotifyListener) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the metrics extra) is not installed")
+    from test_metrics import scrape, value
+
+    upstream.behaviour = endless(["one "])
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", "--metrics-listen",
+                           "127.0.0.1:0", *FAST, notify=notify) as sup:
+        port = port_of(await notify.until("READY"))
+        found = re.search(r"metrics of every worker on (http://\S+/metrics)", sup.output())
+        assert found is not None
+        url = found.group(1)
+        resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+        await head(resp, 2)
+        victim = resp.headers["Relay-Worker"]
+        live = await scrape(url)
+        assert value(live, "relay_streams_live", endpoint="chat") == 1
+        assert value(live, "relay_generations_started_total", endpoint="chat", model="fake-model") == 1
+        pids = dict(re.findall(r"worker (\d) started \(pid (\d+)\)", sup.output()))
+        os.kill(int(pids[victim]), signal.SIGKILL)
+        resp.close()
+        async with asyncio.timeout(20):
+            while len(re.findall(rf"worker {victim} started", sup.output())) < 2:
+                await asyncio.sleep(0.05)
+        after = await scrape(url)
+        assert value(after, "relay_streams_live", endpoint="chat") == 0  # the dead one's gauge is gone
+        assert value(after, "relay_generations_started_total", endpoint="chat", model="fake-model") == 1
+        assert await stop(sup) == 0
