@@ -9,6 +9,7 @@ import json
 import socket
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, wait_for
@@ -147,5 +148,27 @@ async def test_a_stalled_reader_costs_a_few_hundred_kilobytes_not_megabytes_befo
                     break
                 await asyncio.sleep(0.01)
         assert gen._bytes < 512 * 1024
+    finally:
+        s.close()
+
+
+async def test_a_reader_cut_by_the_send_timeout_is_counted(make_relay: Any, upstream: FakeUpstream) -> None:
+    pytest.importorskip("prometheus_client", reason="prometheus-client (the metrics extra) is not installed")
+    from test_metrics import scrape, value
+
+    from relay.http.appkeys import METRICS
+
+    flood = Flood()
+    upstream.behaviour = flood
+    relay = await make_relay(send_timeout=0.3, resume_grace=0, metrics_listen="127.0.0.1:0")
+    metrics = relay.app[METRICS]
+    assert metrics is not None and metrics.url is not None
+    s = stalled_client(relay.port, {"prompt": "hi"})
+    try:
+        await asyncio.wait_for(upstream.closed.wait(), 30)  # cut, and with it the upstream
+        samples = await scrape(metrics.url)
+        assert value(samples, "relay_clients_cut_total", reason="send_timeout") == 1
+        assert value(samples, "relay_client_disconnects_total", endpoint="chat") == 1
+        assert value(samples, "relay_upstream_closed_unheard_total", endpoint="chat") == 1
     finally:
         s.close()

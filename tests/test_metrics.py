@@ -366,3 +366,33 @@ async def test_log_format_json_writes_one_object_per_line_with_no_key_token_or_p
     text = relay.output()
     for secret in (TEST_KEY, token, prompt, "not-the-token"):
         assert secret not in text
+
+
+async def test_refusals_are_counted_by_reason(make_relay: Any, upstream: FakeUpstream, tmp_path: Any) -> None:
+    token = "tok-metrics-0123456789abcdef"
+    (tmp_path / "tokens").write_text(token + "\n")
+    upstream.behaviour = held("one", [])
+    relay = await make_relay(metrics_listen="127.0.0.1:0", tokens_file=tmp_path / "tokens", max_streams=1)
+    auth = {"Authorization": f"Bearer {token}"}
+    assert (await relay.post("/chat", json={"prompt": "hi"})).status == 401
+    assert (await relay.post("/chat", json={"prompt": "hi"}, headers={**auth, "Host": "evil.example"})).status == 421
+    assert (await relay.post("/chat", json={"prompt": "hi"},
+                             headers={**auth, "Origin": "https://evil.example"})).status == 403
+    first = await relay.post("/chat", json={"prompt": "hi"}, headers=auth)
+    assert first.status == 200
+    assert (await relay.post("/chat", json={"prompt": "hi"}, headers=auth)).status == 503  # --max-streams 1
+    first.close()
+    samples = await scrape(url_of(relay))
+    refused = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+               if name == "relay_requests_refused_total"}
+    assert refused == {"auth": 1, "host": 1, "origin": 1, "stream_limit": 1}
+
+    limited = await make_relay(metrics_listen="127.0.0.1:0", rate_limit=1)
+    statuses = []
+    for _ in range(20):  # bounded: until the bucket is empty
+        resp = await limited.get("/v1/models")
+        statuses.append(resp.status)
+        if resp.status == 429:
+            break
+    assert statuses[-1] == 429
+    assert value(await scrape(url_of(limited)), "relay_requests_refused_total", reason="rate_limit") == 1
