@@ -56,7 +56,9 @@ class BrowserPage:
         return self.page.locator(".msg.assistant").last
 
     async def answer_text(self) -> str:
-        text: str = await self.answer().locator(".content").evaluate("el => el.textContent")
+        """The answer's Markdown source as the page holds it (what it renders; tests of the
+        rendering look at the DOM itself)."""
+        text: str = await self.answer().locator(".content").evaluate("el => el.dataset.source")
         return text
 
     async def wait_until_finished(self, state: str) -> None:

@@ -36,7 +36,7 @@ export function setToken(token) {
   }
 }
 
-function withAuth(headers = {}) {
+export function withAuth(headers = {}) {
   const token = getToken();
   return token ? { ...headers, Authorization: `Bearer ${token}` } : headers;
 }
@@ -67,7 +67,8 @@ export class ChatTurn {
     run.catch((err) => {
       if (this.stopped) return;
       const code = err instanceof RelayError && err.status === 401 ? "unauthorized" : "client";
-      this._finish({ kind: "error", code, message: describe(err) });
+      const param = err instanceof RelayError ? err.param : null;
+      this._finish({ kind: "error", code, param, message: describe(err) });
     });
     return this.result;
   }
@@ -132,7 +133,7 @@ export class ChatTurn {
       body: JSON.stringify(this.body),
       signal: this.mode === "fetch" ? this.abort.signal : undefined,
     });
-    if (!resp.ok) throw new RelayError(await errorMessage(resp), resp.status);
+    if (!resp.ok) throw await relayError(resp);
     return resp;
   }
 
@@ -202,7 +203,7 @@ export class ChatTurn {
       if (resp.status === 204) {
         throw new RelayError("the stream ended while the connection was down");
       }
-      if (!resp.ok) throw new RelayError(await errorMessage(resp), resp.status);
+      if (!resp.ok) throw await relayError(resp);
       failures = 0;
       this.on.resumed();
     }
@@ -233,20 +234,24 @@ export class ChatTurn {
 }
 
 export class RelayError extends Error {
-  constructor(message, status = 0) {
+  /** `param`: the request field the relay named as the problem (e.g. "model"), if any. */
+  constructor(message, status = 0, param = null) {
     super(message);
     this.status = status;
+    this.param = param;
   }
 }
 
-async function errorMessage(resp) {
+async function relayError(resp) {
   try {
     const body = await resp.json();
-    if (body && body.error && body.error.message) return body.error.message;
+    if (body && body.error && body.error.message) {
+      return new RelayError(body.error.message, resp.status, body.error.param || null);
+    }
   } catch {
     // not JSON: fall back to the status line
   }
-  return `the relay answered HTTP ${resp.status} ${resp.statusText}`.trim();
+  return new RelayError(`the relay answered HTTP ${resp.status} ${resp.statusText}`.trim(), resp.status);
 }
 
 function describe(err) {

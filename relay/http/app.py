@@ -109,6 +109,8 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     pool.metrics = metrics = app[METRICS]
     app[UPSTREAMS] = pool
     app[CATALOG] = Catalog.of(pool, default_model=default_model, allowed=config.models, demo=config.demo)
+    if default_model is None:
+        log.info("no default model (--model): every request must name a model, and the page asks its user to pick one")
     store = app[STORE]
     app[REGISTRY] = registry = Registry(config, pool, store, metrics)
     if isinstance(store, RedisStore):

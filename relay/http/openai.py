@@ -151,8 +151,14 @@ def _model(name: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """The models this relay serves (relay/upstream/catalog.py), the default first."""
-    return json_response({"object": "list", "data": [_model(m) for m in await request.app[CATALOG].listed()]})
+    """The models this relay serves (relay/upstream/catalog.py), the default first.
+
+    ``X-Relay-Default-Model`` names the default (empty: every request must name a model), so the
+    page knows whether to ask for one; the body stays OpenAI's shape.
+    """
+    catalog = request.app[CATALOG]
+    return json_response({"object": "list", "data": [_model(m) for m in await catalog.listed()]},
+                         headers={"X-Relay-Default-Model": catalog.default_model or ""})
 
 
 async def get_model(request: web.Request) -> web.Response:
