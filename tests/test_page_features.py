@@ -401,3 +401,24 @@ def test_vendored_libraries_are_listed_with_their_versions_and_licences() -> Non
     assert (Path(__file__).resolve().parent / "vendor" / "LICENSE.axe-core").is_file()
     page = (vendor.parent / "index.html").read_text() + (vendor.parent / "markdown.js").read_text()
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # no CDN
+
+
+async def test_leaving_a_conversation_mid_answer_keeps_that_answer_in_it_and_out_of_the_next(
+        bp: BrowserPage, make_relay: RelayFactory, upstream: FakeUpstream) -> None:
+    never = asyncio.Event()
+    upstream.behaviour = held(["partial ", "never"], [never])
+    relay = await make_relay()
+    await bp.open(str(relay.make_url("/")), "fetch")
+    await bp.ask("first")
+    await bp.wait_for_text("partial ")
+    await bp.page.click("#new-chat")
+    await asyncio.wait_for(upstream.closed.wait(), 10)  # the old generation was stopped
+    await expect(bp.page.locator(".msg")).to_have_count(0)
+    upstream.behaviour = tokens(["second answer"])
+    await ask_and_finish(bp, "second")
+    await expect(bp.page.locator(".msg")).to_have_count(2)
+    assert upstream.requests[-1]["messages"] == [{"role": "user", "content": "second"}]
+    await bp.page.locator("#conversations .conv-open", has_text="first").click()
+    await expect(bp.page.locator(".msg")).to_have_count(2)
+    assert await bp.answer_text() == "partial "
+    await expect(bp.answer().locator(".note")).to_have_text("Stopped")

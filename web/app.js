@@ -237,7 +237,7 @@ $("export").addEventListener("click", () => {
 });
 
 $("new-chat").addEventListener("click", () => {
-  if (current) current.stop();
+  if (current) current.stop();  // its answer is kept in its conversation as far as it got
   current = null;
   convs.startNew();
   showConversation(null);
@@ -387,6 +387,20 @@ function showConversation(conv) {
   conv.messages.forEach((m, i) => showMessage(m, i, conv));
 }
 
+/** Move Edit and Regenerate to the messages they now belong to, leaving the rest of the DOM (and
+ * what the live region has announced) as it is. */
+function refreshActions(conv) {
+  const articles = [...log.querySelectorAll(".msg")];
+  if (articles.length !== conv.messages.length) {
+    showConversation(conv);
+    return;
+  }
+  articles.forEach((article, i) => {
+    article.querySelector(".actions").replaceChildren();
+    addActions(article, conv.messages[i], i, conv);
+  });
+}
+
 /** What is sent: the user's messages and the answers so far (an answer that never began is left out). */
 function payload(conv) {
   return conv.messages.filter((m) => m.role === "user" || m.content)
@@ -412,10 +426,12 @@ form.addEventListener("submit", (e) => {
   }
   prompt.value = "";
   const conv = convs.ensure();
+  if (log.querySelectorAll(".msg").length !== conv.messages.length) showConversation(conv);
   conv.messages.push({ role: "user", content: text });
   convs.touch(conv);
   renderSidebar();
-  showConversation(conv);
+  showMessage(conv.messages[conv.messages.length - 1], conv.messages.length - 1, conv);
+  refreshActions(conv);
   runTurn(conv, text);
 });
 
@@ -430,7 +446,9 @@ function regenerate() {
   if (!last || last.role !== "assistant") return;
   conv.messages.pop();
   convs.touch(conv);
-  showConversation(conv);
+  const articles = log.querySelectorAll(".msg");
+  if (articles.length === conv.messages.length + 1) articles[articles.length - 1].remove();
+  refreshActions(conv);
   const user = [...conv.messages].reverse().find((m) => m.role === "user");
   runTurn(conv, user ? user.content : "");
 }
@@ -559,19 +577,19 @@ function runTurn(conv, userText) {
     clearInterval(ticker);
     if (frame) cancelAnimationFrame(frame);
     repaint();
-    if (current !== turn) return;  // "new chat" or another conversation was chosen meanwhile
-    current = null;
-    setBusy(false);
     const total = performance.now() - t0;
-    article.dataset.state = result.kind;
     let noteText = "";
-    if (result.kind === "done") {
-      const ttft = firstToken === null ? "no tokens" : `first token ${seconds(firstToken - t0)}`;
-      setStatus("done", `Done · ${ttft} · total ${seconds(total)} · ${deltas} tokens`);
-    } else if (result.kind === "stopped") {
-      noteText = "Stopped";
-      setStatus("stopped", `Stopped after ${seconds(total)} · ${deltas} tokens`);
-    } else if (result.param === "model" && !answer) {
+    if (result.kind === "stopped") noteText = "Stopped";
+    else if (result.kind === "error") noteText = `Error: ${result.message}`;
+    const kept = convs.list.includes(conv);  // not deleted meanwhile
+    // The page moved on meanwhile (New, another conversation, a delete): the answer is kept in its
+    // own conversation as far as it got, and the screen is left to what is shown now.
+    const here = current === turn;
+    if (here) {
+      current = null;
+      setBusy(false);
+    }
+    if (here && result.kind === "error" && result.param === "model" && !answer) {
       // No default model and none chosen: ask, and give the message back rather than fail it.
       let i = conv.messages.length - 1;
       while (i >= 0 && conv.messages[i].role !== "user") i -= 1;
@@ -582,19 +600,29 @@ function runTurn(conv, userText) {
       prompt.value = userText;
       askForModel(`${result.message} — pick a model in the model box, then send again`);
       return;
+    }
+    if (kept) {
+      // A stopped or broken answer stays in the conversation as far as it got.
+      conv.messages.push({ role: "assistant", content: answer, reasoning, toolCalls: calls.filter(Boolean),
+                           model: shownModel, demo, state: result.kind, note: noteText });
+      convs.touch(conv);
+    }
+    if (!here) {
+      renderSidebar();
+      return;
+    }
+    article.dataset.state = result.kind;
+    note.textContent = noteText;
+    if (result.kind === "done") {
+      const ttft = firstToken === null ? "no tokens" : `first token ${seconds(firstToken - t0)}`;
+      setStatus("done", `Done · ${ttft} · total ${seconds(total)} · ${deltas} tokens`);
+    } else if (result.kind === "stopped") {
+      setStatus("stopped", `Stopped after ${seconds(total)} · ${deltas} tokens`);
     } else {
-      noteText = `Error: ${result.message}`;
-      setStatus("error", `Error: ${result.message}`);
+      setStatus("error", noteText);
       if (result.code === "unauthorized") showTokenForm("This relay needs an access token.");
     }
-    note.textContent = noteText;
-    // A stopped or broken answer stays in the conversation as far as it got.
-    conv.messages.push({ role: "assistant", content: answer, reasoning, toolCalls: calls.filter(Boolean),
-                         model: shownModel, demo, state: result.kind, note: noteText });
-    convs.touch(conv);
-    const stick = nearBottom();
-    showConversation(conv);
-    if (stick) scrollToEnd();
+    if (kept && convs.currentId === conv.id) refreshActions(conv);
     renderSidebar();
     prompt.focus();
   });
