@@ -334,6 +334,10 @@ class Bench:
                             f"stall{i}", spec["stalled_n"], spec["stalled_dt"], openai=False)))
                     time.sleep(spec["settle"])  # the scenario: stalled readers that have been there a while
                 r = self.measured(f"stalled/{label}", relay.port, "chat", spec["healthy"], relay.pids)
+                # The same streams straight to the upstream, meanwhile: what of the TTFT is the
+                # upstream's own (it, too, holds the stalled streams' connections).
+                r["direct_ttft_ms"] = self.load(f"stalled/{label}/direct", self.upstream.port, "direct",
+                                                spec["healthy"])["ttft_ms"]
             finally:
                 for s in sockets:
                     s.close()
@@ -341,7 +345,8 @@ class Bench:
             r["relay_cpu_per_s"] = round(r["cpu_s"] / r["seconds"], 3) if r["seconds"] else None
             out[label] = r
             print(f"  stalled {label:>14}: {r['ok']}/{r['streams']} ok, ttft p50 {r['ttft_ms']['p50']} ms "
-                  f"p99 {r['ttft_ms']['p99']} ms, {r['seconds']} s, relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
+                  f"p99 {r['ttft_ms']['p99']} ms (direct p50 {r['direct_ttft_ms']['p50']} ms), {r['seconds']} s, "
+                  f"relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
         self.results["stalled"] = out
 
     def redis(self) -> None:
@@ -504,6 +509,11 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             a, b = alone["ttft_ms"][q], beside["ttft_ms"][q]
             row(f"stalled readers: healthy TTFT {q} beside / alone", round(b / a, 2) if a else None, "x",
                 *((1.1, None) if q == "p50" else ()))
+        if "direct_ttft_ms" in alone:
+            added = {k: round(r["ttft_ms"]["p50"] - r["direct_ttft_ms"]["p50"], 2) for k, r in
+                     (("alone", alone), ("beside", beside))}
+            row("stalled readers: relay's added TTFT p50 beside", added["beside"], "ms")
+            row("stalled readers: relay's added TTFT p50 alone", added["alone"], "ms")
         row("stalled readers: healthy run time beside / alone",
             round(beside["seconds"] / alone["seconds"], 2) if alone["seconds"] else None, "x", 1.1)
         row("stalled readers: relay CPU per second beside them", beside["relay_cpu_per_s"], "s/s")

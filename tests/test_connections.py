@@ -83,7 +83,10 @@ async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_
                 await asyncio.sleep(0.2)  # the attacker's pace, not synchronisation
 
         async def until_closed(n: int, reader: asyncio.StreamReader) -> None:
-            assert await reader.read() == b""  # EOF: the relay closed it, with no answer
+            try:
+                assert await reader.read() == b""  # EOF: the relay closed it, with no answer
+            except ConnectionResetError:
+                pass  # closed too: the header line written after the close drew a reset
             closed.add(n)
 
         drip = asyncio.create_task(trickle())

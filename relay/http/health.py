@@ -93,7 +93,9 @@ async def healthz(request: web.Request) -> web.Response:
     count, limit = open_files()
     # How close the process is to its open-file limit: every connection is a descriptor.
     body: dict[str, object] = {"status": "ok", "live_streams": registry.live, "open_files": count,
-                               "open_files_limit": limit}
+                               "open_files_limit": limit,
+                               # Held back because every reader is stalled (backpressure).
+                               "paused_streams": sum(1 for gen in registry.running() if gen.paused)}
     store = registry.store
     if isinstance(store, RedisStore):
         # The shared store's health and cost: reachable now, and round trips per event written.
