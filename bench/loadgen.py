@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 import sys
 import time
 from typing import Any
@@ -166,6 +167,20 @@ class Client(asyncio.Protocol):
             self.fail(f"connection lost after {len(self.body)} bytes ({exc!r})")
 
 
+def shutdown_now(transport: asyncio.BaseTransport) -> None:
+    """FIN now (uvloop's transport socket refuses shutdown: a second socket object on the same fd)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
+        return
+    raw = socket.socket(sock.family, sock.type, 0, sock.fileno())
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        raw.detach()
+
+
 class Run:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.spec = spec
@@ -235,15 +250,31 @@ class Run:
                 await asyncio.sleep(0.05)
         print(json.dumps({"held": sum(1 for c in self.clients if not c.finished)}), flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
-        for client in self.clients:
-            if not client.finished:
-                client.closed_at = time.monotonic()
-                client.check(prefix=True)
-                client.done()
+        # All closed first, checked after: a check between two closes would count the load
+        # generator's own work in every later client's disconnect figure.
+        # The FIN goes out in the close itself (shutdown): transport.close() would send it only
+        # on the loop's next iteration, after this whole loop.
+        leaving = [client for client in self.clients if not client.finished]
+        for client in leaving:
+            client.closed_at = time.monotonic()
+            if client.transport is not None:
+                shutdown_now(client.transport)
+                client.transport.close()
+        for client in leaving:
+            client.check(prefix=True)
+            client.done()
 
     async def upstream_stats(self) -> dict[str, dict[str, float]]:
-        if any(c.closed_at is not None for c in self.clients):
-            await asyncio.sleep(0.1)  # let the last connection closes reach the upstream
+        left = {c.key for c in self.clients if c.closed_at is not None}
+        deadline = time.monotonic() + 10.0
+        while True:
+            result = await self.fetch_stats()
+            # Until every early close has reached the upstream (a burst of a thousand takes a while).
+            if not left or left <= result["closed"].keys() or time.monotonic() > deadline:
+                return result
+            await asyncio.sleep(0.05)
+
+    async def fetch_stats(self) -> dict[str, dict[str, float]]:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.spec["upstream"])
         writer.write(f"GET /_bench/stats?prefix={self.spec['prefix']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         data = await reader.read()

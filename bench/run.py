@@ -59,6 +59,9 @@ FULL: dict[str, Any] = {
     "stalled": dict(stalled=300, stalled_n=6000, stalled_dt=0.005, settle=12.0,
                     healthy=dict(streams=20, n=20, dt=0.05, ramp=0.5)),
     "redis_rate": 5000,
+    # N streams that disconnect together: every one open with its first token, then all closed in
+    # one loop of the load generator (a page reload across a team, a load balancer restart).
+    "burst": [dict(streams=100, n=60, dt=0.02, ramp=0.0), dict(streams=1000, n=30, dt=1.0, ramp=1.0)],
 }
 QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
@@ -78,6 +81,7 @@ QUICK: dict[str, Any] = {
     "stalled": dict(stalled=20, stalled_n=200, stalled_dt=0.005, settle=0.3,
                     healthy=dict(streams=5, n=5, dt=0.02, ramp=0.05)),
     "redis_rate": 400,
+    "burst": [dict(streams=20, n=60, dt=0.02, ramp=0.0)],
 }
 
 
@@ -219,6 +223,31 @@ class Bench:
 
     def disconnect(self) -> None:
         self.results["disconnect"] = self.each_target("disconnect", self.p["disconnect"], ("nginx", "chat", "v1"))
+
+    def burst(self) -> None:
+        """Disconnect → upstream close when N clients leave at once, through nginx and the relay."""
+        out: dict[str, Any] = {}
+        for spec in self.p["burst"]:
+            by: dict[str, Any] = {}
+            for target in ("nginx", "chat", "v1"):
+                if target == "nginx":
+                    if self.nginx_bin is None:
+                        continue
+                    server: Relay | Nginx = Nginx(self.upstream.port, self.nginx_bin)
+                else:
+                    server = self.relay()
+                try:
+                    self.load(f"burst/{target}/warmup", server.port, target, self.p["warmup"])
+                    r = self.load(f"burst/{target}@{spec['streams']}", server.port, target, spec,
+                                  hold=lambda held: None)
+                finally:
+                    server.close()
+                by[target] = {"disconnect_ms": r["disconnect_ms"], "ok": r["ok"], "errors": r["errors"]}
+                d = r["disconnect_ms"]
+                print(f"  burst {spec['streams']:>5} {target:>6}: upstream closed p50 {d['p50']} ms p99 {d['p99']} ms "
+                      f"max {d['max']} ms after the client (n={d['n']})", flush=True)
+            out[str(spec["streams"])] = by
+        self.results["burst"] = out
 
     def silent(self) -> None:
         relay = self.relay()
@@ -488,6 +517,16 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         d = r["disconnect_ms"]
         row(f"disconnect → upstream close p50 {t}", d["p50"], "ms")
         row(f"disconnect → upstream close p99 {t}", d["p99"], "ms", *((5, None) if t != "nginx" else (None, None)))
+    for n, by in res.get("burst", {}).items():
+        ref = by.get("nginx", {}).get("disconnect_ms", {}).get("p50")
+        for t, r in by.items():
+            d = r["disconnect_ms"]
+            row(f"burst of {n} disconnects → upstream close p50 {t}", d["p50"], "ms")
+            if t != "nginx":
+                row(f"burst of {n}: p50 {t} / nginx", round(d["p50"] / ref, 2) if ref and d["p50"] else None,
+                    "x", *((2, None) if n == "100" else ()))
+            row(f"burst of {n} disconnects → upstream close max {t}", d["max"], "ms",
+                *((10, None) if n == "100" and t != "nginx" else ()))
     for t, r in res["rss"].items():
         row(f"RSS per open stream {t} ({r['streams']} streams)", r["kib_per_stream"], "KiB",
             *((32, 20) if t != "nginx" else (None, None)))
@@ -556,7 +595,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "silent", "rss", "concurrency", "failover", "stalled", "redis",
+PHASES = ("cpu", "ttft", "rates", "disconnect", "burst", "silent", "rss", "concurrency", "failover", "stalled", "redis",
           "workers", "metrics")
 
 

@@ -398,7 +398,7 @@ class Generation:
             # Close the upstream connection now rather than when the producer next runs: on a busy
             # loop that is a whole iteration later, and closing is what stops the billing.  (After
             # task.cancel(), so the producer sees its cancellation, not the closed connection.)
-            self._resp.close()
+            self._resp.abort()
 
     # -- the producer --------------------------------------------------------------------
 

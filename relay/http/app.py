@@ -17,7 +17,8 @@ from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, static
 from relay.core.redis_store import RedisStore, open_store
-from relay.http.appkeys import ACCESS, CATALOG, CONFIG, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
+from relay.http.disconnects import Disconnects
 from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
@@ -47,6 +48,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app = web.Application(client_max_size=config.max_body)
     app[CONFIG] = config
     app[METRICS] = make_metrics(config)
+    app[DISCONNECTS] = Disconnects()
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(functools.partial(_upstream_ctx, clock=clock, rng=rng))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from relay.core.registry import Registry
     from relay.core.store import Store
     from relay.http.access import Access
+    from relay.http.disconnects import Disconnects
     from relay.http.guard import Guard
     from relay.http.health import ReadinessProbe
     from relay.http.ratelimit import ClientLimits
@@ -33,3 +34,5 @@ UPSTREAMS: web.AppKey[Pool] = web.AppKey("upstreams")
 STORE: web.AppKey[Store] = web.AppKey("store")
 #: None unless --metrics-listen (or this is a worker whose supervisor serves them).
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
+#: What each streaming handler does when its client's connection is lost (relay/http/disconnects.py).
+DISCONNECTS: web.AppKey[Disconnects] = web.AppKey("disconnects")

@@ -28,7 +28,7 @@ from aiohttp.http import StreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from relay.core.generation import Generation, ResumeExpired, Subscriber
-from relay.http.appkeys import CONFIG, METRICS
+from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS
 from relay.sse import comment
 
 if TYPE_CHECKING:
@@ -216,8 +216,21 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
     """Send the generation's log from the subscriber's position until its end.
 
     False when the position has left the bounded log (``ResumeExpired``).  A client that goes
-    away raises ``ConnectionResetError`` (or ``SlowClient``) out of here.
+    away raises ``ConnectionResetError`` (or ``SlowClient``) out of here; its subscriber leaves
+    the generation already when the connection is lost (relay/http/disconnects.py).
     """
+    request = resp._req
+    watch = request.app.get(DISCONNECTS) if isinstance(request, web.Request) else None
+    if watch is None or request is None:
+        return await _follow(resp, gen, sub)
+    watch.watch(request, lambda: gen.detach(sub))
+    try:
+        return await _follow(resp, gen, sub)
+    finally:
+        watch.unwatch(request)
+
+
+async def _follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
     sent = False
     while True:
         try:

@@ -23,7 +23,7 @@ from aiohttp import web
 from relay.config import Config, is_loopback
 from relay.core.registry import Registry
 from relay.http.app import make_app
-from relay.http.appkeys import ACCESS, METRICS, REGISTRY
+from relay.http.appkeys import ACCESS, DISCONNECTS, METRICS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
 from relay.run import systemd, workers
 from relay.openfiles import open_files, raise_open_files
@@ -59,6 +59,7 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     total = config.max_connections or auto_total(open_limit)
     ConnectionLimits(per_client=config.max_connections_per_client, total=total,
                      exempt=config.trust_proxy, metrics=metrics).install(runner.server)
+    app[DISCONNECTS].install(runner.server)  # last, so it runs first: a stream is left before the rest
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:
         sites.append(web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True))

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,6 +265,40 @@ class UpstreamResponse:
             self._timer.cancel()
             self._timer = None
         self._resp.close()
+
+    def abort(self) -> None:
+        """Close, with the upstream told now: ``transport.close()`` leaves the socket open until the
+        loop's next iteration, which is many milliseconds away when hundreds of clients left at
+        once, and the upstream generates (and bills) until its connection closes."""
+        connection = self._resp.connection
+        transport = connection.transport if connection is not None else None
+        if transport is not None:
+            shutdown_now(transport)
+        self.close()
+
+
+def shutdown_now(transport: asyncio.BaseTransport) -> None:
+    """Send the peer our FIN at once (``shutdown``), whatever the transport does with the socket later.
+
+    The transport's own socket object may refuse ``shutdown`` (uvloop's does), so a second Python
+    socket object is made on the same descriptor and detached again, never closed.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        raw = socket.socket(sock.family, sock.type, 0, fd)
+    except (OSError, ValueError, AttributeError):
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+    finally:
+        raw.detach()
 
 
 class UpstreamClient:

@@ -174,6 +174,11 @@ class PooledResponse:
                 self._pool.failed(self._route, exc)
                 self._resp = await self._pool.next_stream(self._route, exc)
 
+    def abort(self) -> None:
+        """Close, telling the upstream at once (a cancel: relay/upstream/client.py)."""
+        self._resp.abort()
+        self.close()
+
     def close(self) -> None:
         """Close the connection (a cancel and the producer's own end may both call this)."""
         self._resp.close()
