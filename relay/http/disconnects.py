@@ -41,9 +41,6 @@ class Disconnects:
     def unwatch(self, request: web.BaseRequest) -> None:
         self._on_lost.pop(request.protocol, None)
 
-    def __len__(self) -> int:
-        return len(self._on_lost)
-
     def install(self, server: web.Server) -> None:
         """Run the callbacks from ``server``'s connection hook, before aiohttp cancels the handler."""
         lost = server.connection_lost
