@@ -220,8 +220,7 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
     the generation already when the connection is lost (relay/http/disconnects.py).
     """
     request = resp._req
-    watch = request.app.get(DISCONNECTS) if isinstance(request, web.Request) else None
-    if watch is None or request is None:
+    if not isinstance(request, web.Request) or (watch := request.app.get(DISCONNECTS)) is None:
         return await _follow(resp, gen, sub)
     watch.watch(request, lambda: gen.detach(sub))
     try:

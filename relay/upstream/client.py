@@ -266,15 +266,14 @@ class UpstreamResponse:
             self._timer = None
         self._resp.close()
 
-    def abort(self) -> None:
-        """Close, with the upstream told now: ``transport.close()`` leaves the socket open until the
-        loop's next iteration, which is many milliseconds away when hundreds of clients left at
-        once, and the upstream generates (and bills) until its connection closes."""
+    def shutdown(self) -> None:
+        """Tell the upstream now, before ``close()``: ``transport.close()`` leaves the socket open
+        until the loop's next iteration, which is many milliseconds away when hundreds of clients
+        left at once, and the upstream generates (and bills) until its connection closes."""
         connection = self._resp.connection
         transport = connection.transport if connection is not None else None
         if transport is not None:
             shutdown_now(transport)
-        self.close()
 
 
 def shutdown_now(transport: asyncio.BaseTransport) -> None:

@@ -176,7 +176,7 @@ class PooledResponse:
 
     def abort(self) -> None:
         """Close, telling the upstream at once (a cancel: relay/upstream/client.py)."""
-        self._resp.abort()
+        self._resp.shutdown()
         self.close()
 
     def close(self) -> None:
