@@ -13,7 +13,13 @@ c, c uniform in the range), silent (the upstream answers nothing; close after th
 event), measure_from (only tokens due this many seconds after the
 first start count in the delay figures), ttft_from (likewise for the streams whose time to first
 token counts), hold (once every stream has its first token, print ``{"held": N}`` and wait for a line
-on stdin before closing them all), timeout.
+on stdin before closing them all), upstream_close (the fake upstream closes each connection after
+its answer), timeout.
+
+With ``soak`` (seconds), ``streams`` is the number kept open: each stream that ends is checked,
+counted and dropped, and a new one takes its place until ``soak`` seconds have passed (or
+``total`` streams have started); every ``report_every`` seconds a line ``{"progress": ...}`` goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -160,7 +166,7 @@ class Client(asyncio.Protocol):
         self.finished = True
         if self.transport is not None:
             self.transport.close()
-        self.run.finished_one()
+        self.run.finished_one(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.finished:
@@ -192,14 +198,15 @@ class Run:
         self.all_done = asyncio.get_running_loop().create_future()
         self.first_tokens = 0
 
-    def finished_one(self) -> None:
+    def finished_one(self, client: Client) -> None:
         self.left -= 1
         if self.left == 0 and not self.all_done.done():
             self.all_done.set_result(None)
 
     def request(self, key: str) -> bytes:
         spec = self.spec
-        body = wire.request_body(key, self.n, self.dt, openai=self.kind == "openai", silent=spec.get("silent", False))
+        body = wire.request_body(key, self.n, self.dt, openai=self.kind == "openai", silent=spec.get("silent", False),
+                                 close=spec.get("upstream_close", False))
         return (f"POST {spec['path']} HTTP/1.1\r\nHost: 127.0.0.1:{spec['port']}\r\n"
                 f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -316,8 +323,90 @@ class Run:
         }
 
 
+class Soak(Run):
+    """Streams kept at ``streams`` open for ``soak`` seconds, each replaced when it ends."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        self.began = 0.0
+        self.until = 0.0
+        self.total = spec.get("total")
+        self.started = 0
+        self.ok = 0
+        self.errors: list[str] = []
+        self.error_count = 0
+        self.events = 0
+        self.ttft: list[float] = []
+        self.connecting: set[asyncio.Future[None]] = set()
+        self.live: set[Client] = set()
+        self.no_more = False
+
+    def start_one(self) -> None:
+        client = Client(self, f"{self.spec['prefix']}{self.started}", b"", None)
+        client.request = self.request(client.key)
+        self.started += 1
+        self.live.add(client)
+        task = asyncio.ensure_future(self.connect(client))
+        self.connecting.add(task)
+        task.add_done_callback(self.connecting.discard)
+
+    def more(self) -> bool:
+        if self.no_more or time.monotonic() >= self.until or (self.total is not None and self.started >= self.total):
+            self.no_more = True
+        return not self.no_more
+
+    def finished_one(self, client: Client) -> None:
+        self.live.discard(client)
+        tokens = min(len(client.times) - 1, self.n)  # the first event is the start, the last the end
+        self.events += max(tokens, 0)
+        if tokens >= 1:
+            self.ttft.append(client.times[1] - client.start)
+        if client.error is None:
+            self.ok += 1
+        else:
+            self.error_count += 1
+            if len(self.errors) < 5:
+                self.errors.append(f"{client.key}: {client.error}")
+        if self.more():
+            self.start_one()
+        elif not self.live and not self.all_done.done():
+            self.all_done.set_result(None)
+
+    async def go(self) -> dict[str, Any]:
+        spec = self.spec
+        streams, ramp = spec["streams"], spec.get("ramp", 0.0)
+        self.began = time.monotonic()
+        self.until = self.began + spec["soak"]
+        for i in range(streams):
+            delay = self.began + ramp * i / streams - time.monotonic()
+            if delay > 0.002:
+                await asyncio.sleep(delay)
+            if not self.more():
+                break
+            self.start_one()
+        if not self.live and not self.all_done.done():
+            self.all_done.set_result(None)
+        every = spec.get("report_every", 10.0)
+        while not self.all_done.done():
+            await asyncio.wait([self.all_done], timeout=every)
+            print(json.dumps({"progress": {"t": round(time.monotonic() - self.began, 1), "started": self.started,
+                                           "open": len(self.live), "ok": self.ok, "errors": self.error_count}}),
+                  file=sys.stderr, flush=True)
+            if time.monotonic() > self.until + spec.get("timeout", 120):
+                self.no_more = True
+                for client in list(self.live):
+                    client.fail(f"timed out after {len(client.times)} events")
+        ended = time.monotonic()
+        if self.connecting:
+            await asyncio.gather(*self.connecting)
+        ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
+        return {"streams": self.started, "ok": self.ok, "errors": self.error_count, "error_samples": self.errors,
+                "events": self.events, "seconds": round(ended - self.began, 3),
+                "ttft_ms": {"p50": ms(pct(self.ttft, 50)), "p99": ms(pct(self.ttft, 99)), "n": len(self.ttft)}}
+
+
 async def main_async(spec: dict[str, Any]) -> None:
-    result = await Run(spec).go()
+    result = await (Soak(spec) if "soak" in spec else Run(spec)).go()
     print(json.dumps(result), flush=True)
 
 

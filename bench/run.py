@@ -62,6 +62,9 @@ FULL: dict[str, Any] = {
     # N streams that disconnect together: every one open with its first token, then all closed in
     # one loop of the load generator (a page reload across a team, a load balancer restart).
     "burst": [dict(streams=100, n=60, dt=0.02, ramp=0.0), dict(streams=1000, n=30, dt=1.0, ramp=1.0)],
+    # 8,000 streams open at 1 token/s for --soak-minutes, each replaced when it ends; the starts are
+    # spread over one stream's length so that the replacements are too.  Sampled every 10 s.
+    "soak": dict(streams=8000, n=20, dt=1.0, ramp=20.0, minutes=10.0, every=10.0),
 }
 QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
@@ -82,6 +85,9 @@ QUICK: dict[str, Any] = {
                     healthy=dict(streams=5, n=5, dt=0.02, ramp=0.05)),
     "redis_rate": 400,
     "burst": [dict(streams=20, n=60, dt=0.02, ramp=0.0)],
+    # 500 streams, 50 at a time; the fake upstream closes each connection after its answer, so that
+    # no idle pooled socket is left to wait out before open files are back to the baseline.
+    "soak": dict(streams=50, n=10, dt=0.05, ramp=0.5, minutes=1.0, total=500, every=0.2, upstream_close=True),
 }
 
 
@@ -103,8 +109,9 @@ class Bench:
                      extra=extra, workers=workers)
 
     def load(self, name: str, port: int, target: str, spec: dict[str, Any], *,
-             hold: Any = None) -> dict[str, Any]:
-        """One load-generator run against ``port``; ``hold(held)`` runs while every stream is open."""
+             hold: Any = None, watch: tuple[float, Any] | None = None) -> dict[str, Any]:
+        """One load-generator run against ``port``; ``hold(held)`` runs while every stream is open;
+        ``watch = (seconds, f)``: ``f()`` runs every that many seconds while the run lasts."""
         self.runs += 1
         path, kind = TARGETS[target]
         full = {"host": "127.0.0.1", "port": port, "path": path, "kind": kind, "upstream": self.upstream.port,
@@ -117,6 +124,14 @@ class Bench:
             hold(json.loads(line)["held"])
             proc.stdin.write("go\n")
             proc.stdin.flush()
+        if watch is not None:
+            every, f = watch
+            while True:
+                try:
+                    proc.wait(timeout=every)
+                    break
+                except subprocess.TimeoutExpired:
+                    f()
         out, _ = proc.communicate(timeout=300)
         if proc.returncode != 0 or not out.strip():
             raise RuntimeError(f"load generator failed ({name}): exit {proc.returncode}")
@@ -248,6 +263,66 @@ class Bench:
                       f"max {d['max']} ms after the client (n={d['n']})", flush=True)
             out[str(spec["streams"])] = by
         self.results["burst"] = out
+
+    def soak(self) -> None:
+        """Streams held open for minutes, each replaced when it ends: the relay's RSS, open files and
+        tasks sampled meanwhile (flat after warm-up?), every stream byte-exact, and open files and
+        tasks back to the baseline once it is over."""
+        spec = dict(self.p["soak"])
+        minutes = spec.pop("minutes") if self.args.soak_minutes is None else self.args.soak_minutes
+        every = spec.pop("every")
+        spec["soak"] = minutes * 60
+        spec["report_every"] = every
+        relay = self.relay()
+        pid = relay.pids[0]
+        began = time.monotonic()
+
+        def sample() -> dict[str, Any]:
+            h = relay.health()
+            return {"t": round(time.monotonic() - began, 1), "rss_kib": rss_kib(pid), "open_files": h["open_files"],
+                    "tasks": h["tasks"], "live_streams": h["live_streams"], "kept_streams": h["kept_streams"]}
+
+        def settle(to: dict[str, Any], timeout: float) -> dict[str, Any]:
+            """Until open files and tasks are down to ``to``'s (idle pooled upstream connections
+            close after aiohttp's 15 s keep-alive), or ``timeout``."""
+            deadline = time.monotonic() + timeout
+            while True:
+                now = sample()
+                if (now["open_files"] <= to["open_files"] and now["tasks"] <= to["tasks"]) or \
+                        time.monotonic() > deadline:
+                    return now
+                time.sleep(0.1)
+
+        samples: list[dict[str, Any]] = []
+        try:
+            fresh = sample()
+            warm = dict(self.p["warmup"], upstream_close=spec.get("upstream_close", False))
+            self.load("soak/warmup", relay.port, "chat", warm)
+            # Idle pooled upstream connections close within aiohttp's 15 s; with upstream_close
+            # there are none, and anything left after a few seconds is left for good.
+            wait = 5.0 if spec.get("upstream_close") else 60.0
+            baseline = settle(fresh, wait)
+            print(f"  soak: {spec['streams']} streams for {minutes:g} min; baseline {baseline}", flush=True)
+            r = self.load("soak/chat", relay.port, "chat", spec,
+                          watch=(every, lambda: samples.append(sample())))
+            after = settle(baseline, wait)
+        finally:
+            relay.close()
+        # Flat after warm-up: of the samples with every stream open (not the ramp, not the drain at
+        # the end), the second half against itself (its first samples, its last ones).
+        full = [x for x in samples if x["live_streams"] >= 0.9 * spec["streams"]]
+        half = [x for x in full if x["t"] >= (full[0]["t"] + full[-1]["t"]) / 2] if full else []
+        growth: dict[str, Any] = {}
+        if len(half) >= 6:
+            for key in ("rss_kib", "open_files", "tasks"):
+                first = sorted(x[key] for x in half[:3])[1]
+                last = sorted(x[key] for x in half[-3:])[1]
+                growth[key] = {"first": first, "last": last, "pct": round((last - first) / first * 100, 2)}
+        self.results["soak"] = {"chat": {**r, "minutes": minutes, "baseline": baseline, "after": after,
+                                         "samples": samples, "second_half_growth": growth}}
+        print(f"  soak   chat: {r['ok']}/{r['streams']} ok over {r['seconds']} s; second half {growth}; "
+              f"after: open files {after['open_files']} (baseline {baseline['open_files']}), tasks {after['tasks']} "
+              f"(baseline {baseline['tasks']}), rss {after['rss_kib']} KiB", flush=True)
 
     def silent(self) -> None:
         relay = self.relay()
@@ -527,6 +602,15 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
                     "x", *((2, None) if n == "100" else ()))
             row(f"burst of {n} disconnects → upstream close max {t}", d["max"], "ms",
                 *((10, None) if n == "100" and t != "nginx" else ()))
+    if "soak" in res:
+        s = res["soak"]["chat"]
+        for key, label in (("rss_kib", "RSS"), ("open_files", "open files"), ("tasks", "tasks")):
+            g = s["second_half_growth"].get(key)
+            row(f"soak: {label} growth over the second half", g["pct"] if g else None, "%", *((2, None) if g else ()))
+        for key in ("open_files", "tasks"):
+            row(f"soak: {key.replace('_', ' ')} after / baseline",
+                f"{s['after'][key]}/{s['baseline'][key]}", "")
+        row("soak: streams byte-exact", f"{s['ok']}/{s['streams']}", "")
     for t, r in res["rss"].items():
         row(f"RSS per open stream {t} ({r['streams']} streams)", r["kib_per_stream"], "KiB",
             *((32, 20) if t != "nginx" else (None, None)))
@@ -595,7 +679,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "burst", "silent", "rss", "concurrency", "failover", "stalled", "redis",
+PHASES = ("cpu", "ttft", "rates", "disconnect", "burst", "silent", "rss", "soak", "concurrency", "failover", "stalled", "redis",
           "workers", "metrics")
 
 
@@ -609,6 +693,9 @@ def main(argv: list[str] | None = None) -> int:
                         "git archive REV relay | tar -x -C DIR)")
     parser.add_argument("--workers-max", type=int, default=max(2, os.cpu_count() or 2),
                         help="the --workers N compared with --workers 1 (default: the cores, at least 2)")
+    parser.add_argument("--soak-minutes", type=float, default=None,
+                        help="how long the soak phase holds its streams (default: 10 full, 1 quick, capped at 500 "
+                        "streams)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is installed")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")

@@ -24,6 +24,7 @@ from bench.procs import raise_nofile, use_fast_loop
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         b"x-request-id: req-bench\r\nTransfer-Encoding: chunked\r\n\r\n")
+CLOSING_HEAD = HEAD[:-2] + b"Connection: close\r\n\r\n"
 
 
 def chunked(data: bytes) -> bytes:
@@ -40,10 +41,10 @@ class Stats:
 class Answer:
     """One streamed answer on one connection, driven by call_at timers."""
 
-    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "i", "handle", "done")
+    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "close", "i", "handle", "done")
 
-    def __init__(self, conn: Conn, key: str, n: int, dt: float, usage: bool) -> None:
-        self.conn, self.key, self.n, self.dt, self.usage = conn, key, n, dt, usage
+    def __init__(self, conn: Conn, key: str, n: int, dt: float, usage: bool, close: bool = False) -> None:
+        self.conn, self.key, self.n, self.dt, self.usage, self.close = conn, key, n, dt, usage, close
         self.t0 = time.monotonic()
         self.chunks = wire.Chunks(key)
         self.i = 0
@@ -51,7 +52,7 @@ class Answer:
         self.done = False
 
     def begin(self) -> None:
-        self.conn.transport.write(HEAD + chunked(self.chunks.role()))
+        self.conn.transport.write((CLOSING_HEAD if self.close else HEAD) + chunked(self.chunks.role()))
         self.tick()
 
     def tick(self) -> None:
@@ -69,7 +70,10 @@ class Answer:
             out += chunked(wire.DONE) + b"0\r\n\r\n"
             self.conn.transport.write(out)
             self.done = True
-            self.conn.answer_done()
+            if self.close:
+                self.conn.transport.close()
+            else:
+                self.conn.answer_done()
             return
         self.conn.transport.write(out)
         loop = self.conn.loop
@@ -125,7 +129,7 @@ class Conn(asyncio.Protocol):
                 self.silent_key = key
                 return
             usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            self.answer = Answer(self, key, int(params["n"]), float(params["dt"]), usage)
+            self.answer = Answer(self, key, int(params["n"]), float(params["dt"]), usage, params.get("close") == "1")
             self.stats.t0[key] = self.answer.t0
             self.answer.begin()
         elif method == "GET" and url.path == "/_bench/stats":

@@ -28,7 +28,7 @@ FIGURES = (
     "RSS per open stream chat", "RSS per open stream v1", "most concurrent streams",
     "first byte while upstream silent p50", "failover added TTFT p50", "stalled readers: healthy TTFT p50",
     "redis store: added TTFT p50", "redis store: round trips per relayed event", "--workers 1: sustained",
-    "--workers 2: sustained",
+    "--workers 2: sustained", "soak: streams byte-exact", "soak: tasks after / baseline",
 )
 
 

@@ -44,6 +44,11 @@ class Registry:
     def live(self) -> int:
         return len(self._live)
 
+    @property
+    def kept(self) -> int:
+        """Finished generations still kept for resume."""
+        return len(self._kept)
+
     def __len__(self) -> int:
         """Generations that can be found by id (running or kept)."""
         return len(self._by_id)

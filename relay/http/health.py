@@ -95,7 +95,11 @@ async def healthz(request: web.Request) -> web.Response:
     body: dict[str, object] = {"status": "ok", "live_streams": registry.live, "open_files": count,
                                "open_files_limit": limit,
                                # Held back because every reader is stalled (backpressure).
-                               "paused_streams": sum(1 for gen in registry.running() if gen.paused)}
+                               "paused_streams": sum(1 for gen in registry.running() if gen.paused),
+                               # Finished /chat streams kept for resume (--stream-ttl, --retention-bytes).
+                               "kept_streams": registry.kept,
+                               # Every task of the loop: one that grows with no load leaks.
+                               "tasks": len(asyncio.all_tasks())}
     store = registry.store
     if isinstance(store, RedisStore):
         # The shared store's health and cost: reachable now, and round trips per event written.

@@ -1,0 +1,44 @@
+"""A short soak (the benchmark's soak phase, quick): 500 streams through a relay process, 50 at a
+time, each replaced when it ends.  Every stream must be byte-exact, and once they are over the
+relay's open files and tasks must be back to the baseline taken before them: a descriptor or a
+task left behind per stream shows here as hundreds.  No memory threshold: RSS is the full soak's
+figure (bench/RESULTS.md), not a test's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_soak_of_500_streams_is_byte_exact_and_leaves_no_descriptor_or_task_behind(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--only", "soak", "--no-nginx",
+                             "--out", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the soak took over 120 s:\n{out[-3000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    report = json.loads((tmp_path / "latest.json").read_text())
+    soak = report["results"]["soak"]["chat"]
+    assert soak["streams"] == 500 and soak["ok"] == 500 and soak["errors"] == 0, soak["error_samples"]
+    assert soak["events"] == 500 * 10
+    # It was a soak: the samples saw 50 streams open at once, and the tasks and files they cost.
+    assert max(s["live_streams"] for s in soak["samples"]) == 50
+    base, after = soak["baseline"], soak["after"]
+    assert max(s["open_files"] for s in soak["samples"]) >= base["open_files"] + 50
+    assert max(s["tasks"] for s in soak["samples"]) >= base["tasks"] + 50
+    assert after["open_files"] <= base["open_files"], (base, after)
+    assert after["tasks"] <= base["tasks"], (base, after)
+    assert after["live_streams"] == 0
