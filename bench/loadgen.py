@@ -364,6 +364,8 @@ class Soak(Run):
         if client.error is None:
             self.ok += 1
         else:
+            if client.error.startswith("connect:"):
+                self.no_more = True  # the server is gone or refusing: no point replacing anything
             self.error_count += 1
             if len(self.errors) < 5:
                 self.errors.append(f"{client.key}: {client.error}")

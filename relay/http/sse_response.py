@@ -11,8 +11,9 @@ abort of a stalled transport.  Two things it does differently from what we need:
 2. A stalled client must not grow memory: bytes queued for it never pass ``send_buffer``;
    when the client takes nothing for ``send_timeout`` the connection is aborted.
 
-The keepalive is written from the ping task, but never while a send is under way, so it
-can never land inside an event.
+The keepalive is written by the loop's one keepalive schedule (relay/http/keepalive.py), not
+by a ping task per response, and never while a send is under way, so it can never land inside
+an event.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from aiohttp_sse import EventSourceResponse
 
 from relay.core.generation import Generation, ResumeExpired, Subscriber
 from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS
+from relay.http.keepalive import Entry, Keepalives
 from relay.sse import comment
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ class EventStream(EventSourceResponse):
         self._loop = asyncio.get_running_loop()
         self._last_write = 0.0
         self._sending = False
+        self._keepalive: Entry | None = None
         #: The most bytes this response ever had queued in the transport (for the slow-client log).
         self.peak_queued = 0
         # The library's default separator is CRLF; plain LF is what every decoder handles best
@@ -70,8 +73,15 @@ class EventStream(EventSourceResponse):
         self._sep = "\n"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return await super().prepare(request)
         self._last_write = self._loop.time()
-        writer = await super().prepare(request)
+        # EventSourceResponse.prepare, but for its ping task: the library's TCP_USER_TIMEOUT (pinned
+        # by tests/test_keepalive.py), the headers, chunked encoding; the keepalive is scheduled.
+        self._set_tcp_user_timeout(request)
+        writer = await web.StreamResponse.prepare(self, request)
+        self.enable_chunked_encoding()
+        self._keepalive = Keepalives.of(self._loop).add(self, self._last_write + self._ping_interval)
         transport = request.transport
         if transport is not None:
             # Above the mark the protocol pauses; drain() waits until it is resumed (a quarter of it).
@@ -183,26 +193,49 @@ class EventStream(EventSourceResponse):
             self.metrics.cut.labels("send_timeout").inc()
         return SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued")
 
-    async def _ping(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            delay = self._last_write + self._ping_interval - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            self._last_write = loop.time()
-            transport = self._req.transport if self._req is not None else None
-            if transport is None or transport.is_closing():
-                return
-            if self._sending or transport.get_write_buffer_size():
-                # Bytes are still on their way (or the client is not reading): not silence.
-                continue
-            try:
-                await self.write(KEEPALIVE)
-            except (ConnectionResetError, RuntimeError):
-                return
-            if self.metrics is not None:
-                self.metrics.keepalives.inc()
+    def keepalive_due(self, now: float) -> float | None:
+        """The keepalive schedule's call: write the keepalive after ``keepalive`` seconds of
+        silence; when it is next due, or None once the stream is over."""
+        transport = self._req.transport if self._req is not None else None
+        if self._keepalive is None or self._eof_sent or transport is None or transport.is_closing():
+            return None
+        due = self._last_write + self._ping_interval
+        if due > now:
+            return due  # written to since: due later
+        self._last_write = now
+        if self._sending or transport.get_write_buffer_size():
+            # Bytes are still on their way (or the client is not reading): not silence.
+            return now + self._ping_interval
+        try:
+            sent = self.try_send(KEEPALIVE)
+        except ConnectionResetError:
+            return None
+        if sent and self.metrics is not None:
+            self.metrics.keepalives.inc()
+        return now + self._ping_interval
+
+    def stop_streaming(self) -> None:
+        """No more keepalives (the handler is ending the response)."""
+        if not self.prepared:
+            raise RuntimeError("Response is not started")
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+
+    async def wait(self) -> None:
+        """Nothing to wait for: there is no ping task (aiohttp-sse's wait() awaited it)."""
+        if not self.prepared:
+            raise RuntimeError("Response is not started")
+
+    def is_connected(self) -> bool:
+        transport = self._req.transport if self._req is not None else None
+        return self._keepalive is not None and transport is not None and not transport.is_closing()
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
+        await super().write_eof(data)
 
 
 def event_stream(request: web.Request, headers: Mapping[str, str] | None = None) -> EventStream:
