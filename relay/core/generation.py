@@ -463,6 +463,9 @@ class Generation:
                             # Something of this answer is out: no other upstream may take over now.
                             resp.commit()
                             committed = True
+                # Not held through the next read: the batch's parsed JSON was 2.4 KiB per idle
+                # stream (tracemalloc, bench/RESULTS.md "Hot path").
+                del chunk, chunks
                 self._publish()
                 if self._stalled():
                     await self._wait_for_a_reader(resp)
