@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 import math
 from typing import Final, Protocol
+
+log = logging.getLogger("relay.keepalive")
 
 #: Entries due within this many seconds of each other are served by one timer callback.
 COALESCE: Final = 0.01
@@ -94,7 +97,11 @@ class Keepalives:
         while heap and heap[0].due <= now:
             entry = heap[0]
             stream = entry.stream
-            due = None if stream is None else stream.keepalive_due(now)
+            try:
+                due = None if stream is None else stream.keepalive_due(now)
+            except Exception:  # one stream's fault must not stop every stream's keepalives
+                log.exception("keepalive: a stream failed; it gets no more keepalives")
+                due = None
             if due is None:
                 heapq.heappop(heap)
                 entry.stream = None
