@@ -148,6 +148,9 @@ async def test_two_workers_serve_and_a_resume_lands_on_either_one(
         resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
         got = await head(resp, 3)
         producer = resp.headers["Relay-Worker"]
+        # The other worker finds the stream in Redis, which the writer reaches a round trip after
+        # the client has the events (a resume sooner than that would be a 404 there).
+        await in_redis(redis.url, got[2].id)
         seen: dict[str, list[str]] = {}
         for _ in range(60):  # bounded: new connections until both workers have answered a resume
             async with aiohttp.ClientSession() as fresh:
