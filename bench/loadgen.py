@@ -211,6 +211,17 @@ class Run:
                 f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
+    def new_client(self, key: str, close_at: int | None) -> Client:
+        client = Client(self, key, b"", close_at)
+        client.request = self.request(key)
+        return client
+
+    async def until_due(self, began: float, i: int, streams: int, ramp: float) -> None:
+        """Until the i-th of ``streams`` starts spread over ``ramp`` seconds from ``began`` is due."""
+        delay = began + ramp * i / streams - time.monotonic()
+        if delay > 0.002:
+            await asyncio.sleep(delay)
+
     async def connect(self, client: Client) -> None:
         loop = asyncio.get_running_loop()
         client.start = time.monotonic()
@@ -228,13 +239,9 @@ class Run:
         tasks = []
         began = time.monotonic()
         for i in range(streams):
-            due = began + ramp * i / streams
-            delay = due - time.monotonic()
-            if delay > 0.002:
-                await asyncio.sleep(delay)
+            await self.until_due(began, i, streams, ramp)
             close_at = 0 - 1 if silent else (rng.randint(*lo_hi) if lo_hi else None)
-            client = Client(self, f"{spec['prefix']}{i}", b"", close_at)
-            client.request = self.request(client.key)
+            client = self.new_client(f"{spec['prefix']}{i}", close_at)
             self.clients.append(client)
             tasks.append(asyncio.ensure_future(self.connect(client)))
         if spec.get("hold"):
@@ -342,8 +349,7 @@ class Soak(Run):
         self.no_more = False
 
     def start_one(self) -> None:
-        client = Client(self, f"{self.spec['prefix']}{self.started}", b"", None)
-        client.request = self.request(client.key)
+        client = self.new_client(f"{self.spec['prefix']}{self.started}", None)
         self.started += 1
         self.live.add(client)
         task = asyncio.ensure_future(self.connect(client))
@@ -380,9 +386,7 @@ class Soak(Run):
         self.began = time.monotonic()
         self.until = self.began + spec["soak"]
         for i in range(streams):
-            delay = self.began + ramp * i / streams - time.monotonic()
-            if delay > 0.002:
-                await asyncio.sleep(delay)
+            await self.until_due(self.began, i, streams, ramp)
             if not self.more():
                 break
             self.start_one()

@@ -282,13 +282,13 @@ class Bench:
         began = time.monotonic()
 
         def sample() -> dict[str, Any]:
+            now = {"t": round(time.monotonic() - began, 1), "rss_kib": rss_kib(pid)}
+            keys = ("open_files", "tasks", "live_streams", "kept_streams")
             try:
                 h = relay.health()
             except OSError as exc:  # a relay too busy to answer in 5 s: recorded, not fatal
-                return {"t": round(time.monotonic() - began, 1), "rss_kib": rss_kib(pid), "open_files": None,
-                        "tasks": None, "live_streams": 0, "kept_streams": None, "health": repr(exc)}
-            return {"t": round(time.monotonic() - began, 1), "rss_kib": rss_kib(pid), "open_files": h["open_files"],
-                    "tasks": h["tasks"], "live_streams": h["live_streams"], "kept_streams": h["kept_streams"]}
+                return {**now, **dict.fromkeys(keys), "live_streams": 0, "health": repr(exc)}
+            return {**now, **{key: h[key] for key in keys}}
 
         def settle(to: dict[str, Any], timeout: float) -> dict[str, Any]:
             """Until open files and tasks are down to ``to``'s (idle pooled upstream connections

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from conftest import TEST_KEY, FakeUpstream, chunk, sse
@@ -189,3 +191,22 @@ def first_delta_then_wait(gates: dict[str, asyncio.Event], *, seen: list[str] | 
         await fake.send(resp, sse("[DONE]"))
         return resp
     return run
+
+
+def run_bench(*args: str, out: Path, timeout: float) -> dict[str, Any]:
+    """``python -m bench.run ARGS --out OUT``, which must succeed within ``timeout``; its report.
+
+    Its own session: on a timeout the whole group goes (the bench's relays, nginx, redis-server
+    hold the pipes; killing the leader alone would leave communicate() waiting on them).
+    """
+    proc = subprocess.Popen([sys.executable, "-m", "bench.run", *args, "--out", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"bench.run {' '.join(args)} took over {timeout:g} s:\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    report: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return report

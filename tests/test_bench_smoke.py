@@ -6,20 +6,13 @@ works (processes start, streams are checked, the JSON has every figure).
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import require
+from procs import run_bench
 from bench.procs import nginx_binary
 
-REPO = Path(__file__).resolve().parent.parent
 
 FIGURES = (
     "relay chat CPU per event", "relay v1 CPU per event", "relay chat sustained events/s",
@@ -35,18 +28,7 @@ FIGURES = (
 def test_the_quick_benchmark_produces_every_figure_with_every_stream_checked(tmp_path: Path) -> None:
     require(nginx_binary() is not None, "nginx is not installed")
     require(shutil.which("redis-server") is not None, "redis-server is not installed (the redis and workers phases)")
-    # Its own session: on a timeout the whole group goes (the bench's relays, nginx, redis-server
-    # hold the pipes; killing the leader alone would leave communicate() waiting on them).
-    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--workers-max", "2", "--out", str(tmp_path)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the quick benchmark took over 240 s:\n{out[-3000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    report = json.loads((tmp_path / "latest.json").read_text())
+    report = run_bench("--quick", "--workers-max", "2", out=tmp_path, timeout=240)
     assert report["content_ok"] is True
     assert report["checks"] and all(c["errors"] == 0 and c["ok"] == c["streams"] for c in report["checks"])
     names = [row["figure"] for row in report["figures"]]

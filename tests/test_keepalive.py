@@ -11,9 +11,7 @@ import collections
 import socket
 from typing import Any
 
-from aiohttp import web
-
-from conftest import FakeUpstream, SSEClient, chunk, sse, wait_for
+from conftest import FakeUpstream, SSEClient, paused, wait_for
 from relay.http.appkeys import CONFIG
 from relay.http.keepalive import Keepalives
 
@@ -79,14 +77,7 @@ async def test_an_open_stream_costs_no_task_of_its_own_for_keepalives(make_relay
                                                                       upstream: FakeUpstream) -> None:
     """20 streams open and silent, each past its keepalive interval: none has a ping task (the
     tasks are aiohttp's connection and request tasks and the generation's)."""
-    async def silent(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
-        resp = await fake.start_stream(request)
-        await fake.send(resp, sse(chunk("", role="assistant")))
-        await fake.release.wait()
-        await fake.send(resp, sse(chunk("end", finish_reason="stop")))
-        await fake.send(resp, sse("[DONE]"))
-        return resp
-    upstream.behaviour = silent
+    upstream.behaviour = paused("", "end")
     relay = await make_relay(keepalive=0.05)
     warm = SSEClient(await relay.post("/chat", json={"messages": [{"role": "user", "content": "hi"}]}))
     upstream.release.set()

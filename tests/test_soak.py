@@ -7,30 +7,13 @@ figure (bench/RESULTS.md), not a test's.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from procs import run_bench
 
 
 def test_a_soak_of_500_streams_is_byte_exact_and_leaves_no_descriptor_or_task_behind(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "bench.run", "--quick", "--only", "soak", "--no-nginx",
-                             "--out", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the soak took over 120 s:\n{out[-3000:]}\n{err[-3000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    report = json.loads((tmp_path / "latest.json").read_text())
+    report = run_bench("--quick", "--only", "soak", "--no-nginx", out=tmp_path, timeout=120)
     soak = report["results"]["soak"]["chat"]
     assert soak["streams"] == 500 and soak["ok"] == 500 and soak["errors"] == 0, soak["error_samples"]
     assert soak["events"] == 500 * 10

@@ -79,10 +79,11 @@ class Keepalives:
         self._arm()
         return entry
 
-    def _arm(self) -> None:
+    def _arm(self, earliest: float = 0.0) -> None:
+        """The timer at the head's time (not before ``earliest``), unless it is set sooner already."""
         if not self._heap:
             return
-        at = self._heap[0].due
+        at = max(self._heap[0].due, earliest)
         if at >= self._timer_at:
             return
         if self._timer is not None:
@@ -111,8 +112,6 @@ class Keepalives:
                 entry.seq = next(self._seq)
                 heapq.heapreplace(heap, entry)
         if heap:
-            at = max(heap[0].due, now + COALESCE)
-            self._timer_at = at
-            self._timer = self._loop.call_at(at, self._fire)
+            self._arm(now + COALESCE)
         elif self._by_loop.get(self._loop) is self:
             del self._by_loop[self._loop]

@@ -218,6 +218,9 @@ class EventStream(EventSourceResponse):
         """No more keepalives (the handler is ending the response)."""
         if not self.prepared:
             raise RuntimeError("Response is not started")
+        self._unschedule()
+
+    def _unschedule(self) -> None:
         if self._keepalive is not None:
             self._keepalive.cancel()
             self._keepalive = None
@@ -232,9 +235,7 @@ class EventStream(EventSourceResponse):
         return self._keepalive is not None and transport is not None and not transport.is_closing()
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            self._keepalive = None
+        self._unschedule()
         await super().write_eof(data)
 
 
