@@ -51,7 +51,8 @@ class Config:
     #: Seconds an idle keep-alive connection (between requests) is kept open; aiohttp's 75 s is
     #: long for a server that holds a paid key and counts its sockets.
     keepalive_idle: float = 15.0
-    #: Seconds a new connection's request line and headers may take to arrive (then 408).
+    #: Seconds a request line and headers may take to arrive, from a new connection's start or a
+    #: kept-alive one's first byte (then 408).
     header_timeout: float = 10.0
     #: Seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s.
     body_timeout: float = 10.0

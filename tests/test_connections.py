@@ -1,7 +1,8 @@
-"""What a connection may cost before its request is in: a new connection's request head must be
-complete within --header-timeout (408), any head within --keepalive-idle (from the connection's
-start or its previous answer: idle keep-alive and slowloris alike), a body within its own deadline; and the process raises its open-file limit and
-says how close it is."""
+"""What a connection may cost before its request is in: a request head must be complete within
+--header-timeout (a new connection's from its start, a kept-alive one's from its first byte) and
+within --keepalive-idle of the connection's start or its previous answer; one that is not gets 408
+and is closed, while a connection that sent nothing is closed silently.  A body has its own
+deadline; and the process raises its open-file limit and says how close it is."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import FakeUpstream, SSEClient, text_of
+from conftest import FakeUpstream, SSEClient, paused, text_of
 from procs import listening_socket, spawn_relay
 from relay.config import Config, ConfigError
 
@@ -65,7 +66,8 @@ def fds() -> int:
 async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_stream_completes(
         upstream: FakeUpstream, serve_relay: Any) -> None:
     # aiohttp counts --keepalive-idle from the connection's start (and from each answer): a
-    # request head still incomplete when it passes is cut, however many header lines trickled in.
+    # request head still incomplete when it passes is cut (408, just before aiohttp would close
+    # it silently), however many header lines trickled in; --header-timeout is the default 10 s.
     async with serve_relay(keepalive_idle=1.0, rate_limit=0, max_streams_per_client=1000) as port:
         baseline = fds()
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(200)]
@@ -84,9 +86,10 @@ async def test_slowloris_connections_are_closed_at_the_deadline_while_a_healthy_
 
         async def until_closed(n: int, reader: asyncio.StreamReader) -> None:
             try:
-                assert await reader.read() == b""  # EOF: the relay closed it, with no answer
+                answer = await reader.read()  # to EOF: the relay closed it
+                assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:40]
             except ConnectionResetError:
-                pass  # closed too: the header line written after the close drew a reset
+                pass  # closed too: a header line written after the close drew a reset
             closed.add(n)
 
         drip = asyncio.create_task(trickle())
@@ -188,3 +191,93 @@ async def test_a_request_head_late_past_header_timeout_gets_408_and_one_log_line
 def test_header_timeout_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="--header-timeout"):
         Config(header_timeout=0)
+
+
+async def _answered_keeping_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One request answered on a kept-alive connection: what follows is a later request's head."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    await reader.readexactly(length)
+
+
+async def test_a_later_head_on_a_kept_alive_connection_is_timed_from_its_first_byte(
+        upstream: FakeUpstream, serve_relay: Any) -> None:
+    # Long idle allowed (60 s), but a head once begun has --header-timeout, as nginx's
+    # client_header_timeout; on main it was cut only at --keepalive-idle, silently.
+    async with serve_relay(header_timeout=0.3, keepalive_idle=60) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _answered_keeping_alive(reader, writer)
+        writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and b"--header-timeout" in answer
+        writer.close()
+
+
+async def test_a_later_head_cut_by_keepalive_idle_is_answered_408_not_dropped(
+        upstream: FakeUpstream, serve_relay: Any) -> None:
+    async with serve_relay(header_timeout=60, keepalive_idle=0.5) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _answered_keeping_alive(reader, writer)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # begun: the client is owed an answer
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+        writer.close()
+
+
+async def test_a_body_on_a_kept_alive_connection_has_the_body_deadline_not_the_head_one(
+        upstream: FakeUpstream, serve_relay: Any) -> None:
+    # The request parser sees a body's bytes as it sees a head's: only bytes that arrive while
+    # the connection waits for a request start a head's deadline.
+    async with serve_relay(header_timeout=0.2, body_timeout=0.6, max_body=1024, keepalive_idle=60) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await _answered_keeping_alive(reader, writer)
+        writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 500\r\n\r\n{\"prompt\": ")
+        await asyncio.sleep(0.05)  # a second packet, after the head was parsed: the attacker's pace
+        writer.write(b"\"hi")  # more of the body, never all of it
+        async with asyncio.timeout(20):
+            head = await reader.readuntil(b"\r\n\r\n")
+            rest = await reader.read(4096)
+        assert head.startswith(b"HTTP/1.1 408") and b"--body-timeout" in rest, (head, rest)
+        writer.close()
+    assert upstream.calls == 0
+
+
+async def test_a_head_pipelined_behind_a_running_stream_is_not_answered_inside_it(
+        upstream: FakeUpstream, serve_relay: Any) -> None:
+    upstream.behaviour = paused("Hello", " end")
+    async with serve_relay(header_timeout=0.2, keepalive_idle=60) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b'{"prompt": "hi"}'
+        writer.write(b"POST /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        stream = bytearray()
+        async with asyncio.timeout(20):
+            while b"Hello" not in stream:
+                data = await reader.read(4096)
+                assert data, bytes(stream)
+                stream += data
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # the next request's head begins, pipelined
+        # A probe whose head began later has had its 408: the pipelined head's deadline passed too.
+        probe_reader, probe_writer = await asyncio.open_connection("127.0.0.1", port)
+        probe_writer.write(b"GET /healthz HTTP/1.1\r\n")
+        async with asyncio.timeout(20):
+            assert (await probe_reader.read()).startswith(b"HTTP/1.1 408")
+        probe_writer.close()
+        upstream.release.set()
+        async with asyncio.timeout(20):
+            while not stream.endswith(b"\r\n0\r\n\r\n"):  # the stream's last chunk
+                data = await reader.read(4096)
+                assert data, bytes(stream[-200:])  # (not closed before its end)
+                stream += data
+        assert b"HTTP/1.1 408" not in stream and b'"type":"done"' in stream.replace(b" ", b"")
+        writer.write(b"Host: 127.0.0.1\r\nConnection: close\r\n\r\n")  # the pipelined head, now whole
+        async with asyncio.timeout(20):
+            answer = await reader.read()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:60]
+        writer.close()

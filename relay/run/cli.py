@@ -38,10 +38,11 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--pool-limit", "pool_limit", int, None, "most simultaneous upstream connections"),
     ("--keepalive", "keepalive", float, "RELAY_KEEPALIVE", "seconds of silence before a keepalive comment"),
     ("--keepalive-idle", "keepalive_idle", float, None,
-     "seconds a connection may stay open without a complete request head: idle between requests, "
-     "or sending its headers (slowloris)"),
+     "seconds a connection may stay open without a complete request head: idle between requests "
+     "(then closed), or sending its headers (slowloris: then 408 and closed)"),
     ("--header-timeout", "header_timeout", float, None,
-     "seconds a new connection's request line and headers may take to arrive (then 408 and closed)"),
+     "seconds a request line and headers may take to arrive, from a new connection's start or a "
+     "kept-alive one's first byte (then 408 and closed)"),
     ("--body-timeout", "body_timeout", float, None,
      "seconds a request body may take to arrive, plus the time --max-body takes at 64 KiB/s (then 408)"),
     ("--retry-ms", "retry_ms", int, None, "reconnect delay suggested to EventSource clients (retry:), ms"),

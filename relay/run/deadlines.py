@@ -1,19 +1,25 @@
-"""The request-head deadline (``--header-timeout``): a new connection's first request line and
-headers must be in within it, or the connection gets ``408`` and is closed.
+"""The request-head deadline (``--header-timeout``): a request line and headers must be in within
+it, or the connection gets ``408`` and is closed.
 
-Counted from the connection's start and ended when a handler starts (the head was parsed).
-Later requests on a kept-alive connection are bounded by ``--keepalive-idle``, which aiohttp
-counts from each answer and which closes a connection whose next head is not complete by then
-(silently: there is no request to answer).  Each client's misses are logged at most once a
-minute, with how many were folded into the line.
+A new connection's first head is timed from the connection's start.  A later head on a kept-alive
+connection is timed from its first byte (as nginx times ``client_header_timeout``), but no later
+than the moment aiohttp's ``--keepalive-idle`` would close the connection silently: a client that
+has begun a request is owed an answer, one that sent nothing is not (a ``408`` on an idle
+connection races the client's next request).  The deadline ends when the head is parsed.  Each
+client's misses are logged at most once a minute, with how many were folded into the line.
+
+aiohttp exposes none of this, so the deadline watches the connection's request parser (a thin
+wrapper on ``RequestHandler._parser``) and reads whether the connection waits for its next
+request (``_waiter``, ``_messages``) and when aiohttp's keep-alive closes it
+(``_next_keepalive_close_time``); tests/test_connections.py pins each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -27,14 +33,56 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.http")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: How much before aiohttp's silent keep-alive close a late head is answered instead.
+_BEFORE_KEEPALIVE_CLOSE = 0.005
+
+
+class _HeadWatch:
+    """The connection's request parser, telling the deadline when a head begins and when it is in."""
+
+    __slots__ = ("_deadline", "_handler", "_parser", "_payload", "_transport")
+
+    def __init__(self, parser: Any, deadline: HeaderDeadline, handler: RequestHandler,
+                 transport: asyncio.Transport) -> None:
+        self._parser = parser
+        self._deadline = deadline
+        self._handler = handler
+        self._transport = transport
+        #: The last request's body: bytes that arrive before it ended are more of it, not a head.
+        self._payload: Any = None
+
+    def feed_data(self, data: bytes) -> Any:
+        try:
+            result = self._parser.feed_data(data)
+        except Exception:
+            self._deadline._cancel(self._handler)  # aiohttp answers the malformed head itself (400)
+            raise
+        messages = result[0]
+        if messages:
+            self._deadline._cancel(self._handler)
+            self._payload = messages[-1][1]
+        elif data and (self._payload is None or self._payload.is_eof()):
+            self._deadline._head_begun(self._handler, self._transport)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._parser, name)
+
+
+def _waits_for_a_request(handler: RequestHandler) -> bool:
+    """Between requests: aiohttp awaits the next message and none is queued (no response is running)."""
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done() and not getattr(handler, "_messages", True)
 
 
 class HeaderDeadline:
-    def __init__(self, timeout: float, metrics: Metrics | None = None) -> None:
+    def __init__(self, timeout: float, metrics: Metrics | None = None, *, keepalive_idle: float = math.inf) -> None:
         self.timeout = timeout
+        #: aiohttp's keep-alive timeout (``--keepalive-idle``): it closes a connection silently
+        #: that long after its start or its last answer, head or no head.
+        self._keepalive_idle = keepalive_idle
         self._metrics = metrics
-        #: Connections closed because their first request head was late.
+        #: Connections closed because a request head was late.
         self.missed = 0
         self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
         self._lines = OncePerClient()
@@ -44,26 +92,19 @@ class HeaderDeadline:
         self._answer = (f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
-    def end_with_handlers(self, app: web.Application) -> None:
-        """A handler starting means its head was parsed: the deadline ends (``app`` not yet frozen)."""
-        @web.middleware
-        async def head_arrived(request: web.Request, handler: Handler) -> web.StreamResponse:
-            protocol = request.protocol
-            if isinstance(protocol, RequestHandler):
-                self._cancel(protocol)
-            return await handler(request)
-
-        app.middlewares.insert(0, head_arrived)
-
     def install(self, server: web.Server) -> None:
-        """Arm the deadline for every new connection of ``server``."""
+        """Arm the deadline for every new connection of ``server`` and watch its later heads."""
         made, lost = server.connection_made, server.connection_lost
         loop = asyncio.get_running_loop()
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
             made(handler, transport)
-            if not transport.is_closing():  # (refused by the connection limits: already closed)
-                self._timers[handler] = loop.call_later(self.timeout, self._expire, handler, transport)
+            if transport.is_closing():  # (refused by the connection limits: already closed)
+                return
+            self._arm(handler, transport, loop.time())
+            parser = getattr(handler, "_parser", None)
+            if parser is not None:
+                setattr(handler, "_parser", _HeadWatch(parser, self, handler, transport))  # (not its declared type)
 
         def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
             lost(handler, exc)
@@ -72,14 +113,38 @@ class HeaderDeadline:
         server.connection_made = connection_made  # type: ignore[method-assign]
         server.connection_lost = connection_lost  # type: ignore[method-assign]
 
+    def _head_begun(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        if handler not in self._timers:  # (the first head is timed from the connection's start)
+            self._arm(handler, transport, asyncio.get_running_loop().time())
+
+    def _arm(self, handler: RequestHandler, transport: asyncio.Transport, started: float,
+             when: float | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        if when is None:
+            # Bytes of the next head can arrive before aiohttp has moved its close past the
+            # answer just sent: a close time already past is not this head's (_expire looks again).
+            silent = self._silent_close(handler, started)
+            when = min(started + self.timeout, silent) if silent > loop.time() else started + self.timeout
+        self._timers[handler] = loop.call_at(when, self._expire, handler, transport, started)
+
+    def _silent_close(self, handler: RequestHandler, started: float) -> float:
+        """Just before aiohttp's keep-alive closes the connection, which it does silently, head or no head."""
+        close = getattr(handler, "_next_keepalive_close_time", 0.0) or math.inf  # (0: not armed yet)
+        return min(close, started + self._keepalive_idle) - _BEFORE_KEEPALIVE_CLOSE
+
     def _cancel(self, handler: RequestHandler) -> None:
         timer = self._timers.pop(handler, None)
         if timer is not None:
             timer.cancel()
 
-    def _expire(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+    def _expire(self, handler: RequestHandler, transport: asyncio.Transport, started: float) -> None:
         self._timers.pop(handler, None)
-        if transport.is_closing():
+        if transport.is_closing() or not _waits_for_a_request(handler):
+            return  # (or a head pipelined behind a response still running: aiohttp times it from that answer)
+        # Waiting for a request, aiohttp has moved its close past the last answer: it is this head's.
+        when = min(started + self.timeout, self._silent_close(handler, started))
+        if when > asyncio.get_running_loop().time():
+            self._arm(handler, transport, started, when)
             return
         self.missed += 1
         if self._metrics is not None:

@@ -50,11 +50,9 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
                            logger=ClientErrorLog(logging.getLogger("aiohttp.server")),
                            keepalive_timeout=config.keepalive_idle)
     metrics = app[METRICS]
-    deadline = HeaderDeadline(config.header_timeout, metrics)
-    deadline.end_with_handlers(app)  # before setup freezes the middlewares
     await runner.setup()
     assert runner.server is not None
-    deadline.install(runner.server)
+    HeaderDeadline(config.header_timeout, metrics, keepalive_idle=config.keepalive_idle).install(runner.server)
     _, open_limit = open_files()
     total = config.max_connections or auto_total(open_limit)
     ConnectionLimits(per_client=config.max_connections_per_client, total=total,
