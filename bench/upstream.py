@@ -1,7 +1,10 @@
 """The fake upstream: a lean OpenAI-compatible chat-completions server in its own process.
 
 Raw asyncio protocol (no framework), one timer callback per token, so it costs little next to
-what it feeds.  The user message says what to send (``wire.prompt``): ``n`` tokens ``dt``
+what it feeds.  It honours backpressure as a real server's HTTP layer does: while its transport's
+buffer is full (a reader that stopped reading) an answer waits, and its schedule moves by the
+wait; without that, 300 stalled streams kept this process at a core's worth of timers filling
+buffers no one read, which on a small machine slowed everything else measured beside them.  The user message says what to send (``wire.prompt``): ``n`` tokens ``dt``
 seconds apart, the first at once; ``silent=1`` answers nothing until the connection closes.
 For each stream (by its key) it records when the request arrived (t0, the schedule's origin),
 when the connection closed before the answer was finished, and how late its own timers ran.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -41,7 +45,7 @@ class Stats:
 class Answer:
     """One streamed answer on one connection, driven by call_at timers."""
 
-    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "close", "i", "handle", "done")
+    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "close", "i", "handle", "done", "held")
 
     def __init__(self, conn: Conn, key: str, n: int, dt: float, usage: bool, close: bool = False) -> None:
         self.conn, self.key, self.n, self.dt, self.usage, self.close = conn, key, n, dt, usage, close
@@ -50,13 +54,19 @@ class Answer:
         self.i = 0
         self.handle: asyncio.TimerHandle | None = None
         self.done = False
+        #: When the answer began to wait for its reader (monotonic), or None.
+        self.held: float | None = None
 
     def begin(self) -> None:
         self.conn.transport.write((CLOSING_HEAD if self.close else HEAD) + chunked(self.chunks.role()))
         self.tick()
 
     def tick(self) -> None:
+        self.handle = None
         now = time.monotonic()
+        if self.conn.paused:
+            self.held = now
+            return
         lag = now - (self.t0 + self.i * self.dt)
         stats = self.conn.stats
         if lag > stats.lag.get(self.key, 0.0):
@@ -79,6 +89,12 @@ class Answer:
         loop = self.conn.loop
         self.handle = loop.call_at(loop.time() + (self.t0 + self.i * self.dt - time.monotonic()), self.tick)
 
+    def resume(self) -> None:
+        if self.held is not None and not self.done:
+            self.t0 += time.monotonic() - self.held  # the wait was the reader's, not a late timer
+            self.held = None
+            self.tick()
+
     def stop(self) -> None:
         if self.handle is not None:
             self.handle.cancel()
@@ -92,6 +108,15 @@ class Conn(asyncio.Protocol):
         self.answer: Answer | None = None
         self.silent_key: str | None = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.paused = False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.answer is not None:
+            self.answer.resume()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -129,6 +154,9 @@ class Conn(asyncio.Protocol):
                 self.silent_key = key
                 return
             usage = bool((req.get("stream_options") or {}).get("include_usage"))
+            if params.get("sndbuf"):
+                sock = self.transport.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(params["sndbuf"]))
             self.answer = Answer(self, key, int(params["n"]), float(params["dt"]), usage, params.get("close") == "1")
             self.stats.t0[key] = self.answer.t0
             self.answer.begin()

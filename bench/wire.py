@@ -21,20 +21,23 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
-def prompt(key: str, n: int, dt: float, *, silent: bool = False, close: bool = False) -> str:
+def prompt(key: str, n: int, dt: float, *, silent: bool = False, close: bool = False, sndbuf: int = 0) -> str:
     """The user message that tells the fake upstream what to send (the relay passes messages on);
-    ``close``: it closes the connection after the answer (no idle pooled sockets afterwards)."""
-    return f"bench key={key} n={n} dt={dt!r} silent={int(silent)}" + (" close=1" if close else "")
+    ``close``: it closes the connection after the answer (no idle pooled sockets afterwards);
+    ``sndbuf``: the answer's socket send buffer in bytes (0: the kernel's, autotuned up to MiBs)."""
+    return (f"bench key={key} n={n} dt={dt!r} silent={int(silent)}" + (" close=1" if close else "")
+            + (f" sndbuf={sndbuf}" if sndbuf else ""))
 
 
 def parse_prompt(text: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split()[1:])
 
 
-def request_body(key: str, n: int, dt: float, *, openai: bool, silent: bool = False, close: bool = False) -> bytes:
+def request_body(key: str, n: int, dt: float, *, openai: bool, silent: bool = False, close: bool = False,
+                 sndbuf: int = 0) -> bytes:
     """The client's request: /chat takes no ``stream`` field, the OpenAI API needs it."""
-    body: dict[str, Any] = {"model": MODEL,
-                            "messages": [{"role": "user", "content": prompt(key, n, dt, silent=silent, close=close)}]}
+    body: dict[str, Any] = {"model": MODEL, "messages": [
+        {"role": "user", "content": prompt(key, n, dt, silent=silent, close=close, sndbuf=sndbuf)}]}
     if openai:
         body["stream"] = True
     return dumps(body).encode()
