@@ -4,8 +4,9 @@ Raw asyncio protocol (no framework), one timer callback per token, so it costs l
 what it feeds.  It honours backpressure as a real server's HTTP layer does: while its transport's
 buffer is full (a reader that stopped reading) an answer waits, and its schedule moves by the
 wait; without that, 300 stalled streams kept this process at a core's worth of timers filling
-buffers no one read, which on a small machine slowed everything else measured beside them.  The user message says what to send (``wire.prompt``): ``n`` tokens ``dt``
-seconds apart, the first at once; ``silent=1`` answers nothing until the connection closes.
+buffers no one read, which on a small machine slowed everything else measured beside them.
+The user message says what to send (``wire.prompt``): ``n`` tokens ``dt`` seconds apart, the
+first at once; ``silent=1`` answers nothing until the connection closes.
 For each stream (by its key) it records when the request arrived (t0, the schedule's origin),
 when the connection closed before the answer was finished, and how late its own timers ran.
 ``GET /_bench/stats?prefix=P`` returns those for the keys starting with P.
