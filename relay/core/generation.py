@@ -437,6 +437,7 @@ class Generation:
 
     async def _stream(self) -> Ending:
         resp = self._resp = await self._upstream.open(self._body, self.attempts)
+        self._body = {}  # the pool keeps it while another upstream may still be asked
         self._answered(resp.request_id)
         wire = self.wire
         committed = False
@@ -480,6 +481,7 @@ class Generation:
 
     async def _complete(self) -> Ending:
         answer = await self._upstream.complete(self._body, self.attempts)
+        self._body = {}
         self.answer = answer
         self._first_token(self._loop.time(), answered_upstream(self.attempts))
         choices = answer.obj.get("choices")

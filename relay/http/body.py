@@ -29,7 +29,7 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def parse_json(raw: bytes) -> Any:
+def parse_json(raw: bytes | bytearray) -> Any:
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object with 'messages' or 'prompt'")
     try:
@@ -53,13 +53,19 @@ async def read_json(request: web.Request) -> Any:
     time, 400 otherwise) names the problem."""
     config = request.app[CONFIG]
     limit = body_deadline(config.body_timeout, config.max_body)
+    too_large = BadRequest(f"the request body is larger than the limit of {config.max_body} bytes", status=413)
+    if (request.content_length or 0) > config.max_body:
+        raise too_large
     try:
         # A body that trickles in holds a socket and a handler: it has a deadline of its own.
+        # Read here, not with request.read(), which keeps the bytes in the request for as long
+        # as it lives: the whole answer, for a stream (a long conversation is megabytes).
         async with asyncio.timeout(limit):
-            raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise BadRequest(f"the request body is larger than the limit of {config.max_body} bytes",
-                         status=413) from None
+            raw = bytearray()
+            while chunk := await request.content.readany():
+                raw += chunk
+                if len(raw) > config.max_body:
+                    raise too_large
     except TimeoutError:
         raise BadRequest(f"the request body did not arrive within {limit:.3g} s (--body-timeout)",
                          status=408) from None

@@ -74,6 +74,7 @@ async def post_chat(request: web.Request) -> web.StreamResponse:
         stream = await _start(request, body, wait=False)
     except (BadRequest, *Refused) as exc:
         return _refusal(exc)
+    del body  # not held by this frame for the whole answer
     return await subscribe(request, stream, 0)
 
 

@@ -66,10 +66,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return error_response(exc.status, exc.message, param=exc.param, refusal=request_refusal(exc.status))
     except Refused as exc:
         return refusal(exc)
+    stream = req.stream
+    del req  # its body: not held by this frame for the whole answer
     # Attached before anything can wait: a client that leaves from here on detaches, and a
     # generation without a grace is cancelled the moment its last client has gone.
     sub = gen.attach(0)
-    if req.stream:
+    if stream:
         return await _stream(request, config, gen, sub)
     return await _complete(gen, sub)
 

@@ -157,6 +157,8 @@ class PooledResponse:
 
     def commit(self) -> None:
         self._committed = True
+        # No other upstream will be asked now: the request (a whole conversation) can go.
+        self._route.body = {}
 
     def resumed(self, paused: float) -> None:
         self._resp.resumed(paused)
