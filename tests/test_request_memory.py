@@ -10,7 +10,10 @@ from __future__ import annotations
 import gc
 import json
 import secrets
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from conftest import FakeUpstream, SSEClient, paused
 
@@ -49,29 +52,25 @@ async def _first_delta(client: SSEClient) -> None:
             return
 
 
-async def test_an_open_chat_stream_holds_neither_its_request_body_nor_the_upstream_request(
-        make_relay: Any, upstream: FakeUpstream) -> None:
+def _chat(marker: str) -> tuple[str, str]:
+    return "/chat", json.dumps({"prompt": marker})
+
+
+def _v1(marker: str) -> tuple[str, str]:
+    return "/v1/chat/completions", json.dumps(
+        {"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": marker}]})
+
+
+@pytest.mark.parametrize("request_of", [_chat, _v1], ids=["chat", "v1"])
+async def test_an_open_stream_holds_neither_its_request_body_nor_the_upstream_request(
+        make_relay: Any, upstream: FakeUpstream, request_of: Callable[[str], tuple[str, str]]) -> None:
     upstream.behaviour = paused("Hello", " end")
     relay = await make_relay()
     marker = "conversation-" + secrets.token_hex(16) + " " * 2000
-    resp = await relay.post("/chat", data=json.dumps({"prompt": marker}), headers={"Content-Type": "application/json"})
+    path, data = request_of(marker)
+    resp = await relay.post(path, data=data, headers={"Content-Type": "application/json"})
     client = SSEClient(resp)
     await _first_delta(client)  # committed: the answer is under way, no failover will need the body
-    assert holders(marker, upstream) == []
-    upstream.release.set()
-    while await client.next() is not None:
-        pass
-
-
-async def test_an_open_v1_stream_holds_neither_its_request_body_nor_the_upstream_request(
-        make_relay: Any, upstream: FakeUpstream) -> None:
-    upstream.behaviour = paused("Hello", " end")
-    relay = await make_relay()
-    marker = "conversation-" + secrets.token_hex(16) + " " * 2000
-    data = json.dumps({"model": "fake-model", "stream": True, "messages": [{"role": "user", "content": marker}]})
-    resp = await relay.post("/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
-    client = SSEClient(resp)
-    await _first_delta(client)
     assert holders(marker, upstream) == []
     upstream.release.set()
     while await client.next() is not None:
