@@ -94,6 +94,32 @@ async def _rest(client: SSEClient) -> Any:
         yield event
 
 
+async def test_a_lookup_that_misses_looks_again_for_a_stream_not_yet_in_redis(
+        redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
+    # The client has a stream's id from its start event before the producer's writer has put the
+    # stream in Redis: a resume sent to another instance in that moment must not get a 404 (which
+    # ends an EventSource for good).  Here the stream appears just after the first look misses.
+    _, b = await pair(make_relay, redis)
+    store = store_of(b)
+    real = store.redis.hgetall
+    looks: list[str] = []
+
+    async def hgetall(key: str) -> Any:
+        looks.append(key)
+        found = await real(key)
+        if len(looks) == 1 and not found and "late" in key:
+            asyncio.get_running_loop().create_task(store.redis.hset(key, mapping={"owner": "", "model": "m"}))
+        return found
+
+    store.redis.hgetall = hgetall  # type: ignore[method-assign]
+    remote = await store.lookup("late-stream")
+    assert remote is not None and remote.id == "late-stream" and remote.end is None
+    assert len(looks) == 2
+    looks.clear()
+    assert await store.lookup("never-was") is None  # an unknown id is still unknown, after a second look
+    assert len(looks) == 2
+
+
 async def test_delete_on_the_other_instance_closes_the_producers_upstream_connection(
         redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
     gate = asyncio.Event()  # never set: the upstream would go on forever

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.redis")
 
+#: The least a lookup that finds nothing waits before it looks again (seconds).
+MISS_WAIT = 0.04
+
 #: Errors that mean "Redis is not there now" (connection refused, reset, timed out, loading).
 try:
     from redis import exceptions as _rexc
@@ -178,6 +181,9 @@ class RedisStore(Store):
         self._presence_ms = max(1, int(config.presence_ttl * 1000))
         self._running_ms = int((config.attach_timeout + config.total_timeout + config.stream_ttl) * 1000)
         self._kept_ms = max(1, int(config.stream_ttl * 1000))
+        #: How long a lookup that misses waits before it looks again: several of the writers'
+        #: flush delays and round trips (a busy Redis answers in milliseconds, not microseconds).
+        self._miss_wait = MISS_WAIT + 4 * config.redis_flush_ms / 1000
         # What the writer sends next: ("event", mirror, seq, data, last) | ("create", mirror) | ("lost", mirror)
         self._pending: list[tuple[Any, ...]] = []
         self._queued_events = 0
@@ -526,8 +532,15 @@ class RedisStore(Store):
             return False
 
     async def lookup(self, stream_id: str) -> Remote | None:
+        key = self.key(stream_id, "meta")
         try:
-            meta = await self.redis.hgetall(self.key(stream_id, "meta"))
+            meta = await self.redis.hgetall(key)
+            if not meta:
+                # A stream announced a moment ago elsewhere may not be here yet: its producer's
+                # writer sends it after --redis-flush-ms and a round trip, while the client has
+                # its id (the start event) at once.  A 404 would end an EventSource for good.
+                await asyncio.sleep(self._miss_wait)
+                meta = await self.redis.hgetall(key)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {_reason(exc)}") from None
         if not meta:
