@@ -345,7 +345,7 @@ async def test_redis_restarted_empty_running_streams_are_written_again(
 
 
 def store_key_back(store: RedisStore) -> bool:
-    return bool(store._owned) and all(m.created for m in store._owned)
+    return bool(store._owned) and all(m.created for m in store._owned.values())
 
 
 async def test_a_redis_that_evicts_keys_is_refused_at_start(redis: Any) -> None:

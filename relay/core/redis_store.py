@@ -188,7 +188,8 @@ class RedisStore(Store):
         self._pending: list[tuple[Any, ...]] = []
         self._queued_events = 0
         self._wake = asyncio.Event()
-        self._owned: set[_Mirror] = set()
+        #: The streams this process produces, by id (``ready`` finds one for every 201).
+        self._owned: dict[str, _Mirror] = {}
         self._leases: dict[str, str] = {}  # lease id -> slots key
         self._tasks: list[asyncio.Task[None]] = []
         self._run_id: bytes | None = None
@@ -270,30 +271,29 @@ class RedisStore(Store):
 
     def mirror(self, gen: Generation) -> _Mirror:
         mirror = _Mirror(self, gen)
-        self._owned.add(mirror)
+        self._owned[gen.id] = mirror
         self._pending.append(("create", mirror))
         self._wake.set()
         return mirror
 
     async def ready(self, stream_id: str) -> None:
-        for mirror in self._owned:
-            if mirror.gen.id == stream_id:
-                try:
-                    await asyncio.wait_for(asyncio.shield(mirror.written), timeout=self.config.owner_ttl)
-                except TimeoutError:
-                    pass
-                return
+        mirror = self._owned.get(stream_id)
+        if mirror is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(mirror.written), timeout=self.config.owner_ttl)
+            except TimeoutError:
+                pass
 
     def _queue_event(self, mirror: _Mirror, seq: int, data: bytes, last: bool) -> None:
         if mirror.lost:
             if last:
-                self._owned.discard(mirror)
+                self._owned.pop(mirror.gen.id, None)
             return
         if self._queued_events >= self.config.redis_queue:
             # Redis is not keeping up: this stream's copy is given up rather than memory grown.
             self._lose(mirror, "the queue of writes to Redis is full")
             if last:
-                self._owned.discard(mirror)
+                self._owned.pop(mirror.gen.id, None)
             return
         self._pending.append(("event", mirror, seq, data, last))
         self._queued_events += 1
@@ -390,7 +390,7 @@ class RedisStore(Store):
                 mirror.created = True
                 mirror.written.set_result(None)
             if op[0] == "event" and op[4]:
-                self._owned.discard(mirror)
+                self._owned.pop(mirror.gen.id, None)
 
     def _count(self, op: str, began: float | None) -> None:
         """One round trip for the metrics: its time since ``began``, or (None) an error."""
@@ -408,7 +408,7 @@ class RedisStore(Store):
             began = time.perf_counter()
             try:
                 pipe = self.redis.pipeline(transaction=False)
-                for mirror in self._owned:
+                for mirror in self._owned.values():
                     if mirror.created and not mirror.gen.finished:
                         pipe.set(self.key(mirror.gen.id, "owner"), self.instance, px=self._owner_ms)
                 for lease, key in list(self._leases.items()):
@@ -438,7 +438,7 @@ class RedisStore(Store):
         reset first, so what was written since the restart is not doubled), or mark it lost when
         its start has left memory."""
         self.restarts_seen += 1
-        for mirror in list(self._owned):
+        for mirror in list(self._owned.values()):
             if mirror.gen.finished:
                 continue
             base, events = mirror.gen.logged()
