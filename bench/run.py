@@ -97,6 +97,11 @@ QUICK: dict[str, Any] = {
 }
 
 
+def _print_stalled(head: str, r: dict[str, Any]) -> None:
+    print(f"  stalled {head} ttft p50 {r['ttft_ms']['p50']} ms p99 {r['ttft_ms']['p99']} ms (direct p50 "
+          f"{r['direct_ttft_ms']['p50']} ms), {r['seconds']} s, relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
+
+
 def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One run's figures, each the median over ``runs`` (the stalled phase's rounds); counts summed."""
     def med(values: list[float]) -> float:
@@ -460,9 +465,7 @@ class Bench:
             for label in ("alone", "beside-stalled"):
                 r = self._stalled_round(f"stalled/{label}/{n}", spec, stalled=label != "alone")
                 rounds[label].append(r)
-                print(f"  stalled {label:>14} #{n}: {r['ok']}/{r['streams']} ok, ttft p50 {r['ttft_ms']['p50']} ms "
-                      f"p99 {r['ttft_ms']['p99']} ms (direct p50 {r['direct_ttft_ms']['p50']} ms), {r['seconds']} s, "
-                      f"relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
+                _print_stalled(f"{label:>14} #{n}: {r['ok']}/{r['streams']} ok,", r)
         out: dict[str, Any] = {label: _median_of(rs) for label, rs in rounds.items()}
         ratios = [b["ttft_ms"]["p50"] / a["ttft_ms"]["p50"] for a, b in zip(rounds["alone"], rounds["beside-stalled"])
                   if a["ttft_ms"]["p50"]]
@@ -470,9 +473,7 @@ class Bench:
         out["rounds"] = rounds
         for label in ("alone", "beside-stalled"):
             r = out[label]
-            print(f"  stalled {label:>14}: median of {spec['rounds']}: ttft p50 {r['ttft_ms']['p50']} ms p99 "
-                  f"{r['ttft_ms']['p99']} ms (direct p50 {r['direct_ttft_ms']['p50']} ms), {r['seconds']} s, "
-                  f"relay cpu {r['relay_cpu_per_s']} s/s", flush=True)
+            _print_stalled(f"{label:>14}: median of {spec['rounds']}:", r)
         self.results["stalled"] = out
 
     def _stalled_round(self, name: str, spec: dict[str, Any], *, stalled: bool) -> dict[str, Any]:

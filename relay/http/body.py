@@ -48,14 +48,17 @@ def body_deadline(body_timeout: float, max_body: int) -> float:
     return body_timeout + max_body / MIN_BODY_RATE
 
 
+def _too_large(max_body: int) -> BadRequest:
+    return BadRequest(f"the request body is larger than the limit of {max_body} bytes", status=413)
+
+
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; BadRequest (413 past --max-body, 408 when it does not arrive in
     time, 400 otherwise) names the problem."""
     config = request.app[CONFIG]
     limit = body_deadline(config.body_timeout, config.max_body)
-    too_large = BadRequest(f"the request body is larger than the limit of {config.max_body} bytes", status=413)
     if (request.content_length or 0) > config.max_body:
-        raise too_large
+        raise _too_large(config.max_body)
     try:
         # A body that trickles in holds a socket and a handler: it has a deadline of its own.
         # Read here, not with request.read(), which keeps the bytes in the request for as long
@@ -65,7 +68,7 @@ async def read_json(request: web.Request) -> Any:
             while chunk := await request.content.readany():
                 raw += chunk
                 if len(raw) > config.max_body:
-                    raise too_large
+                    raise _too_large(config.max_body)
     except TimeoutError:
         raise BadRequest(f"the request body did not arrive within {limit:.3g} s (--body-timeout)",
                          status=408) from None

@@ -97,6 +97,9 @@ class EventStream(EventSourceResponse):
                     pass
         return writer
 
+    def _transport(self) -> asyncio.Transport | None:
+        return self._req.transport if self._req is not None else None
+
     async def send_bytes(self, data: bytes) -> None:
         """Write already-encoded events; abort the connection if the client stops reading.
 
@@ -107,7 +110,7 @@ class EventStream(EventSourceResponse):
             # The common case: it fits under the bound.  Nothing waited (no drain), so it needed
             # no send timeout, and the keepalive cannot have interleaved.
             return
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport()
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
         self._sending = True
@@ -142,7 +145,7 @@ class EventStream(EventSourceResponse):
         coroutine by one step writes the bytes; should it ever suspend, it is closed before it
         has written anything and the caller falls back to ``send_bytes``.
         """
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport()
         if transport is None or transport.is_closing():
             if self.prepared:
                 raise ConnectionResetError("the client connection is closed")
@@ -169,7 +172,7 @@ class EventStream(EventSourceResponse):
 
         Bounded by the send timeout like a send: a client that takes nothing is aborted.
         """
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport()
         if transport is None or transport.get_write_buffer_size() <= self._pause:
             return
         try:
@@ -196,7 +199,7 @@ class EventStream(EventSourceResponse):
     def keepalive_due(self, now: float) -> float | None:
         """The keepalive schedule's call: write the keepalive after ``keepalive`` seconds of
         silence; when it is next due, or None once the stream is over."""
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport()
         if self._keepalive is None or self._eof_sent or transport is None or transport.is_closing():
             return None
         due = self._last_write + self._ping_interval
@@ -231,7 +234,7 @@ class EventStream(EventSourceResponse):
             raise RuntimeError("Response is not started")
 
     def is_connected(self) -> bool:
-        transport = self._req.transport if self._req is not None else None
+        transport = self._transport()
         return self._keepalive is not None and transport is not None and not transport.is_closing()
 
     async def write_eof(self, data: bytes = b"") -> None:
