@@ -13,6 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.http.appkeys import CONFIG
+from relay.upstream.errors import read_bounded
 
 #: The slowest a body may arrive beyond --body-timeout: the deadline grows by the time
 #: --max-body takes at this rate, so a large allowed body on a slow link still fits.
@@ -29,7 +30,7 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def parse_json(raw: bytes | bytearray) -> Any:
+def parse_json(raw: bytes) -> Any:
     if not raw.strip():
         raise BadRequest("the request body is empty; send a JSON object with 'messages' or 'prompt'")
     try:
@@ -64,12 +65,10 @@ async def read_json(request: web.Request) -> Any:
         # Read here, not with request.read(), which keeps the bytes in the request for as long
         # as it lives: the whole answer, for a stream (a long conversation is megabytes).
         async with asyncio.timeout(limit):
-            raw = bytearray()
-            while chunk := await request.content.readany():
-                raw += chunk
-                if len(raw) > config.max_body:
-                    raise _too_large(config.max_body)
+            raw = await read_bounded(request.content, config.max_body + 1)
     except TimeoutError:
         raise BadRequest(f"the request body did not arrive within {limit:.3g} s (--body-timeout)",
                          status=408) from None
+    if len(raw) > config.max_body:
+        raise _too_large(config.max_body)
     return parse_json(raw)
