@@ -98,9 +98,9 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_config",
-                 "_deltas", "_events", "_first_delta", "_gap", "_grace", "_keep", "_label", "_loop", "_metrics",
-                 "_on_finished", "_resp", "_resume", "_started", "_subscribers", "_timer", "_upstream", "answer",
+    __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
+                 "_config", "_deltas", "_events", "_first_delta", "_gap", "_grace", "_keep", "_label", "_last_delta",
+                 "_loop", "_metrics", "_on_finished", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
                  "attempts", "client", "ending", "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq",
                  "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
 
@@ -148,7 +148,9 @@ class Generation:
         self.attempts: list[str] = []
         #: The producer has stopped reading the upstream until a reader can take more (backpressure).
         self.paused = False
-        self._resume: asyncio.Event | None = None
+        #: Something of the answer is in the log: no other upstream may take over now.
+        self._committed = False
+        self._last_delta = 0.0
         #: With no subscriber attached: where the last one left off (0 before the first came), so
         #: the log keeps what a reconnect resumes from while the producer reads ahead of it.
         self._alone_floor = 0
@@ -302,8 +304,8 @@ class Generation:
                 self._metrics.disconnects.labels(self.kind).inc()
         if not self._subscribers:
             self._alone_floor = sub.pos
-        self._wake()
         self._trim()  # what only this client still needed can go now
+        self._wake()
         if not self._subscribers and not self.finished:
             if self._grace <= 0:
                 self._unheard("every client disconnected")
@@ -332,22 +334,16 @@ class Generation:
         return self.resumable and self.log_bytes >= self._keep and not self.remote
 
     def _wake(self) -> None:
-        if self._resume is not None:
-            self._resume.set()
-
-    async def _wait_for_a_reader(self, resp: PooledResponse) -> None:
-        self.paused = True
-        began = self._loop.time()
-        event = self._resume = asyncio.Event()
-        try:
-            while self._stalled():
-                event.clear()
-                await event.wait()
-        finally:
+        """Something changed for the readers: read the upstream again if it was paused for them."""
+        if self.paused and not self._stalled():
             self.paused = False
-            self._resume = None
-            # Not the upstream's silence: its idle and first-token clocks stop while we wait.
-            resp.resumed(self._loop.time() - began)
+            if self._resp is not None:
+                self._resp.resume()
+
+    def _pause(self) -> None:
+        if self._resp is not None:
+            self.paused = True
+            self._resp.pause()
 
     def _arm(self, delay: float, why: str) -> None:
         self._disarm()
@@ -439,40 +435,41 @@ class Generation:
         resp = self._resp = await self._upstream.open(self._body, self.attempts)
         self._body = {}  # the pool keeps it while another upstream may still be asked
         self._answered(resp.request_id)
-        wire = self.wire
-        committed = False
-        gap = self._gap
-        last = 0.0
         try:
-            while chunks := await resp.read():
-                for chunk in chunks:
-                    if chunk.delta:
-                        if gap is not None:
-                            now = self._loop.time()
-                            if self._first_delta is None:
-                                self._first_token(now, resp.upstream)
-                            else:
-                                gap.observe(now - last)
-                            last = now
-                        elif self._first_delta is None:
-                            self._first_delta = self._loop.time()
-                        self._deltas += 1
-                    data = wire.chunk(chunk, self.next_seq)
-                    if data is not None:
-                        self._append(data)
-                        if not committed:
-                            # Something of this answer is out: no other upstream may take over now.
-                            resp.commit()
-                            committed = True
-                # Not held through the next read: the batch's parsed JSON was 2.4 KiB per idle
-                # stream (tracemalloc, bench/RESULTS.md "Hot path").
-                del chunk, chunks
-                self._publish()
-                if self._stalled():
-                    await self._wait_for_a_reader(resp)
+            await resp.run(self._take)
         finally:
             resp.close()
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
+
+    def _take(self, chunks: list[Chunk]) -> None:
+        """One batch of the upstream's chunks, in its connection's callback (relay/upstream/http1.py):
+        logged and handed to the waiting readers in the same step, with no task switch."""
+        resp = self._resp
+        assert resp is not None
+        wire = self.wire
+        gap = self._gap
+        for chunk in chunks:
+            if chunk.delta:
+                if gap is not None:
+                    now = self._loop.time()
+                    if self._first_delta is None:
+                        self._first_token(now, resp.upstream)
+                    else:
+                        gap.observe(now - self._last_delta)
+                    self._last_delta = now
+                elif self._first_delta is None:
+                    self._first_delta = self._loop.time()
+                self._deltas += 1
+            data = wire.chunk(chunk, self.next_seq)
+            if data is not None:
+                self._append(data)
+                if not self._committed:
+                    # Something of this answer is out: no other upstream may take over now.
+                    resp.commit()
+                    self._committed = True
+        self._publish()
+        if not self.finished and self._stalled():
+            self._pause()
 
     def _first_token(self, now: float, upstream: str) -> None:
         self._first_delta = now

@@ -18,15 +18,18 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 from relay.config import Config
 from relay.jsoncodec import dumps
 from relay.sse import Event, EventTooLarge, SSEDecoder
 from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded
+from relay.upstream.http1 import Answer, ConnectFailed, Connector, Head, request_head
 from relay.upstream.metadata import Redactor, request_id_of
 
 
@@ -65,19 +68,17 @@ class Target:
     idle_timeout: float
 
 
-class _Deadline(Exception):
-    """Raised into a read in progress when a timeout passes (see ``UpstreamResponse._on_timer``)."""
-
-
 log = logging.getLogger("relay.upstream")
 
 
 class UpstreamResponse:
-    """One streamed answer.  ``await read()`` returns the next batch of chunks, ``[]`` at the end."""
+    """One streamed answer.  ``run(on_chunks)`` hands each batch of chunks to ``on_chunks`` as it
+    arrives, from the connection's own callback (relay/upstream/http1.py), and returns at the end
+    of the answer or raises its UpstreamError."""
 
-    def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
+    def __init__(self, answer: Answer, head: Head, config: Config, target: Target, attempt_started: float,
                  total_deadline: float, redact: Redactor) -> None:
-        self._resp = resp
+        self._answer = answer
         self._redact = redact
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event, error_field=True)
         self._idle = target.idle_timeout
@@ -91,72 +92,133 @@ class UpstreamResponse:
         self._last_delta: float | None = None
         self._ended = False
         self._loop = asyncio.get_running_loop()
-        self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        #: Reading (not paused for backpressure): only then do the deadlines run.
         self._reading = False
-        self._failed: UpstreamError | None = None
-        self.status = resp.status
-        self.headers = resp.headers
-        self.request_id = request_id_of(resp.headers, redact)
+        self._paused_at = 0.0
+        self._on_chunks: Callable[[list[Chunk]], None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self.status = head.status
+        self.headers = head.headers
+        self.request_id = request_id_of(head.headers, redact)
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
 
-    async def read(self) -> list[Chunk]:
-        if self._failed is not None:
-            self._ended = True
-            raise self._failed
-        loop = self._loop
-        content = self._resp.content
-        while not self._ended:
-            if self._last_delta is not None:
-                deadline = self._last_delta + self._idle
-                if deadline > self._total_deadline:
-                    deadline = self._total_deadline
-            else:
-                deadline = min(self._first_deadline, self._total_deadline)
-            self._deadline = deadline
+    async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
+        """Deliver the answer's chunks to ``on_chunks`` until its end; UpstreamError for a failure.
+
+        ``on_chunks`` runs inside the connection's callback: what it raises ends the answer with
+        that exception, raised here.
+        """
+        if self._ended:
+            return
+        done = self._done = self._loop.create_future()
+        self._on_chunks = on_chunks
+        self._reading = True
+        self._arm(self._deadline())
+        self._answer.deliver(self)
+        try:
+            await done
+        finally:
+            self._reading = False
+            self._on_chunks = None
+            self._done = None
+
+    # -- the connection's side (http1.BodySink) --------------------------------------------
+
+    def body(self, data: bytes) -> None:
+        done = self._done
+        if done is None or done.done():
+            return
+        try:
+            events = self._decoder.feed(data)
+        except EventTooLarge as exc:
+            self._fail(UpstreamError("upstream_error", f"the upstream sent an oversized event: {exc}",
+                                     retriable=False, request_id=self.request_id))
+            return
+        chunks: list[Chunk] = []
+        failure: BaseException | None = None
+        try:
+            self._parse(events, chunks)
+        except UpstreamError as exc:
+            failure = exc  # after the chunks before it in the same read, which are delivered
+        try:
+            if chunks:
+                assert self._on_chunks is not None
+                self._on_chunks(chunks)
+        except Exception as exc:  # the generation's own failure, raised in its task
+            failure = exc
+        if done.done():
+            return  # cancelled from within on_chunks (its last client found gone)
+        if failure is not None:
+            self._fail(failure)
+        elif self._ended:
+            self._stop()
+            done.set_result(None)
+        elif self._reading:
             timer = self._timer
+            deadline = self._deadline()
             if timer is None or timer.when() > deadline:
                 self._arm(deadline)
-            self._reading = True
-            try:
-                data = await content.readany()
-            except _Deadline:
-                raise self._timeout_error(loop.time()) from None
-            except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
-                # RuntimeError: aiohttp's "Connection closed." when the connection dropped between
-                # two reads (a broken chunked framing, say).  Every failure of the read is this
-                # one honest end, never an exception out of the stream.
-                raise UpstreamError(
-                    "upstream_ended",
-                    "the upstream connection broke before the answer was finished",
-                    retriable=True, request_id=self.request_id, failover=True,
-                ) from exc
-            finally:
-                self._reading = False
-            if not data:
-                return self._at_eof()
-            try:
-                events = self._decoder.feed(data)
-            except EventTooLarge as exc:
-                raise UpstreamError("upstream_error", f"the upstream sent an oversized event: {exc}",
-                                    retriable=False, request_id=self.request_id) from None
-            chunks = self._chunks(events)
-            if chunks:
-                return chunks
-        return []
 
-    def resumed(self, paused: float) -> None:
-        """The reader stopped reading for ``paused`` seconds (backpressure): that silence was the
-        relay's, so the idle and first-token deadlines move by it (the total deadline does not)."""
+    def end(self, exc: Exception | None) -> None:
+        done = self._done
+        if done is None or done.done():
+            return
+        self._ended = True
+        if exc is not None:
+            failure = UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
+                                    retriable=True, request_id=self.request_id, failover=True)
+            failure.__cause__ = exc
+            self._fail(failure)
+        elif self.finish_reason is None:
+            self._fail(UpstreamError("upstream_ended", "the upstream ended the stream before the answer was finished",
+                                     retriable=True, request_id=self.request_id, failover=True))
+        else:
+            self._stop()
+            done.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self._ended = True
+        self._stop()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_exception(exc)
+
+    # -- backpressure ----------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Stop reading (every reader is full): TCP holds the upstream back, and its clocks stop."""
+        if not self._reading or self._ended:
+            return
+        self._reading = False
+        self._paused_at = self._loop.time()
+        self._answer.pause()
+
+    def resume(self) -> None:
+        if self._reading or self._ended or self._done is None:
+            return
+        # The pause was the relay's silence, not the upstream's: the idle and first-token
+        # deadlines move by it (the total deadline does not).
+        paused = self._loop.time() - self._paused_at
         if self._last_delta is not None:
             self._last_delta += paused
         self._first_deadline += paused
+        self._reading = True
+        self._arm(self._deadline())
+        self._answer.resume()
+
+    @property
+    def paused(self) -> bool:
+        return not self._reading and not self._ended and self._done is not None
 
     # One timer per stream instead of an asyncio.timeout per read: every delta moves the idle
     # deadline, so the timer is only re-armed (at the latest deadline) when it fires early.
-    # It interrupts a read in progress by failing the response's stream reader; a timer that
-    # fires between reads does nothing, the next read arms it again.
+
+    def _deadline(self) -> float:
+        if self._last_delta is not None:
+            return min(self._last_delta + self._idle, self._total_deadline)
+        return min(self._first_deadline, self._total_deadline)
 
     def _arm(self, when: float) -> None:
         if self._timer is not None:
@@ -167,21 +229,17 @@ class UpstreamResponse:
         self._timer = None
         if not self._reading or self._ended:
             return
-        if self._loop.time() >= self._deadline:
-            self._resp.content.set_exception(_Deadline())
+        now = self._loop.time()
+        deadline = self._deadline()
+        if now >= deadline:
+            self._fail(self._timeout_error(now))
         else:
-            self._arm(self._deadline)
+            self._arm(deadline)
 
-    def _chunks(self, events: list[Event]) -> list[Chunk]:
-        chunks: list[Chunk] = []
-        try:
-            self._parse(events, chunks)
-        except UpstreamError as exc:
-            if not chunks:
-                raise
-            # The chunks before the failure arrived in the same read: deliver them, fail next time.
-            self._failed = exc
-        return chunks
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _parse(self, events: list[Event], chunks: list[Chunk]) -> None:
         for event in events:
@@ -239,13 +297,6 @@ class UpstreamResponse:
         return error_from_body({"error": obj}, status=None, request_id=self.request_id, midstream=True,
                                redact=self._redact, raw=raw)
 
-    def _at_eof(self) -> list[Chunk]:
-        self._ended = True
-        if self.finish_reason is None:
-            raise UpstreamError("upstream_ended", "the upstream ended the stream before the answer was finished",
-                                retriable=True, request_id=self.request_id, failover=True)
-        return []
-
     def _timeout_error(self, now: float) -> UpstreamError:
         failover = False
         if now >= self._total_deadline:
@@ -260,18 +311,16 @@ class UpstreamResponse:
                              timeout=phase)
 
     def close(self) -> None:
-        """Close the connection (not release: draining would let the upstream keep generating)."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._resp.close()
+        """Close the connection (never drained: that would let the upstream keep generating)."""
+        self._stop()
+        self._ended = True
+        self._answer.close()
 
     def shutdown(self) -> None:
         """Tell the upstream now, before ``close()``: ``transport.close()`` leaves the socket open
         until the loop's next iteration, which is many milliseconds away when hundreds of clients
         left at once, and the upstream generates (and bills) until its connection closes."""
-        connection = self._resp.connection
-        transport = connection.transport if connection is not None else None
+        transport = self._answer.transport
         if transport is not None:
             shutdown_now(transport)
 
@@ -303,14 +352,18 @@ def shutdown_now(transport: asyncio.BaseTransport) -> None:
 class UpstreamClient:
     """One upstream: builds its requests from configuration and opens streamed answers."""
 
-    def __init__(self, session: aiohttp.ClientSession, config: Config, target: Target, redact: Redactor) -> None:
+    def __init__(self, session: aiohttp.ClientSession, config: Config, target: Target, redact: Redactor,
+                 connector: Connector | None = None) -> None:
+        #: For ``/models`` only; answers go through ``connector`` (relay/upstream/http1.py).
         self._session = session
+        self._connector = connector or Connector(config.pool_limit)
         self._config = config
         self.target = target
         self.name = target.name
         self.base_url = target.base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self._params = list(target.query)
+        self._answer_url = URL(self.url).extend_query(self._params)
         headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         headers.update(dict(target.headers))
         if target.api_key:
@@ -318,11 +371,12 @@ class UpstreamClient:
                 headers["Authorization"] = f"Bearer {target.api_key}"
             else:
                 headers[target.api_key_header] = target.api_key
+        for name, value in headers.items():
+            if any(c in value for c in "\r\n\0"):
+                # Never in the message: the value may be the key.
+                raise ValueError(f"the upstream header {name!r} contains a line break or NUL")
         self._headers = headers
         self._redact = redact
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=target.connect_timeout, sock_connect=target.connect_timeout
-        )
 
     async def open(self, body: dict[str, Any], *, total_deadline: float | None = None) -> UpstreamResponse:
         """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream.
@@ -340,33 +394,34 @@ class UpstreamClient:
         else:
             deadline, phase = total_deadline, "total"
             too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "text/event-stream", deadline, too_late, phase, failover=first <= total_deadline)
-        ctype = resp.headers.get("Content-Type", "")
+        answer, head = await self._post(body, "text/event-stream", deadline, too_late, phase,
+                                        failover=first <= total_deadline)
+        ctype = head.headers.get("Content-Type", "")
         if not ctype.startswith("text/event-stream"):
-            resp.close()
+            answer.close()
             raise UpstreamError("upstream_error",
-                                f"the upstream answered {resp.status} with {ctype or 'no content type'}, "
-                                "not an event stream", status=resp.status, retriable=False,
-                                request_id=request_id_of(resp.headers, self._redact), failover=True)
-        return UpstreamResponse(resp, self._config, self.target, started, total_deadline, self._redact)
+                                f"the upstream answered {head.status} with {ctype or 'no content type'}, "
+                                "not an event stream", status=head.status, retriable=False,
+                                request_id=request_id_of(head.headers, self._redact), failover=True)
+        return UpstreamResponse(answer, head, self._config, self.target, started, total_deadline, self._redact)
 
     async def complete(self, body: dict[str, Any], *, total_deadline: float | None = None) -> Completion:
         """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
         deadline = total_deadline or asyncio.get_running_loop().time() + self._config.total_timeout
         too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "application/json", deadline, too_late, "total", failover=False)
-        request_id = request_id_of(resp.headers, self._redact)
+        answer, head = await self._post(body, "application/json", deadline, too_late, "total", failover=False)
+        request_id = request_id_of(head.headers, self._redact)
         try:
             async with asyncio.timeout_at(deadline):
-                raw = await read_bounded(resp.content, self._config.max_upstream_event + 1)
+                raw = await answer.read(self._config.max_upstream_event + 1)
         except TimeoutError:
             raise UpstreamError("upstream_timeout", too_late, retriable=True, request_id=request_id,
                                 timeout="total") from None
-        except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+        except ConnectionError as exc:
             raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
                                 retriable=True, request_id=request_id, failover=True) from exc
         finally:
-            resp.close()
+            answer.close()
         if len(raw) > self._config.max_upstream_event:
             raise UpstreamError("upstream_error", "the upstream's answer is larger than --max-upstream-event",
                                 request_id=request_id)
@@ -380,49 +435,54 @@ class UpstreamClient:
         if obj.get("error"):
             raise error_from_body(obj, status=None, request_id=request_id, midstream=False,
                                   redact=self._redact, raw=raw.decode("utf-8", "replace"))
-        return Completion(raw, obj, request_id, resp.status)
+        return Completion(raw, obj, request_id, head.status)
 
     async def _post(self, body: dict[str, Any], accept: str, deadline: float, too_late: str, phase: str, *,
-                    failover: bool) -> aiohttp.ClientResponse:
-        """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx.
+                    failover: bool) -> tuple[Answer, Head]:
+        """POST ``body``; the answer once its headers are in, or UpstreamError for any failure or non-2xx.
 
         Redirects are not followed: one would carry the key (a custom header such as Azure's
         ``api-key`` survives a redirect to another host) wherever the upstream points.
         """
         payload = dumps(body).encode()
+        request = request_head("POST", self._answer_url, {**self._headers, "Accept": accept}, len(payload))
+        answer: Answer | None = None
         try:
             async with asyncio.timeout_at(deadline):
-                resp = await self._session.post(self.url, data=payload, headers={**self._headers, "Accept": accept},
-                                                params=self._params, timeout=self._timeout, allow_redirects=False)
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamError("upstream_timeout", f"could not connect to the upstream within the connect timeout "
-                                f"({self.target.connect_timeout:g} s)", retriable=True, failover=True,
-                                timeout="connect") from None
+                answer = await self._connector.send(self._answer_url, request, payload, self.target.connect_timeout)
+                head = await answer.head
+        except ConnectFailed as exc:
+            if exc.timeout:
+                raise UpstreamError("upstream_timeout", exc.reason, retriable=True, failover=True,
+                                    timeout="connect") from None
+            # Debug: the pool warns once when an upstream starts failing (relay/upstream/pool.py).
+            log.debug("cannot connect to the upstream %s: %s", self.name, exc.reason)
+            raise UpstreamError("upstream_error", exc.reason, status=None, retriable=True, failover=True) from None
         except TimeoutError:
+            if answer is not None:
+                answer.close()
             raise UpstreamError("upstream_timeout", too_late, retriable=True, failover=failover,
                                 timeout=phase) from None
-        except aiohttp.ClientConnectorError as exc:
-            # From the errno, not strerror: asyncio's text names the upstream's address, which
-            # is the operator's business, not the client's.
-            errno = exc.os_error.errno
-            reason = os.strerror(errno) if errno else type(exc.os_error).__name__
-            # Debug: the pool warns once when an upstream starts failing (relay/upstream/pool.py).
-            log.debug("cannot connect to the upstream %s at %s: %s", self.name, exc.host, exc.os_error.strerror)
-            raise UpstreamError("upstream_error", f"could not connect to the upstream ({reason})",
+        except ConnectionError as exc:
+            if answer is not None:
+                answer.close()
+            raise UpstreamError("upstream_error", f"the upstream request failed ({exc})",
                                 status=None, retriable=True, failover=True) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            raise UpstreamError("upstream_error", f"the upstream request failed ({type(exc).__name__})",
-                                status=None, retriable=True, failover=True) from None
-        if resp.status >= 300:
+        except BaseException:
+            if answer is not None:
+                answer.close()
+            raise
+        if head.status >= 300:
             # The error body is read under a deadline too: an upstream that sends its status and
             # then nothing must not hold the stream past the timeouts.  Headers are the upstream's
             # first sign of life, so from here silence is bounded by the idle timeout.
             body_deadline = min(deadline, asyncio.get_running_loop().time() + self.target.idle_timeout)
             try:
-                raise await error_from_response(resp, redact=self._redact, deadline=body_deadline)
+                raise await error_from_response(head.status, head.reason, head.headers, answer.read,
+                                                redact=self._redact, deadline=body_deadline)
             finally:
-                resp.close()
-        return resp
+                answer.close()
+        return answer, head
 
     async def probe(self, timeout: float) -> int:
         """``GET {base}/models`` with the key; the status, for the readiness answer (the body is not read)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -90,13 +91,13 @@ async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
     return b"".join(parts)
 
 
-async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
+async def error_from_response(status: int, reason: str, headers: Mapping[str, str],
+                              read: Callable[[int], Awaitable[bytes]], *, redact: Redactor,
                               deadline: float) -> UpstreamError:
-    """The UpstreamError for a non-2xx answer; its body is read until ``deadline`` (loop time)."""
-    request_id = request_id_of(resp.headers, redact)
-    retry_after = retry_after_of(resp.headers)
-    retry_after_ms = retry_after_ms_of(resp.headers)
-    status = resp.status
+    """The UpstreamError for a non-2xx answer; its body (``read(limit)``) is read until ``deadline``."""
+    request_id = request_id_of(headers, redact)
+    retry_after = retry_after_of(headers)
+    retry_after_ms = retry_after_ms_of(headers)
     if status in (401, 403):
         # The relay's own credentials failed.  Never pass the upstream's text on: OpenAI's 401
         # message quotes part of the key.
@@ -110,20 +111,20 @@ async def error_from_response(resp: aiohttp.ClientResponse, *, redact: Redactor,
     try:
         async with asyncio.timeout_at(deadline):
             # One byte past the bound tells a body that fits from one that was cut.
-            raw = await read_bounded(resp.content, ERROR_BODY_LIMIT + 1)
+            raw = await read(ERROR_BODY_LIMIT + 1)
     except TimeoutError:
         return UpstreamError(
             "upstream_timeout", f"the upstream answered HTTP {status} and then sent nothing more within the timeout",
             status=status, retriable=retriable, retry_after=retry_after, retry_after_ms=retry_after_ms,
             request_id=request_id, failover=fails_over(status),
         )
-    except (aiohttp.ClientError, ConnectionError):
+    except ConnectionError:
         raw = b""
     err = None
     if len(raw) <= ERROR_BODY_LIMIT:
         err = error_from_json(raw, status=status, request_id=request_id, redact=redact)
     if err is None:
-        reason = redact.text(resp.reason or "error", 100)
+        reason = redact.text(reason or "error", 100)
         err = UpstreamError("upstream_error", f"the upstream answered HTTP {status} {reason}",
                             status=status, request_id=request_id)
     err.retriable, err.retry_after, err.retry_after_ms = retriable, retry_after, retry_after_ms

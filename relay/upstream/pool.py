@@ -33,6 +33,7 @@ import aiohttp
 from relay.config import Config
 from relay.upstream.client import Chunk, Completion, Target, UpstreamClient, UpstreamResponse
 from relay.upstream.errors import DOWN_STATUSES, UpstreamError
+from relay.upstream.http1 import Connector
 from relay.upstream.metadata import Redactor
 from relay.upstream_config import UpstreamSpec
 
@@ -160,13 +161,23 @@ class PooledResponse:
         # No other upstream will be asked now: the request (a whole conversation) can go.
         self._route.body = {}
 
-    def resumed(self, paused: float) -> None:
-        self._resp.resumed(paused)
+    def pause(self) -> None:
+        self._resp.pause()
 
-    async def read(self) -> list[Chunk]:
+    def resume(self) -> None:
+        self._resp.resume()
+
+    @property
+    def paused(self) -> bool:
+        return self._resp.paused
+
+    async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
+        """Deliver the answer to ``on_chunks`` (relay/upstream/client.py), moving to the next
+        upstream after a failure until ``commit()``."""
         while True:
             try:
-                return await self._resp.read()
+                await self._resp.run(on_chunks)
+                return
             except UpstreamError as exc:
                 self._pool.timed_out(self._route, exc)
                 if self._committed or not exc.failover:
@@ -219,7 +230,10 @@ class Pool:
         # Every configured key is blanked in whatever any upstream sends on: one upstream could
         # echo another's (a shared proxy in front of both).
         redact = Redactor([config.api_key, *(spec.api_key for spec in specs)])
-        members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact)) for spec in specs]
+        # One bound on open answers across every upstream (--pool-limit).
+        connector = Connector(config.pool_limit)
+        members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact, connector))
+                   for spec in specs]
         return cls(config, members, clock=clock, rng=rng)
 
     # -- routing ---------------------------------------------------------------------------
