@@ -365,3 +365,28 @@ async def redis() -> AsyncIterator[Any]:
             yield server
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- A raw upstream: bytes exactly as a test scripts them -------------------------------------
+
+@asynccontextmanager
+async def raw_upstream(script: bytes) -> AsyncIterator[str]:
+    """A hostile upstream on loopback: it reads the request, writes ``script`` as is and closes."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        await reader.readexactly(length)
+        writer.write(script)
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from conftest import TEST_KEY, FakeUpstream, SSEClient, chunk, sse, text_of, wait_for
+from conftest import TEST_KEY, FakeUpstream, SSEClient, chunk, chunked, raw_upstream, sse, text_of, wait_for
 
 Client = Any
 V1 = "/v1/chat/completions"
@@ -129,29 +127,6 @@ async def test_a_non_ascii_digit_in_last_event_id_is_not_a_position(relay: Clien
 
 
 # -- 3. A broken upstream connection is always an honest end -----------------------------------
-
-@asynccontextmanager
-async def raw_upstream(script: bytes) -> AsyncIterator[str]:
-    """A hostile upstream on loopback: it reads the request, writes ``script`` as is and closes."""
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                       if line.lower().startswith(b"content-length:")), 0)
-        await reader.readexactly(length)
-        writer.write(script)
-        await writer.drain()
-        writer.close()
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-def chunked(*pieces: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
-
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 FIRST = sse(chunk("partial", role="assistant"))

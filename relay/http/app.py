@@ -26,8 +26,6 @@ from relay.upstream.pool import Pool, shortcut_spec
 
 log = logging.getLogger("relay")
 
-#: Bytes an upstream response buffers before aiohttp stops reading its socket (aiohttp: 64 KiB).
-UPSTREAM_READ_BUFFER = 16 * 1024
 #: The page shipped beside the package in a source checkout.
 DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent.parent / "web"
 
@@ -107,11 +105,9 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     else:
         log.info("relaying to %s", config.upstream)
         specs = [shortcut_spec(config, config.upstream)]
-    connector = aiohttp.TCPConnector(limit=config.pool_limit)
-    # A small read buffer per upstream response: when a generation stops reading (every reader of
-    # it stalled), aiohttp stops reading its socket once this much waits (twice it, in fact), so a
-    # paused upstream costs kilobytes and no more parsing.  Readers that keep up never fill it.
-    session = aiohttp.ClientSession(connector=connector, auto_decompress=True, read_bufsize=UPSTREAM_READ_BUFFER)
+    # Only for the upstreams' GET /models (the readiness probe, "*" models): the answers go
+    # through relay/upstream/http1.py, which stops reading a paused stream's socket at once.
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=config.pool_limit))
     pool = Pool.build(session, config, specs, clock=clock, rng=rng)
     pool.metrics = metrics = app[METRICS]
     app[UPSTREAMS] = pool

@@ -77,8 +77,12 @@ class Answer(asyncio.Protocol):
     """One answer on its own connection: ``head`` resolves with the status and headers, then the
     body goes to the sink given to ``deliver`` (what arrives before is held for it)."""
 
+    __slots__ = ("_early", "_ending", "_finished", "_inflate", "_release", "_remaining", "_rest", "_sink", "_state",
+                 "head", "transport")
+
     def __init__(self, loop: asyncio.AbstractEventLoop, release: asyncio.Semaphore | None) -> None:
         self.head: asyncio.Future[Head] = loop.create_future()
+        self._finished = False
         self.transport: asyncio.Transport | None = None
         self._release = release
         self._state = _HEAD
@@ -111,7 +115,11 @@ class Answer(asyncio.Protocol):
             self._release.release()
             self._release = None
         if self._state == _TO_CLOSE and exc is None:
-            self._flush()
+            try:
+                self._flush()
+            except Exception as failure:  # a corrupt compressed tail, or the sink's own failure
+                self._finish(failure)
+                return
             self._finish(None)
         elif self._state != _DONE:
             self._finish(ProtocolError("the upstream connection closed before the answer was complete"))
@@ -142,11 +150,10 @@ class Answer(asyncio.Protocol):
         self._sink = None
         self._early = []
         self._ending = []
-        if self._state != _DONE:
-            self._state = _DONE
-            if not self.head.done():
-                self.head.set_exception(ProtocolError("the answer was closed"))
-                self.head.exception()  # retrieved: nobody awaits a closed answer's head
+        self._finished = True
+        self._state = _DONE
+        if not self.head.done():
+            self.head.cancel()
         if self.transport is not None:
             self.transport.close()
 
@@ -212,9 +219,9 @@ class Answer(asyncio.Protocol):
                 pos = nl + 2
             elif state == _HEAD:
                 cut = data.find(b"\r\n\r\n", pos)
+                if (cut if cut >= 0 else end) - pos > MAX_HEAD:
+                    raise ProtocolError("the upstream's headers are too large")
                 if cut < 0:
-                    if end - pos > MAX_HEAD:
-                        raise ProtocolError("the upstream's headers are too large")
                     break
                 self._parse_head(data[pos:cut])
                 pos = cut + 4
@@ -302,15 +309,17 @@ class Answer(asyncio.Protocol):
             sink.body(data)
 
     def _finish(self, exc: Exception | None) -> None:
-        was = self._state
+        """The answer's one end: to the head's waiter if it is still waiting, else to the sink."""
+        if self._finished:
+            return
+        self._finished = True
         self._state = _DONE
         if not self.head.done():
             self.head.set_exception(exc if exc is not None else ProtocolError("the upstream sent no answer"))
-        elif was != _DONE or exc is not None or self._sink is not None or self._early:
-            if self._sink is not None:
-                self._sink.end(exc)
-            else:
-                self._ending.append(exc)
+        elif self._sink is not None:
+            self._sink.end(exc)
+        else:
+            self._ending.append(exc)
         if self.transport is not None:
             self.transport.close()
 
@@ -400,9 +409,7 @@ class Connector:
                 slots.release()
             raise
         assert isinstance(answer, Answer) and answer.transport is not None
-        answer.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
-            answer.transport.write(body)
+        answer.transport.writelines((head, body))
         return answer
 
 
