@@ -1,13 +1,14 @@
-"""The model API client: one streamed chat completion at a time over a shared ClientSession.
+"""The model API client: one chat completion at a time, over its own connection (relay/upstream/http1.py).
 
 It builds the request (URL, key header, extra headers and query from configuration only:
 nothing a client sends can change where the relay connects), maps HTTP failures to one
 ``UpstreamError``, decodes the event stream incrementally and enforces the timeouts.
 
-Decisions (docs/architecture.md): read with ``readany()`` and decode incrementally, because
-``readline()`` splits on LF only and caps line length; EOF after a ``finish_reason``
-counts as finished (some servers omit ``[DONE]``), EOF before one is ``upstream_ended``;
-the response is closed, never drained, because closing the connection is the only way
+Decisions (docs/architecture.md): the body is pushed, not read: each piece the connection
+receives is decoded here and its chunks handed to the generation in the same callback, with no
+buffer and no task switch between.  Decoding is incremental because pieces split anywhere.  EOF
+after a ``finish_reason`` counts as finished (some servers omit ``[DONE]``), EOF before one is
+``upstream_ended``; the connection is closed, never drained, because closing it is the only way
 to stop the billing.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from relay import __version__
 from relay.config import Config
 from relay.jsoncodec import dumps
 from relay.sse import Event, EventTooLarge, SSEDecoder
@@ -364,7 +366,11 @@ class UpstreamClient:
         self.url = self.base_url + "/chat/completions"
         self._params = list(target.query)
         self._answer_url = URL(self.url).extend_query(self._params)
-        headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+        # The codings http1.py decodes, named: with no Accept-Encoding any coding would be acceptable.
+        headers = {"Accept": "text/event-stream", "Content-Type": "application/json",
+                   "Accept-Encoding": "gzip, deflate", "User-Agent": f"relay/{__version__}"}
+        configured = {name.lower() for name, _ in target.headers}
+        headers = {k: v for k, v in headers.items() if k.lower() not in configured}  # theirs win, in any case
         headers.update(dict(target.headers))
         if target.api_key:
             if target.api_key_header.lower() == "authorization":
