@@ -210,10 +210,6 @@ class UpstreamResponse:
         self._arm(self._deadline())
         self._answer.resume()
 
-    @property
-    def paused(self) -> bool:
-        return not self._reading and not self._ended and self._done is not None
-
     # One timer per stream instead of an asyncio.timeout per read: every delta moves the idle
     # deadline, so the timer is only re-armed (at the latest deadline) when it fires early.
 

@@ -167,10 +167,6 @@ class PooledResponse:
     def resume(self) -> None:
         self._resp.resume()
 
-    @property
-    def paused(self) -> bool:
-        return self._resp.paused
-
     async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
         """Deliver the answer to ``on_chunks`` (relay/upstream/client.py), moving to the next
         upstream after a failure until ``commit()``."""
