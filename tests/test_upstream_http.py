@@ -240,3 +240,19 @@ async def test_a_chunk_reaches_the_client_from_the_upstream_connections_own_call
     events = await client.all()
     assert events[-1]["type"] == "done"
     assert steps and set(steps[1:]) == {"callback"}, steps
+
+
+@pytest.mark.parametrize("line", ["chunk-size", "trailer"])
+@pytest.mark.parametrize("size,ends", [(100, "done"), (9 * 1024, "upstream_ended")])
+async def test_an_overlong_framing_line_ends_the_stream_instead_of_being_buffered(
+        make_relay: Any, line: str, size: int, ends: str) -> None:
+    # The whole answer but [DONE] (its finish is enough to count as finished), then the line.
+    pad = b"x" * size
+    tail = (b"1;" + pad + b"\r\n\n\r\n0\r\n\r\n" if line == "chunk-size"
+            else b"0\r\nX-Trailer: " + pad + b"\r\n\r\n")
+    script = SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(*ANSWER[:3]) + tail
+    async with raw_upstream(script) as url:
+        relay = await make_relay(upstream=url)
+        events = await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all()
+        assert text_of(events) == "Hello"
+        assert (events[-1]["type"] if ends == "done" else events[-1]["code"]) == ends, events

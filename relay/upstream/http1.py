@@ -169,8 +169,25 @@ class Answer(asyncio.Protocol):
         if self._rest:
             data = self._rest + data
             self._rest = b""
-        pos, end = 0, len(data)
         out: list[bytes] = []
+        try:
+            pos = self._unframe(data, out)
+        except ProtocolError:
+            if out:
+                self._pass_on(b"".join(out))  # what came before the break, then the break
+            raise
+        if pos < len(data) and self._state != _DONE:
+            self._rest = data[pos:]
+        if out:
+            # One delivery per read, however many chunks it held: one decode, one batch of events.
+            self._pass_on(out[0] if len(out) == 1 else b"".join(out))
+        if self._state == _DONE:
+            self._flush()
+            self._finish(None)
+
+    def _unframe(self, data: bytes, out: list[bytes]) -> int:
+        """Take the framing off ``data`` into ``out``; where the unread rest begins."""
+        pos, end = 0, len(data)
         while pos < end:
             state = self._state
             if state == _DATA or state == _LENGTH:
@@ -185,10 +202,8 @@ class Answer(asyncio.Protocol):
                         self._state = _DONE
                         break
             elif state == _SIZE:
-                nl = data.find(b"\r\n", pos)
+                nl = _line_end(data, pos, "chunk-size")
                 if nl < 0:
-                    if end - pos > MAX_LINE:
-                        raise ProtocolError("the upstream sent a chunk-size line that is too long")
                     break
                 size = data[pos:nl].split(b";", 1)[0].strip(b" \t")
                 if not _HEX.fullmatch(size):
@@ -207,10 +222,8 @@ class Answer(asyncio.Protocol):
                 out.append(data if pos == 0 else data[pos:])
                 pos = end
             elif state == _TRAILER:
-                nl = data.find(b"\r\n", pos)
+                nl = _line_end(data, pos, "trailer")
                 if nl < 0:
-                    if end - pos > MAX_LINE:
-                        raise ProtocolError("the upstream sent a trailer line that is too long")
                     break
                 if nl == pos:
                     self._state = _DONE
@@ -227,14 +240,7 @@ class Answer(asyncio.Protocol):
                 pos = cut + 4
             else:  # _DONE: bytes after the answer are not ours to read
                 break
-        if pos < end and self._state != _DONE:
-            self._rest = data[pos:]
-        if out:
-            # One delivery per read, however many chunks it held: one decode, one batch of events.
-            self._pass_on(out[0] if len(out) == 1 else b"".join(out))
-        if self._state == _DONE:
-            self._flush()
-            self._finish(None)
+        return pos
 
     def _parse_head(self, raw: bytes) -> None:
         lines = raw.split(b"\r\n")
@@ -322,6 +328,14 @@ class Answer(asyncio.Protocol):
             self._ending.append(exc)
         if self.transport is not None:
             self.transport.close()
+
+
+def _line_end(data: bytes, pos: int, what: str) -> int:
+    """Where the line starting at ``pos`` ends (its CRLF), -1 while incomplete; too long is an error."""
+    nl = data.find(b"\r\n", pos, pos + MAX_LINE + 2)
+    if nl < 0 and len(data) - pos > MAX_LINE:
+        raise ProtocolError(f"the upstream sent a {what} line that is too long")
+    return nl
 
 
 class _Collect:
