@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from relay.upstream_config import ConfigError, UpstreamSpec, check_header, check_url, parse_pairs, read_key_file
+from relay.upstream_config import (
+    ConfigError,
+    UpstreamSpec,
+    check_header,
+    check_proxy,
+    check_url,
+    parse_pairs,
+    read_key_file,
+)
 
 __all__ = ["CREDENTIAL_NAME", "Config", "ConfigError", "UpstreamSpec", "parse_pairs", "read_api_key"]
 
@@ -47,6 +55,15 @@ class Config:
     #: off for upstreams that reject the field.
     stream_usage: bool = True
     pool_limit: int = 1000
+    #: An HTTP proxy every upstream is reached through (an entry's own ``proxy`` wins).
+    upstream_proxy: str | None = None
+    #: The proxy's ``(user, password)``: from --upstream-proxy-auth-file or the credential
+    #: ``upstream-proxy-auth``, never a flag or the URL.
+    upstream_proxy_auth: tuple[str, str] | None = field(default=None, repr=False)
+    #: Take the proxy from ``HTTPS_PROXY`` / ``HTTP_PROXY`` / ``NO_PROXY`` (off: the environment is ignored).
+    upstream_trust_env: bool = False
+    #: A CA bundle trusted besides the system's store for https upstreams (an entry's ``ca_file`` wins).
+    upstream_ca_file: Path | None = None
     keepalive: float = 15.0
     #: Seconds an idle keep-alive connection (between requests) is kept open; aiohttp's 75 s is
     #: long for a server that holds a paid key and counts its sockets.
@@ -166,6 +183,12 @@ def _validate(c: Config) -> None:
             raise ConfigError("[[upstreams]] in the config file and --upstream (or OPENAI_BASE_URL) cannot be used "
                               "together: list every upstream in the file, or use the flag alone")
     _validate_upstreams(c)
+    if c.upstream_proxy is not None:
+        check_proxy(c.upstream_proxy, "--upstream-proxy")
+    if c.upstream_proxy_auth is not None and c.upstream_proxy is None:
+        raise ConfigError("--upstream-proxy-auth-file (or the credential upstream-proxy-auth) needs --upstream-proxy")
+    if c.upstream_ca_file is not None and not c.upstream_ca_file.is_file():
+        raise ConfigError(f"--upstream-ca-file {str(c.upstream_ca_file)!r} is not a readable file")
     positive = {
         "keepalive": c.keepalive, "keepalive-idle": c.keepalive_idle, "header-timeout": c.header_timeout, "body-timeout": c.body_timeout, "connect-timeout": c.connect_timeout,
         "first-token-timeout": c.first_token_timeout, "idle-timeout": c.idle_timeout,
@@ -352,7 +375,7 @@ def load_file(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read the config file {path!r}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"the config file {path!r} is not valid TOML: {exc}") from None
-    known = {f.name for f in fields(Config)} - {"api_key", "redis_password", "signing_key"}
+    known = {f.name for f in fields(Config)} - {"api_key", "redis_password", "signing_key", "upstream_proxy_auth"}
     out: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -361,9 +384,10 @@ def load_file(path: str) -> dict[str, Any]:
                 f"the config file {path!r} must not hold the API key; use api-key-file, "
                 "OPENAI_API_KEY or systemd credentials"
             )
-        if name in ("redis_password", "signing_key"):
+        if name in ("redis_password", "signing_key", "upstream_proxy_auth"):
             raise ConfigError(f"the config file {path!r} must not hold {key!r}; use a file or the environment")
-        if name not in known and name not in ("api_key_file", "redis_password_file", "signing_key_file"):
+        if name not in known and name not in ("api_key_file", "redis_password_file", "signing_key_file",
+                                              "upstream_proxy_auth_file"):
             raise ConfigError(f"the config file {path!r} has an unknown setting {key!r}")
         out[name] = value
     return out

@@ -41,6 +41,15 @@ class UpstreamSpec:
     connect_timeout: float | None = None
     first_token_timeout: float | None = None
     idle_timeout: float | None = None
+    #: An HTTP proxy to reach it through (``http://proxy:3128``); None: ``--upstream-proxy``, if any.
+    proxy: str | None = None
+    #: The proxy's ``(user, password)``, from a file or a credential, never the URL.
+    proxy_auth: tuple[str, str] | None = field(default=None, repr=False)
+    #: A CA bundle trusted besides the system's store, for a private CA; None: ``--upstream-ca-file``.
+    ca_file: Path | None = None
+    #: A client certificate (and its key, if not in the same file) for servers that require one.
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     def upstream_model(self, model: str) -> str | None:
         """The name this upstream knows ``model`` by, or None when it does not serve it."""
@@ -53,6 +62,7 @@ class UpstreamSpec:
 ENTRY_KEYS: Final = frozenset({
     "name", "url", "key_env", "key_file", "key_credential", "api_key_header", "headers", "query", "models",
     "priority", "weight", "connect_timeout", "first_token_timeout", "idle_timeout",
+    "proxy", "proxy_auth_file", "proxy_auth_credential", "ca_file", "client_cert", "client_key",
 })
 
 
@@ -66,6 +76,40 @@ def check_url(url: Any, what: str) -> str:
     if parts.query or parts.fragment:
         raise ConfigError(f"{what} must not carry a query or fragment; use the query setting for parameters")
     return url
+
+
+def check_proxy(url: Any, what: str) -> str:
+    """An ``http://`` proxy URL without credentials (those come from a file: ``ps`` shows flags)."""
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be an http:// proxy URL, not {url!r}")
+    parts = urlsplit(url)
+    if parts.username is not None or parts.password is not None:
+        # Never repeat the URL: it holds the password.
+        raise ConfigError(f"{what} must not hold credentials (ps and logs would show them): put "
+                          "USER:PASSWORD in a file (--upstream-proxy-auth-file, or proxy_auth_file per upstream)")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{what} must be an http:// (or https://) proxy URL such as http://proxy.internal:3128, "
+                          f"not {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"{what} must be a proxy's address only (scheme, host, port), not {url!r}")
+    return url
+
+
+def read_proxy_auth(path: Path, what: str) -> tuple[str, str]:
+    """``USER:PASSWORD`` from a file; the message never repeats the file's contents."""
+    user, sep, password = read_key_file(path, what).partition(":")
+    if not sep or not user:
+        raise ConfigError(f"{what} {str(path)!r} must hold USER:PASSWORD on one line")
+    return user, password
+
+
+def check_file(value: Any, what: str) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} must be a file path")
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{what} {value!r} is not a readable file")
+    return path
 
 
 def check_header(name: str, value: str) -> None:
@@ -122,6 +166,24 @@ def _read_key(entry: Mapping[str, Any], where: str, environ: Mapping[str, str]) 
     else:
         path = Path(ref)
     return read_key_file(path, f"{where}: the key file")
+
+
+def _proxy_auth(entry: Mapping[str, Any], where: str, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    given = [k for k in ("proxy_auth_file", "proxy_auth_credential") if k in entry]
+    if len(given) > 1:
+        raise ConfigError(f"{where}: give one of proxy_auth_file, proxy_auth_credential, not both")
+    if not given:
+        return None
+    ref = entry[given[0]]
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{where}: {given[0]} must be a non-empty string")
+    if given[0] == "proxy_auth_credential":
+        directory = environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ConfigError(f"{where}: proxy_auth_credential needs systemd's $CREDENTIALS_DIRECTORY "
+                              "(LoadCredential=)")
+        return read_proxy_auth(Path(directory) / ref, f"{where}: the proxy credentials")
+    return read_proxy_auth(Path(ref), f"{where}: the proxy credentials file")
 
 
 def read_key_file(path: Path, what: str) -> str:
@@ -206,11 +268,20 @@ def parse_upstreams(raw: Any, environ: Mapping[str, str] = os.environ) -> tuple[
         check_header(key_header, "")
         timeouts = {k: float(_number(entry, k, where, integer=False, low=0.001))
                     for k in ("connect_timeout", "first_token_timeout", "idle_timeout") if k in entry}
+        proxy = check_proxy(entry["proxy"], f"{where}: proxy") if "proxy" in entry else None
+        proxy_auth = _proxy_auth(entry, where, environ)
+        if proxy_auth is not None and proxy is None:
+            raise ConfigError(f"{where}: proxy_auth_file or proxy_auth_credential needs proxy")
+        tls = {k: check_file(entry[k], f"{where}: {k}") for k in ("ca_file", "client_cert", "client_key")
+               if k in entry}
+        if "client_key" in tls and "client_cert" not in tls:
+            raise ConfigError(f"{where}: client_key needs client_cert")
         specs.append(UpstreamSpec(
             name=name, url=url.rstrip("/"), api_key=_read_key(entry, where, environ), api_key_header=key_header,
             headers=headers, query=query, models=models, any_model=any_model,
             priority=int(_number(entry, "priority", where, integer=True, low=0)) if "priority" in entry else 0,
             weight=int(_number(entry, "weight", where, integer=True, low=1)) if "weight" in entry else 1,
-            **timeouts,
+            proxy=proxy, proxy_auth=proxy_auth, ca_file=tls.get("ca_file"), client_cert=tls.get("client_cert"),
+            client_key=tls.get("client_key"), **timeouts,
         ))
     return tuple(specs)

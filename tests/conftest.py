@@ -76,6 +76,8 @@ class FakeUpstream:
     #: GET /v1/models (the relay's readiness probe): the status to answer, and the headers seen.
     models_status: int = 200
     models_headers: list[dict[str, str]] = field(default_factory=list)
+    #: The relay's address for each request: one per upstream connection it opened.
+    peers: list[Any] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -91,6 +93,7 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else None)
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
         behaviour = self.behaviour or tokens(["Hello", ",", " world", "!"])
@@ -370,15 +373,22 @@ async def redis() -> AsyncIterator[Any]:
 # -- A raw upstream: bytes exactly as a test scripts them -------------------------------------
 
 @asynccontextmanager
-async def raw_upstream(script: bytes) -> AsyncIterator[str]:
-    """A hostile upstream on loopback: it reads the request, writes ``script`` as is and closes."""
+async def raw_upstream(script: bytes | list[bytes | asyncio.Event]) -> AsyncIterator[str]:
+    """A hostile upstream on loopback: it reads the request, writes ``script`` as is and closes.
+
+    A list is written piece by piece, waiting at each ``asyncio.Event`` until the test sets it.
+    """
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                        if line.lower().startswith(b"content-length:")), 0)
         await reader.readexactly(length)
-        writer.write(script)
-        await writer.drain()
+        for piece in [script] if isinstance(script, bytes) else script:
+            if isinstance(piece, asyncio.Event):
+                await piece.wait()
+            else:
+                writer.write(piece)
+                await writer.drain()
         writer.close()
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:

@@ -442,8 +442,8 @@ class Generation:
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
 
     def _take(self, chunks: list[Chunk]) -> None:
-        """One batch of the upstream's chunks, in its connection's callback (relay/upstream/http1.py):
-        logged and handed to the waiting readers in the same step, with no task switch."""
+        """One batch of the upstream's chunks (everything that had arrived): logged and handed to
+        the waiting readers in the same step (their sinks write it), with no task switch."""
         resp = self._resp
         assert resp is not None
         wire = self.wire

@@ -23,6 +23,7 @@ from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
 from relay.upstream.pool import Pool, shortcut_spec
+from relay.upstream.session import make_session
 
 log = logging.getLogger("relay")
 
@@ -105,9 +106,7 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
     else:
         log.info("relaying to %s", config.upstream)
         specs = [shortcut_spec(config, config.upstream)]
-    # Only for the upstreams' GET /models (the readiness probe, "*" models): the answers go
-    # through relay/upstream/http1.py, which stops reading a paused stream's socket at once.
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=config.pool_limit))
+    session = make_session(config)
     pool = Pool.build(session, config, specs, clock=clock, rng=rng)
     pool.metrics = metrics = app[METRICS]
     app[UPSTREAMS] = pool

@@ -22,7 +22,7 @@ from relay.config import (
     parse_pairs,
     read_api_key,
 )
-from relay.upstream_config import parse_upstreams, read_key_file
+from relay.upstream_config import parse_upstreams, read_key_file, read_proxy_auth
 
 log = logging.getLogger("relay")
 
@@ -35,7 +35,14 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--model", "model", str, "RELAY_MODEL", "model used when a request names none"),
     ("--api-key-header", "api_key_header", str, None,
      "header carrying the key: Authorization sends 'Bearer KEY'; e.g. api-key for Azure OpenAI"),
-    ("--pool-limit", "pool_limit", int, None, "most simultaneous upstream connections"),
+    ("--pool-limit", "pool_limit", int, None,
+     "most upstream connections open at once, every upstream together (idle kept-alive ones included); "
+     "past it a request waits for one within --connect-timeout"),
+    ("--upstream-proxy", "upstream_proxy", str, "RELAY_UPSTREAM_PROXY",
+     "reach the upstreams through this HTTP proxy, e.g. http://proxy.internal:3128 (credentials: "
+     "--upstream-proxy-auth-file, never in the URL)"),
+    ("--upstream-ca-file", "upstream_ca_file", Path, None,
+     "a CA bundle trusted besides the system's store for https upstreams (a private CA)"),
     ("--keepalive", "keepalive", float, "RELAY_KEEPALIVE", "seconds of silence before a keepalive comment"),
     ("--keepalive-idle", "keepalive_idle", float, None,
      "seconds a connection may stay open without a complete request head: idle between requests "
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file holding the secret that signs events URLs, the same on every instance "
                        "(default with --redis: one kept in Redis; else a per-process random one)")
     serve.add_argument("--api-key-file", help="file holding the upstream API key")
+    serve.add_argument("--upstream-proxy-auth-file", metavar="FILE",
+                       help="file holding USER:PASSWORD for --upstream-proxy (or the systemd credential "
+                       "upstream-proxy-auth)")
+    serve.add_argument("--upstream-trust-env", dest="upstream_trust_env", action="store_true", default=None,
+                       help="take the upstream proxy from HTTPS_PROXY / HTTP_PROXY and NO_PROXY, as curl does "
+                       "(default: off, the environment is ignored)")
     serve.add_argument("--upstream-header", action="append", default=None, metavar="'NAME: VALUE'",
                        help="extra header sent upstream (repeatable)")
     serve.add_argument("--upstream-query", action="append", default=None, metavar="NAME=VALUE",
@@ -209,7 +222,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
                 values[dest] = type_(environ[env])
             except ValueError:
                 raise ConfigError(f"{env}={environ[env]!r} is not a valid {type_.__name__}") from None
-        elif dest in ("web_root", "tokens_file") and dest in values:
+        elif dest in ("web_root", "tokens_file", "upstream_ca_file") and dest in values:
             values[dest] = Path(values[dest])
     if args.upstream_header is not None:
         values["upstream_headers"] = parse_pairs(args.upstream_header, ":", "--upstream-header")
@@ -244,6 +257,9 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
         values["allow_missing_host"] = args.allow_missing_host
     if args.strict_fields is not None:
         values["strict_fields"] = args.strict_fields
+    if args.upstream_trust_env is not None:
+        values["upstream_trust_env"] = args.upstream_trust_env
+    _proxy_auth(args, values, environ)
     if "upstreams" in values:
         if values.get("upstream"):
             raise ConfigError("[[upstreams]] in the config file and --upstream (or OPENAI_BASE_URL) cannot be used "
@@ -258,6 +274,16 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     if config.tokens_file is not None:
         read_tokens(config.tokens_file)  # a missing or empty file stops the start, with the reason
     return config
+
+
+def _proxy_auth(args: argparse.Namespace, values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The upstream proxy's credentials: from a file or the systemd credential, never a flag."""
+    auth_file = args.upstream_proxy_auth_file or values.pop("upstream_proxy_auth_file", None)
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if auth_file is None and credentials and (Path(credentials) / "upstream-proxy-auth").exists():
+        auth_file = str(Path(credentials) / "upstream-proxy-auth")
+    if auth_file is not None:
+        values["upstream_proxy_auth"] = read_proxy_auth(Path(auth_file), "the upstream proxy credentials file")
 
 
 def _redis_settings(args: argparse.Namespace, values: dict[str, Any], environ: Mapping[str, str]) -> None:

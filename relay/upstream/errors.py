@@ -133,11 +133,28 @@ async def error_from_response(status: int, reason: str, headers: Mapping[str, st
 
 
 def redact_object(obj: Any, redact: Redactor) -> Any:
-    """``obj`` with every key of the relay's blanked, in any letter case, wherever it sits."""
-    text = dumps(obj)
-    if not redact.hides(text):
+    """``obj`` with every key of the relay's (or a piece of one) blanked in every string, keys included."""
+    if not redact.hides(dumps(obj)):
         return obj
-    return json.loads(redact(text))
+    root: Any = {} if isinstance(obj, dict) else [] if isinstance(obj, list) else None
+    if root is None:
+        return redact(obj) if isinstance(obj, str) else obj
+    todo = [(obj, root)]
+    while todo:  # iterative: deep JSON is fine
+        src, dst = todo.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for key, item in items:
+            if isinstance(item, (dict, list)):
+                child: Any = {} if isinstance(item, dict) else []
+                todo.append((item, child))
+                item = child
+            elif isinstance(item, str):
+                item = redact(item)
+            if isinstance(dst, dict):
+                dst[redact(key) if isinstance(key, str) else key] = item
+            else:
+                dst.append(item)
+    return root
 
 
 def error_from_json(raw: bytes, *, status: int | None, request_id: str | None,

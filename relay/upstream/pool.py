@@ -33,8 +33,8 @@ import aiohttp
 from relay.config import Config
 from relay.upstream.client import Chunk, Completion, Target, UpstreamClient, UpstreamResponse
 from relay.upstream.errors import DOWN_STATUSES, UpstreamError
-from relay.upstream.http1 import Connector
 from relay.upstream.metadata import Redactor
+from relay.upstream.session import reach_of
 from relay.upstream_config import UpstreamSpec
 
 if TYPE_CHECKING:
@@ -218,6 +218,9 @@ class Pool:
         self.on_health: Callable[[str, float, str, bool], None] | None = None
         #: Requests, timeouts and failovers per upstream, when metrics are on (relay/metrics.py).
         self.metrics: Metrics | None = None
+        #: Blanks the keys (and pieces of them) in the health reason, which a log line and
+        #: ``GET /v1/upstreams`` show.
+        self.redact = Redactor([config.api_key, *(m.spec.api_key for m in members)])
 
     @classmethod
     def build(cls, session: aiohttp.ClientSession, config: Config, specs: Iterable[UpstreamSpec], *,
@@ -226,9 +229,8 @@ class Pool:
         # Every configured key is blanked in whatever any upstream sends on: one upstream could
         # echo another's (a shared proxy in front of both).
         redact = Redactor([config.api_key, *(spec.api_key for spec in specs)])
-        # One bound on open answers across every upstream (--pool-limit).
-        connector = Connector(config.pool_limit)
-        members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact, connector))
+        members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact,
+                                               reach_of(spec, config)))
                    for spec in specs]
         return cls(config, members, clock=clock, rng=rng)
 
@@ -343,7 +345,7 @@ class Pool:
             asked = _retry_after(exc)
             wait = asked if asked is not None else min(config.cooldown * 2 ** (health.failures - 1),
                                                        config.cooldown_max)
-            health.why = f"HTTP {exc.status}" if exc.status is not None else exc.message[:200]
+            health.why = f"HTTP {exc.status}" if exc.status is not None else self.redact.text(exc.message, 200)
         health.until = now + wait
         if self.on_health is not None:
             self.on_health(member.name, wait, health.why, health.down)
@@ -382,7 +384,7 @@ class Pool:
                 return
             until = self._clock() + min(wait, max(self._config.cooldown_max, self._config.down_time))
             if until > health.until:
-                health.until, health.why, health.down = until, f"{why} (seen by another instance)"[:240], down
+                health.until, health.why, health.down = until, self.redact.text(f"{why} (seen by another instance)", 240), down
                 health.failures = max(health.failures, 1)
 
     # -- what the operator and clients see ------------------------------------------------
