@@ -173,10 +173,12 @@ class Relay:
     """``python -m relay serve`` against the fake upstream, one process."""
 
     def __init__(self, upstream_port: int, *, loop: str | None = None, extra: tuple[str, ...] = (),
-                 src: Path | None = None, config: Path | None = None, workers: int = 1) -> None:
+                 src: Path | None = None, config: Path | None = None, workers: int = 1,
+                 upstream_url: str | None = None, extra_env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         # ``config``: a TOML file with [[upstreams]] instead of the one --upstream.
-        where = ["--config", str(config)] if config else ["--upstream", f"http://127.0.0.1:{upstream_port}/v1"]
+        url = upstream_url or f"http://127.0.0.1:{upstream_port}/v1"
+        where = ["--config", str(config)] if config else ["--upstream", url]
         args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                 *where, "--model", "bench",
                 "--max-streams", "100000", "--pool-limit", "100000", "--resume-grace", "0",
@@ -187,6 +189,7 @@ class Relay:
         args += ["--rate-limit", "0", "--max-streams-per-client", "1000000", "--max-connections-per-client", "1000000"]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "OPENAI_"))}
         env["OPENAI_API_KEY"] = "sk-bench-not-a-key"
+        env.update(extra_env or {})
         # ``src``: a directory holding another version of the relay package (e.g. ``git archive``).
         if workers > 1:
             args += ["--workers", str(workers)]
@@ -223,7 +226,7 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
-            proxy_pass http://fake;
+            proxy_pass {scheme}://fake;{tls}
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
@@ -242,7 +245,8 @@ def nginx_binary() -> str | None:
 class Nginx:
     """nginx, one worker, proxy_pass with proxy_buffering off, to the same fake upstream."""
 
-    def __init__(self, upstream_port: int, binary: str) -> None:
+    def __init__(self, upstream_port: int, binary: str, *, tls_ca: Path | None = None) -> None:
+        """``tls_ca``: the upstream speaks TLS, verified against this CA (the remote phase)."""
         self.dir = tempfile.TemporaryDirectory(prefix="bench-nginx-")
         prefix = Path(self.dir.name)
         self.port = free_port()
@@ -250,7 +254,9 @@ class Nginx:
         user = "user root;\n" if os.geteuid() == 0 else ""
         (prefix / "nginx.conf").write_text(NGINX_CONF.format(
             user=user, nofile=nofile, prefix=prefix, conns=max(nofile - 64, 1024), upstream=upstream_port,
-            port=self.port))
+            port=self.port, scheme="https" if tls_ca else "http",
+            tls=(f"\n            proxy_ssl_trusted_certificate {tls_ca};\n            proxy_ssl_verify on;"
+                 "\n            proxy_ssl_name 127.0.0.1;\n            proxy_ssl_session_reuse on;") if tls_ca else ""))
         self.proc = subprocess.Popen([binary, "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf"),
                                       "-g", "daemon off;"], stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc)

@@ -42,6 +42,7 @@ TARGETS = {  # name → (path, kind)
 
 FULL: dict[str, Any] = {
     "cpu": dict(streams=200, n=150, dt=0.04, ramp=1.0),
+    "cpulight": dict(streams=50, n=150, dt=0.1, ramp=1.0),
     # N concurrent: 2N streams of 5 s start evenly over 10 s; the TTFT counted is that of the
     # streams started in the second half, when N others are in flight (steady state, not a burst).
     "ttft": [dict(streams=200, n=50, dt=0.1, ramp=10.0, ttft_from=5.0, concurrent=100),
@@ -76,6 +77,7 @@ QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
     # them, where 200 events often gave it none and so no ratio at all.
     "cpu": dict(streams=50, n=100, dt=0.005, ramp=0.05),
+    "cpulight": dict(streams=10, n=20, dt=0.02, ramp=0.05),
     "ttft": [dict(streams=20, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=10),
              dict(streams=80, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=40)],
     "rates": [400, 800],
@@ -210,6 +212,11 @@ class Bench:
     def cpu(self) -> None:
         self.results["cpu"] = self.each_target("cpu", self.p["cpu"], ("direct", "nginx", "chat", "v1"))
 
+    def cpulight(self) -> None:
+        """CPU per event unsaturated (50 streams of 150 tokens 100 ms apart): each chunk is its own
+        wake-up, the shape of real traffic, where ``cpu``'s load batches several per wake-up."""
+        self.results["cpulight"] = self.each_target("cpulight", self.p["cpulight"], ("nginx", "chat", "v1"))
+
     def ttft(self) -> None:
         self.results["ttft"] = {}
         for spec in self.p["ttft"]:
@@ -280,9 +287,12 @@ class Bench:
                                   hold=lambda held: None)
                 finally:
                     server.close()
-                by[target] = {"disconnect_ms": r["disconnect_ms"], "ok": r["ok"], "errors": r["errors"]}
+                # The streams start together too (ramp 0): their TTFT is the per-answer set-up cost.
+                by[target] = {"disconnect_ms": r["disconnect_ms"], "ttft_ms": r["ttft_ms"], "ok": r["ok"],
+                              "errors": r["errors"]}
                 d = r["disconnect_ms"]
-                print(f"  burst {spec['streams']:>5} {target:>6}: upstream closed p50 {d['p50']} ms p99 {d['p99']} ms "
+                print(f"  burst {spec['streams']:>5} {target:>6}: started together: ttft p50 {r['ttft_ms']['p50']} ms, "
+                      f"upstream closed p50 {d['p50']} ms p99 {d['p99']} ms "
                       f"max {d['max']} ms after the client (n={d['n']})", flush=True)
             out[str(spec["streams"])] = by
         self.results["burst"] = out
@@ -367,7 +377,9 @@ class Bench:
 
     def rss(self) -> None:
         out: dict[str, Any] = {}
-        spec = self.p["rss"]
+        spec = dict(self.p["rss"])
+        if self.args.rss_streams:
+            spec["streams"] = self.args.rss_streams
         for target in ("nginx", "chat", "v1"):
             if target == "nginx":
                 if self.nginx_bin is None:
@@ -559,6 +571,12 @@ class Bench:
             on.close()
         self.results["metrics"] = out
 
+    def remote(self) -> None:
+        from bench.remote import run_remote
+
+        self.results["remote"] = run_remote(rtt=self.args.remote_rtt, quick=self.args.quick, nginx_bin=self.nginx_bin,
+                                            relay_loop=self.args.relay_loop, compare_src=self.args.compare_src)
+
     def workers(self) -> None:
         """--workers 1 against --workers N (both with Redis): sustained events/s (p99 delay under
         50 ms) and TTFT at the larger ``ttft`` load.  ``--workers-max`` sets N."""
@@ -621,6 +639,13 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         us = cpu[t]["cpu_us_per_event"]
         row(f"relay {t} CPU per event", us, "us")
         row(f"relay {t} CPU / nginx", round(us / nginx_cpu, 2) if nginx_cpu else None, "x", 3, 2)
+    light = res.get("cpulight")
+    if light:
+        ref = light.get("nginx", {}).get("cpu_us_per_event")
+        for t in ("chat", "v1"):
+            us = light[t]["cpu_us_per_event"]
+            row(f"relay {t} CPU per event unsaturated / nginx", round(us / ref, 2) if ref and us else None, "x",
+                *((3.4, 3) if t == "v1" else ()))
     for t in ("chat", "v1"):
         row(f"relay {t} sustained events/s (p99 delay < 50 ms)", res["rates"][t]["sustained_events_per_s"],
             "ev/s")
@@ -703,6 +728,21 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     if "metrics" in res:
         for t, r in res["metrics"].items():
             row(f"metrics on: relay {t} CPU per event / off (medians of 3)", r["ratio"], "x", 1.05)
+    if "remote" in res:
+        for name, by in res["remote"]["scenarios"].items():
+            nginx_cpu = by.get("nginx", {}).get("cpu_ms_per_answer")
+            for t, r in by.items():
+                if t == "direct":
+                    continue
+                row(f"remote {name}: new upstream connections per answer, {t}", r["new_connections_per_answer"], "",
+                    *((0.05, None) if t == "relay" else ()))
+                row(f"remote {name}: added TTFT p50 over direct, {t}", r["added_ttft_ms"]["p50"], "ms",
+                    *((2, None) if t == "relay" else ()))
+                row(f"remote {name}: added TTFT p99 over direct, {t}", r["added_ttft_ms"]["p99"], "ms")
+                row(f"remote {name}: CPU per answer, {t}", r.get("cpu_ms_per_answer"), "ms")
+                if t.startswith("relay") and nginx_cpu:
+                    row(f"remote {name}: CPU per answer {t} / nginx", round(r["cpu_ms_per_answer"] / nginx_cpu, 2), "x",
+                        *((4, None) if t == "relay" and "300" in name else ()))
     if "workers" in res:
         by = res["workers"]
         for count, r in by.items():
@@ -728,7 +768,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-PHASES = ("cpu", "ttft", "rates", "disconnect", "burst", "silent", "rss", "soak", "concurrency", "failover", "stalled", "redis",
+PHASES = ("cpu", "cpulight", "ttft", "rates", "disconnect", "burst", "silent", "rss", "soak", "concurrency", "failover", "stalled", "redis", "remote",
           "workers", "metrics")
 
 
@@ -748,6 +788,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-streams", type=int, default=None,
                         help="streams the soak phase keeps open (default: 8,000 full, 50 quick)")
     parser.add_argument("--no-nginx", action="store_true", help="skip nginx even if it is installed")
+    parser.add_argument("--rss-streams", type=int, default=None,
+                        help="idle streams the rss phase holds (default: 5,000 full, 100 quick)")
+    parser.add_argument("--remote-rtt", type=float, default=0.04,
+                        help="the round trip the remote phase adds between the relay and its TLS upstream, seconds")
+    parser.add_argument("--compare-src", type=Path, default=None,
+                        help="the remote phase also runs the relay package from this directory (e.g. the previous "
+                        "main: git archive REV relay | tar -x -C DIR), in the same run")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"directory for the JSON (default: {OUT})")

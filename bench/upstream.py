@@ -12,6 +12,7 @@ when the connection closed before the answer was finished, and how late its own 
 ``GET /_bench/stats?prefix=P`` returns those for the keys starting with P.
 
     python -m bench.upstream --port 0      # prints "READY <port>" once listening
+    python -m bench.upstream --tls-cert C --tls-key K   # the same over TLS (the remote phase)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import socket
+import ssl
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -192,10 +194,10 @@ class Conn(asyncio.Protocol):
             self.stats.closed[self.silent_key] = now
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
     stats = Stats()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Conn(stats), host, port, backlog=16384, reuse_address=True)
+    server = await loop.create_server(lambda: Conn(stats), host, port, backlog=16384, reuse_address=True, ssl=tls)
     print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await server.serve_forever()
@@ -205,10 +207,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-cert", default=None)
+    parser.add_argument("--tls-key", default=None)
     args = parser.parse_args(argv)
     raise_nofile()
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
     try:
-        use_fast_loop(lambda: serve(args.host, args.port))
+        use_fast_loop(lambda: serve(args.host, args.port, tls))
     except KeyboardInterrupt:
         pass
 

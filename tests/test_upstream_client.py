@@ -163,6 +163,11 @@ async def test_a_204_with_a_body_is_refused_not_relayed(make_relay: Any) -> None
 
 # -- a real forward proxy ----------------------------------------------------------------------
 
+def tunnels(log: Path) -> int:
+    """CONNECT requests tinyproxy took (its log names each: "Request (file descriptor N): CONNECT ...")."""
+    return log.read_text().count("): CONNECT ") if log.exists() else 0
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,7 +229,7 @@ async def test_an_answer_through_a_forward_proxy_to_a_tls_upstream_with_a_privat
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    assert "CONNECT" in (tmp_path / "tinyproxy.log").read_text()
+    assert tunnels(tmp_path / "tinyproxy.log") >= 1
     assert auth[1] not in caplog.text and "wrong-password-123" not in caplog.text
 
 
@@ -233,3 +238,70 @@ def test_a_proxy_url_with_credentials_is_refused_without_repeating_them() -> Non
     with pytest.raises(ConfigError) as exc:
         config_from_args(args, {})
     assert "s3cret-pw" not in str(exc.value) and "--upstream-proxy-auth-file" in str(exc.value)
+
+
+async def test_the_environments_proxy_is_used_only_when_the_operator_opts_in(
+        make_relay: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca, cert, key = make_certificates(tmp_path)
+    fake = FakeUpstream()
+    auth = ("envuser", "env-Pa55word-xyz")
+    proc, port = await _tinyproxy(tmp_path, auth)
+    log = tmp_path / "tinyproxy.log"
+    try:
+        async with tls_upstream(fake, cert, key) as url:
+            monkeypatch.setenv("HTTPS_PROXY", f"http://{auth[0]}:{auth[1]}@127.0.0.1:{port}")
+            monkeypatch.delenv("NO_PROXY", raising=False)
+            monkeypatch.delenv("no_proxy", raising=False)
+            # Not opted in: the environment is ignored, the upstream is reached directly.
+            relay = await make_relay(upstream=url, upstream_ca_file=ca)
+            assert (await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all())[-1]["type"] == "done"
+            assert tunnels(log) == 0
+            # Opted in: through the proxy the environment names, with its credentials.
+            relay = await make_relay(upstream=url, upstream_ca_file=ca, upstream_trust_env=True)
+            assert (await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all())[-1]["type"] == "done"
+            connects = tunnels(log)
+            assert connects >= 1
+            # NO_PROXY names the upstream: directly again.
+            monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+            relay = await make_relay(upstream=url, upstream_ca_file=ca, upstream_trust_env=True)
+            assert (await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all())[-1]["type"] == "done"
+            assert tunnels(log) == connects
+            assert fake.calls == 3
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+async def test_a_client_certificate_per_upstream_for_a_server_that_requires_one(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    import ssl
+
+    from aiohttp import web
+
+    from relay.config import Config
+    from relay.http.app import make_app
+    from relay.upstream_config import parse_upstreams
+
+    ca, cert, key = make_certificates(tmp_path)
+    fake = FakeUpstream()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.load_verify_locations(cafile=str(ca))
+    context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no client certificate, no answer
+    runner = web.AppRunner(fake.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        entries = [{"name": "mtls", "url": url, "models": ["m"], "ca_file": str(ca)}]
+        without = parse_upstreams(entries, {})
+        # The server's own certificate and key stand in for a client certificate the CA signed.
+        with_cert = parse_upstreams([{**entries[0], "client_cert": str(cert), "client_key": str(key)}], {})
+        for specs, ends in ((without, "error"), (with_cert, "done")):
+            relay = await aiohttp_client(make_app(Config(upstreams=specs, model="m", rate_limit=0)))
+            events = await SSEClient(await relay.post("/chat", json={"prompt": "hi"})).all()
+            assert events[-1]["type"] == ends, events
+        assert fake.calls == 1
+    finally:
+        await runner.cleanup()

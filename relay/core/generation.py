@@ -330,7 +330,10 @@ class Generation:
     def _stalled(self) -> bool:
         subs = self._subscribers
         if subs:
-            return all(sub.blocked for sub in subs)
+            for sub in subs:
+                if not sub.blocked:
+                    return False
+            return True
         return self.resumable and self.log_bytes >= self._keep and not self.remote
 
     def _wake(self) -> None:

@@ -41,6 +41,9 @@ from relay.upstream.metadata import Redactor, request_id_of
 #: for how long; past either the connection is closed instead.
 DRAIN_BYTES: Final = 64 * 1024
 DRAIN_SECONDS: Final = 2.0
+#: A read at least this large is taken as part of a burst (a steady stream's pieces are an
+#: event or a few, hundreds of bytes): the readers run before the next read.
+BURST: Final = 8 * 1024
 
 #: Clean ends still reading their body's last bytes (a task must be referenced until done).
 _draining: set[asyncio.Task[None]] = set()
@@ -125,15 +128,7 @@ class UpstreamResponse:
                 if self._resume is not None:
                     await self._resume
                 try:
-                    # What is here already (a burst, or decompressed as the last read made room) is
-                    # taken only after the readers have run: the events they have not yet taken are
-                    # what tells the generation to pause, so a burst of any size is paced by them.
-                    # Otherwise wait for the next piece: the steady state pays no extra step.
-                    data = content.read_nowait()
-                    if data:
-                        await asyncio.sleep(0)
-                    else:
-                        data = await content.readany()
+                    data = await content.readany()
                 except _Deadline:
                     raise self._timeout_error(self._loop.time()) from None
                 except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
@@ -165,6 +160,13 @@ class UpstreamResponse:
                     del chunks  # not held through the next read (idle streams' memory)
                 if failure is not None:
                     raise failure
+                if len(data) >= BURST and self._resume is None:
+                    # A burst (or a compressed body inflating as reads make room): more is likely
+                    # buffered, and readany() would hand it over without letting the readers run.
+                    # They run first: what they have not yet taken is what pauses the reading, so
+                    # a burst of any size is paced by them.  A steady stream's pieces are far
+                    # smaller and pay nothing for this.
+                    await asyncio.sleep(0)
                 if self._reading:
                     timer = self._timer
                     deadline = self._deadline()
