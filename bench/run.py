@@ -77,7 +77,7 @@ QUICK: dict[str, Any] = {
     # CPU time is counted in 10 ms clock ticks: 5,000 events give nginx (~20 us each) about ten of
     # them, where 200 events often gave it none and so no ratio at all.
     "cpu": dict(streams=50, n=100, dt=0.005, ramp=0.05),
-    "cpulight": dict(streams=10, n=20, dt=0.02, ramp=0.05),
+    "cpulight": dict(streams=50, n=100, dt=0.005, ramp=0.05),
     "ttft": [dict(streams=20, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=10),
              dict(streams=80, n=3, dt=0.02, ramp=0.12, ttft_from=0.06, concurrent=40)],
     "rates": [400, 800],

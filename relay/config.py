@@ -285,10 +285,12 @@ def _validate_redis(c: Config) -> None:
 
 
 def check_redis_url(url: str) -> None:
-    """A Redis URL the relay can use; the message never repeats a password in it."""
+    """A Redis URL the relay can use (or ``local``); the message never repeats a password in it."""
+    if url == "local":
+        return
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("--redis must be a redis://, rediss:// or unix:// URL")
+        raise ConfigError("--redis must be local, or a redis://, rediss:// or unix:// URL")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("--redis must name a host: redis://HOST:PORT/DB")
     if parts.scheme == "unix" and not parts.path:

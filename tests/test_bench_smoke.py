@@ -22,6 +22,8 @@ FIGURES = (
     "first byte while upstream silent p50", "failover added TTFT p50", "stalled readers: healthy TTFT p50",
     "redis store: added TTFT p50", "redis store: round trips per relayed event", "--workers 1: sustained",
     "--workers 2: sustained", "soak: streams byte-exact", "soak: tasks after / baseline",
+    "relay v1 CPU per event unsaturated / nginx", "remote seq-20: new upstream connections per answer, relay",
+    "remote conc-20: added TTFT p50 over direct, relay",
 )
 
 

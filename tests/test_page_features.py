@@ -393,7 +393,7 @@ async def test_axe_finds_no_serious_or_critical_violation(scheme: str, bp: Brows
 
 
 def test_vendored_libraries_are_listed_with_their_versions_and_licences() -> None:
-    vendor = Path(__file__).resolve().parent.parent / "web" / "vendor"
+    vendor = Path(__file__).resolve().parent.parent / "relay" / "web" / "vendor"
     listing = (vendor / "VERSIONS.md").read_text()
     for name, licence in (("marked", "LICENSE.marked"), ("DOMPurify", "LICENSE.dompurify"),
                           ("highlight.js", "LICENSE.highlight.js")):

@@ -328,7 +328,8 @@ async def test_redis_without_its_library_is_one_line_and_exit_2() -> None:
                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = await proc.communicate()
     assert proc.returncode == 2
-    assert err.decode() == "relay: error: --redis needs the redis library: pip install 'llm-sse-relay[redis]'\n"
+    assert err.decode() == ("relay: error: --redis needs the redis library: "
+                            f"{sys.executable} -m pip install 'redis[hiredis]>=5'\n")
 
 
 async def test_a_worker_that_keeps_dying_before_it_is_ready_backs_off_then_the_supervisor_exits_1(
@@ -415,3 +416,71 @@ async def test_a_dead_workers_live_gauges_leave_the_merged_metrics_and_its_count
         assert value(after, "relay_streams_live", endpoint="chat") == 0  # the dead one's gauge is gone
         assert value(after, "relay_generations_started_total", endpoint="chat", model="fake-model") == 1
         assert await stop(sup) == 0
+
+
+def _children_named(pid: int, name: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            if ppid == pid and comm == name:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_redis_local_starts_a_private_redis_for_the_workers_and_stops_it(
+        tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession, notify: NotifyListener) -> None:
+    require(shutil.which("redis-server") is not None, "redis-server is not installed")
+    upstream.behaviour = endless(["one ", "two "])
+    async with spawn_relay(tmp_path, upstream, "--redis", "local", "--workers", "2", *FAST, notify=notify) as sup:
+        port = port_of(await notify.until("READY"))
+        servers = _children_named(sup.proc.pid, "redis-server")
+        assert len(servers) == 1, sup.output()
+        # redis-server names its socket in its process title; asked there, it has no TCP port and
+        # no persistence.
+        title = Path(f"/proc/{servers[0]}/cmdline").read_bytes().split(b"\0")[0].decode()
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis(unix_socket_path=title.split("unixsocket:", 1)[1])
+        try:
+            assert (await client.config_get("port"))["port"] == "0"
+            assert (await client.config_get("save"))["save"] == ""
+            assert (await client.config_get("appendonly"))["appendonly"] == "no"
+        finally:
+            await client.aclose()
+        resp = await session.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"})
+        got = await head(resp, 3)
+        seen: set[str] = set()
+        for _ in range(60):  # bounded: new connections until both workers have answered a resume
+            async with aiohttp.ClientSession() as fresh:
+                again = await fresh.get(f"http://127.0.0.1:{port}{resp.headers['Location']}",
+                                        headers={"Last-Event-ID": got[0].id})
+                if again.status == 200:
+                    replay = await head(again, 2)
+                    assert [e.data for e in replay] == [got[1].data, got[2].data]
+                    seen.add(again.headers["Relay-Worker"])
+                again.close()
+            if len(seen) == 2:
+                break
+        assert seen == {"1", "2"}
+        resp.close()
+        assert await stop(sup) == 0
+    assert not Path(f"/proc/{servers[0]}").exists()  # stopped by its PID and reaped
+
+
+async def test_redis_local_without_redis_server_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.executable)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relay", "serve", "--redis", "local", cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}, "PATH": str(bare)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    assert err.decode().count("\n") == 1 and "--redis local needs redis-server on PATH" in err.decode()

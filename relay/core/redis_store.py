@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit
 
+from relay.extras import install_hint
 from relay.config import Config
 from relay.core.generation import ResumeExpired
 from relay.core.store import Remote, Store, StoreUnavailable
@@ -665,7 +666,7 @@ def open_store(config: Config) -> Store:
     try:
         import redis.asyncio as aioredis
     except ImportError:
-        raise SystemExit("relay: error: --redis needs the redis library: pip install 'llm-sse-relay[redis]'") from None
+        raise SystemExit(f"relay: error: --redis needs the redis library: {install_hint('redis')}") from None
     common: dict[str, Any] = dict(password=config.redis_password, decode_responses=False, socket_connect_timeout=5,
                                   socket_timeout=max(10.0, config.presence_ttl * 2), client_name="relay")
     # Commands share a bounded pool and queue for a free connection (a burst of a thousand new

@@ -27,8 +27,8 @@ from relay.upstream.session import make_session
 
 log = logging.getLogger("relay")
 
-#: The page shipped beside the package in a source checkout.
-DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent.parent / "web"
+#: The page, shipped inside the package (package data: a wheel, a pipx or a checkout install alike).
+DEFAULT_WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
 #: Sent with the page and its files: no inline script or style, nothing from another origin.
 PAGE_HEADERS = {
@@ -64,7 +64,11 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app.router.add_get("/healthz", healthz, allow_head=True)
     app.router.add_get("/readyz", readyz, allow_head=True)
     web_root = config.web_root or (DEFAULT_WEB_ROOT if (DEFAULT_WEB_ROOT / "index.html").is_file() else None)
-    if web_root is not None:
+    if web_root is None:
+        # One line at start, not a silent 404 at every visit (an install that left the page behind).
+        log.warning("the chat page is missing (no index.html in %s): GET / answers 404; the API is unaffected",
+                    DEFAULT_WEB_ROOT)
+    else:
         index = web_root / "index.html"
 
         favicon = web_root / "favicon.svg"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay import __version__
+from relay.extras import install_hint
 from relay.http.access import read_tokens
 from relay.config import (
     Config,
@@ -78,7 +80,7 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--drain-timeout", "drain_timeout", float, "RELAY_DRAIN_TIMEOUT",
      "on SIGTERM, seconds streams in flight may run on before they end with a retriable 'shutdown' error"),
     ("--demo-token-delay", "demo_token_delay", float, None, "seconds between the demo model's tokens"),
-    ("--web-root", "web_root", Path, None, "directory of the chat page (default: the web/ beside the package)"),
+    ("--web-root", "web_root", Path, None, "directory of the chat page (default: the page installed with the package)"),
     ("--tokens-file", "tokens_file", Path, "RELAY_TOKENS_FILE",
      "access tokens, one per line (# comments); clients send 'Authorization: Bearer TOKEN'; re-read on SIGHUP"),
     ("--rate-limit", "rate_limit", int, "RELAY_RATE_LIMIT",
@@ -102,7 +104,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
     ("--down-time", "down_time", float, None,
      "seconds an upstream whose credentials or credit were refused (401/402/403) is left alone"),
     ("--redis", "redis_url", str, "RELAY_REDIS_URL",
-     "share streams, cancels and limits through Redis: redis://HOST:PORT/DB, rediss:// (TLS) or "
+     "share streams, cancels and limits through Redis: local (a private redis-server the relay starts and "
+     "stops: one machine), or redis://HOST:PORT/DB, rediss:// (TLS) or "
      "unix:///PATH; the password comes from RELAY_REDIS_PASSWORD, --redis-password-file or the "
      "credential redis-password, never from this flag"),
     ("--redis-prefix", "redis_prefix", str, None, "prefix of every Redis key the relay writes"),
@@ -135,6 +138,39 @@ _LISTS: list[tuple[str, str, str | None, str]] = [
 ]
 
 
+# The groups of ``relay serve --help``, in order: (title, what it is about).
+_GROUPS: list[tuple[str, str]] = [
+    ("deployment", "where the relay listens and how it runs"),
+    ("upstreams", "the model APIs: where, with which key, through what, with which timeouts and failover"),
+    ("limits and access", "who may use the relay and how much"),
+    ("streams and resume", "what a client receives, keepalives, replay and send buffers"),
+    ("scale-out", "worker processes and the shared store (docs/scale-out.md)"),
+    ("observability", "metrics and logs (docs/observability.md)"),
+]
+_GROUP_OF: dict[str, str] = {
+    **dict.fromkeys(("host", "port", "backlog", "drain_timeout", "web_root"), "deployment"),
+    **dict.fromkeys(("upstream", "model", "api_key_header", "pool_limit", "upstream_proxy", "upstream_ca_file",
+                     "connect_timeout", "first_token_timeout", "idle_timeout", "total_timeout", "max_upstream_event",
+                     "max_attempts", "cooldown", "cooldown_max", "down_time", "demo_token_delay"), "upstreams"),
+    **dict.fromkeys(("tokens_file", "rate_limit", "max_streams_per_client", "max_messages", "max_chars",
+                     "max_output_tokens", "max_n", "max_connections_per_client", "max_connections", "max_body",
+                     "header_timeout", "body_timeout", "keepalive_idle", "max_streams"), "limits and access"),
+    **dict.fromkeys(("keepalive", "retry_ms", "resume_grace", "attach_timeout", "stream_ttl", "retention_bytes",
+                     "replay_bytes", "send_buffer", "send_timeout", "client_sndbuf"), "streams and resume"),
+    **dict.fromkeys(("redis_url", "redis_prefix", "owner_ttl", "presence_ttl", "redis_log_events", "redis_queue",
+                     "redis_flush_ms"), "scale-out"),
+    "metrics_listen": "observability",
+}
+_METAVARS: dict[str, str] = {
+    "host": "ADDRESS", "upstream": "URL", "model": "MODEL", "api_key_header": "HEADER", "upstream_proxy": "URL",
+    "upstream_ca_file": "FILE", "web_root": "DIR", "tokens_file": "FILE", "redis_url": "local|URL",
+    "redis_prefix": "PREFIX", "metrics_listen": "HOST:PORT", "max_body": "BYTES", "max_upstream_event": "BYTES",
+    "retention_bytes": "BYTES", "replay_bytes": "BYTES", "send_buffer": "BYTES", "client_sndbuf": "BYTES",
+    "retry_ms": "MS", "redis_flush_ms": "MS", "allow_hosts": "HOST", "allow_origins": "ORIGIN",
+    "trust_proxy": "ADDRESS|CIDR", "refuse_fields": "FIELD",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line, exit status 2
         self.exit(2, f"relay: error: {message}\n")
@@ -145,62 +181,67 @@ def build_parser() -> argparse.ArgumentParser:
                      "upstream in, Server-Sent Events out.")
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    serve = sub.add_parser("serve", help="run the relay", description=(
+    serve = sub.add_parser("serve", help="run the relay", usage="relay serve [OPTIONS]", description=(
         "Run the relay.  Settings come from flags, then environment variables (named in brackets), "
         "then the --config TOML file (keys are the flag names), then the defaults shown.  The API key "
         "comes from --api-key-file, $CREDENTIALS_DIRECTORY/openai-api-key (systemd LoadCredential=) "
         "or OPENAI_API_KEY; it is never a flag."))
+    groups = {name: serve.add_argument_group(name, text) for name, text in _GROUPS}
     defaults = Config()
     for flag, dest, type_, env, text in _SETTINGS:
         shown = getattr(defaults, dest)
         extra = f" [{env}]" if env else ""
-        serve.add_argument(flag, dest=dest, type=type_, default=None,
-                           help=f"{text}{extra} (default: {shown})")
-    serve.add_argument("--config", help="TOML settings file [RELAY_CONFIG]")
-    serve.add_argument("--workers", default=None, metavar="N|auto",
+        default = f" (default: {shown})" if shown not in (None, (), False) else ""
+        metavar = _METAVARS.get(dest) or {int: "N", float: "SECONDS", Path: "PATH"}.get(type_, "VALUE")
+        groups[_GROUP_OF[dest]].add_argument(flag, dest=dest, type=type_, default=None, metavar=metavar,
+                                             help=f"{text}{extra}{default}")
+    deploy, up, access, streams, scale, observe = (groups[name] for name, _ in _GROUPS)
+    deploy.add_argument("--config", metavar="FILE", help="TOML settings file [RELAY_CONFIG]")
+    scale.add_argument("--workers", default=None, metavar="N|auto",
                        help="worker processes sharing the listening socket (auto: one per CPU this process may "
                        "use); more than 1 needs --redis [RELAY_WORKERS] (default: 1)")
-    serve.add_argument("--redis-password-file", help="file holding the Redis password")
-    serve.add_argument("--signing-key-file",
-                       help="file holding the secret that signs events URLs, the same on every instance "
-                       "(default with --redis: one kept in Redis; else a per-process random one)")
-    serve.add_argument("--api-key-file", help="file holding the upstream API key")
-    serve.add_argument("--upstream-proxy-auth-file", metavar="FILE",
-                       help="file holding USER:PASSWORD for --upstream-proxy (or the systemd credential "
-                       "upstream-proxy-auth)")
-    serve.add_argument("--upstream-trust-env", dest="upstream_trust_env", action="store_true", default=None,
-                       help="take the upstream proxy from HTTPS_PROXY / HTTP_PROXY and NO_PROXY, as curl does "
-                       "(default: off, the environment is ignored)")
-    serve.add_argument("--upstream-header", action="append", default=None, metavar="'NAME: VALUE'",
-                       help="extra header sent upstream (repeatable)")
-    serve.add_argument("--upstream-query", action="append", default=None, metavar="NAME=VALUE",
-                       help="extra query parameter sent upstream, e.g. api-version=2024-10-21 (repeatable)")
-    serve.add_argument("--allow-model", dest="models", action="append", default=None, metavar="MODEL",
-                       help="a model clients may name (repeatable; default: any); GET /v1/models lists them "
-                       "[RELAY_MODELS, comma-separated]")
+    scale.add_argument("--redis-password-file", metavar="FILE", help="file holding the Redis password")
+    streams.add_argument("--signing-key-file", metavar="FILE",
+                         help="file holding the secret that signs events URLs, the same on every instance "
+                         "(default with --redis: one kept in Redis; else a per-process random one)")
+    up.add_argument("--api-key-file", metavar="FILE", help="file holding the upstream API key")
+    up.add_argument("--upstream-proxy-auth-file", metavar="FILE",
+                    help="file holding USER:PASSWORD for --upstream-proxy (or the systemd credential "
+                    "upstream-proxy-auth)")
+    up.add_argument("--upstream-trust-env", dest="upstream_trust_env", action="store_true", default=None,
+                    help="take the upstream proxy from HTTPS_PROXY / HTTP_PROXY and NO_PROXY, as curl does "
+                    "(default: off, the environment is ignored)")
+    up.add_argument("--upstream-header", action="append", default=None, metavar="'NAME: VALUE'",
+                    help="extra header sent upstream (repeatable)")
+    up.add_argument("--upstream-query", action="append", default=None, metavar="NAME=VALUE",
+                    help="extra query parameter sent upstream, e.g. api-version=2024-10-21 (repeatable)")
+    up.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
+                    help="do not ask the upstream for stream_options.include_usage (for upstreams that "
+                    "reject it)")
+    access.add_argument("--allow-model", dest="models", action="append", default=None, metavar="MODEL",
+                        help="a model clients may name (repeatable; default: any); GET /v1/models lists them "
+                        "[RELAY_MODELS, comma-separated]")
     for flag, dest, env, text in _LISTS:
-        serve.add_argument(flag, dest=dest, action="append", default=None,
-                           help=f"{text}" + (f" [{env}, comma-separated]" if env else ""))
-    serve.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
-                       help="listen on a non-loopback address without --tokens-file (only when something "
-                       "else guards the relay)")
-    serve.add_argument("--allow-missing-host", dest="allow_missing_host", action="store_true", default=None,
-                       help="accept requests without a Host header (HTTP/1.0 clients); by default they get 400")
-    serve.add_argument("--strict-fields", dest="strict_fields", action="store_true", default=None,
-                       help="/v1 forwards only the documented chat-completions parameters; any vendor field "
-                       "(top_k, provider, ...) is a 400 (default: vendor fields are forwarded)")
-    serve.add_argument("--no-stream-usage", dest="stream_usage", action="store_false", default=None,
-                       help="do not ask the upstream for stream_options.include_usage (for upstreams that "
-                       "reject it)")
-    serve.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
-                       help="event loop: uvloop (the optional extra: much less CPU per event), asyncio, "
-                       "or auto: uvloop when installed (default: auto)")
-    serve.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"),
-                       choices=["debug", "info", "warning", "error"], help="log level [RELAY_LOG_LEVEL]")
-    serve.add_argument("--log-format", default=os.environ.get("RELAY_LOG_FORMAT", "text"),
-                       choices=["text", "json"],
-                       help="text for a person or journald; json: one object per line (time, level, logger, "
-                       "message, and a finished stream's fields) [RELAY_LOG_FORMAT] (default: text)")
+        access.add_argument(flag, dest=dest, action="append", default=None, metavar=_METAVARS.get(dest, "VALUE"),
+                            help=f"{text}" + (f" [{env}, comma-separated]" if env else ""))
+    access.add_argument("--allow-anonymous", dest="allow_anonymous", action="store_true", default=None,
+                        help="listen on a non-loopback address without --tokens-file (only when something "
+                        "else guards the relay)")
+    access.add_argument("--allow-missing-host", dest="allow_missing_host", action="store_true", default=None,
+                        help="accept requests without a Host header (HTTP/1.0 clients); by default they get 400")
+    access.add_argument("--strict-fields", dest="strict_fields", action="store_true", default=None,
+                        help="/v1 forwards only the documented chat-completions parameters; any vendor field "
+                        "(top_k, provider, ...) is a 400 (default: vendor fields are forwarded)")
+    deploy.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto",
+                        help="event loop: uvloop (the optional extra: much less CPU per event), asyncio, "
+                        "or auto: uvloop when installed (default: auto)")
+    observe.add_argument("--log-level", default=os.environ.get("RELAY_LOG_LEVEL", "info"),
+                         choices=["debug", "info", "warning", "error"],
+                         help="log level [RELAY_LOG_LEVEL] (default: info)")
+    observe.add_argument("--log-format", default=os.environ.get("RELAY_LOG_FORMAT", "text"),
+                         choices=["text", "json"],
+                         help="text for a person or journald; json: one object per line (time, level, logger, "
+                         "message, and a finished stream's fields) [RELAY_LOG_FORMAT] (default: text)")
     demo = sub.add_parser("demo-upstream", help="run only the built-in demo model (an OpenAI-compatible server)")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8000)
@@ -268,8 +309,7 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Co
     values["api_key"] = read_api_key(key_file, environ)
     _redis_settings(args, values, environ)
     if values.get("metrics_listen") and importlib.util.find_spec("prometheus_client") is None:
-        raise ConfigError("--metrics-listen needs the prometheus-client library: "
-                          "pip install 'llm-sse-relay[metrics]'")
+        raise ConfigError(f"--metrics-listen needs the prometheus-client library: {install_hint('metrics')}")
     config = from_mapping(values)
     if config.tokens_file is not None:
         read_tokens(config.tokens_file)  # a missing or empty file stops the start, with the reason
@@ -294,7 +334,7 @@ def _redis_settings(args: argparse.Namespace, values: dict[str, Any], environ: M
     if args.redis_url or environ.get("RELAY_REDIS_URL") or values.get("redis_url"):
         # The optional extra, checked before anything starts (a missing one is a setup error, exit 2).
         if importlib.util.find_spec("redis") is None:
-            raise ConfigError("--redis needs the redis library: pip install 'llm-sse-relay[redis]'")
+            raise ConfigError(f"--redis needs the redis library: {install_hint('redis')}")
     workers = args.workers or environ.get("RELAY_WORKERS") or values.pop("workers", None)
     if workers is not None:
         values["workers"] = parse_workers(str(workers))
@@ -356,9 +396,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     from relay.run import workers
 
     worker = workers.worker_number()
-    setup_logging(args.log_level, args.log_format, worker)
-    if config.workers > 1 and worker is None:
-        return workers.supervise(config, sys.argv[1:] if argv is None else list(argv))
-    from relay.run.server import run
+    local = None
+    if config.redis_url == "local":
+        from relay.run.local_redis import URL_ENV, LocalRedis
 
-    return run(config, args.loop)
+        url = os.environ.get(URL_ENV) if worker is not None else None
+        if url is None:  # the top process starts it; its workers inherit the URL
+            try:
+                local = LocalRedis()
+            except ConfigError as exc:
+                parser.error(str(exc))
+            url = os.environ[URL_ENV] = local.url
+        config = dataclasses.replace(config, redis_url=url, redis_password=None)
+    setup_logging(args.log_level, args.log_format, worker)
+    try:
+        if config.workers > 1 and worker is None:
+            return workers.supervise(config, sys.argv[1:] if argv is None else list(argv))
+        from relay.run.server import run
+
+        return run(config, args.loop)
+    finally:
+        if local is not None:
+            local.stop()

@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.extras import install_hint
 from relay.config import Config, is_loopback
 from relay.core.registry import Registry
 from relay.http.app import make_app
@@ -185,7 +186,7 @@ LOOPS = ("auto", "asyncio", "uvloop")
 def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop for ``--loop``: uvloop if asked for, or with ``auto`` if it is installed.
 
-    uvloop is an optional extra (``pip install 'llm-sse-relay[uvloop]'``): it cuts the relay's
+    uvloop is an optional extra (relay/extras.py): it cuts the relay's
     CPU per relayed event markedly (bench/RESULTS.md).  None means asyncio's own loop.
     """
     if choice not in LOOPS:
@@ -196,8 +197,8 @@ def loop_factory(choice: str = "auto") -> Callable[[], asyncio.AbstractEventLoop
         uvloop = importlib.import_module("uvloop")
     except ImportError:
         if choice == "uvloop":
-            raise SystemExit("relay: error: --loop uvloop, but uvloop is not installed "
-                             "(pip install 'llm-sse-relay[uvloop]')") from None
+            raise SystemExit("relay: error: --loop uvloop, but uvloop is not installed: "
+                             f"{install_hint('uvloop')}") from None
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
