@@ -156,11 +156,14 @@ async def list_models(request: web.Request) -> web.Response:
     """The models this relay serves (relay/upstream/catalog.py), the default first.
 
     ``X-Relay-Default-Model`` names the default (empty: every request must name a model), so the
-    page knows whether to ask for one; the body stays OpenAI's shape.
+    page knows whether to ask for one, and ``X-Relay-Demo: 1`` says the built-in demo model answers,
+    so it can say so before the first answer; the body stays OpenAI's shape.
     """
     catalog = request.app[CATALOG]
-    return json_response({"object": "list", "data": [_model(m) for m in await catalog.listed()]},
-                         headers={"X-Relay-Default-Model": catalog.default_model or ""})
+    headers = {"X-Relay-Default-Model": catalog.default_model or ""}
+    if catalog.demo:
+        headers["X-Relay-Demo"] = "1"
+    return json_response({"object": "list", "data": [_model(m) for m in await catalog.listed()]}, headers=headers)
 
 
 async def get_model(request: web.Request) -> web.Response:

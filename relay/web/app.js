@@ -2,7 +2,7 @@
 // the thinking and tool-call sections, and the status line.
 
 import { Conversations, toMarkdown } from "./conversations.js";
-import { render, renderPlain } from "./markdown.js";
+import { render, renderPlain, renderStreaming } from "./markdown.js";
 import { ChatTurn, getToken, setToken, withAuth } from "./transport.js";
 
 const TRANSPORT_KEY = "relay.transport";
@@ -23,6 +23,12 @@ const sidebar = $("sidebar");
 const menuButton = $("menu");
 const convList = $("conversations");
 const clearAll = $("clear-all");
+const backdrop = $("backdrop");
+const emptyState = $("empty-state");
+const emptyModel = $("empty-model");
+const emptyDemo = $("empty-demo");
+/** The relay answers through its built-in demo model (X-Relay-Demo on GET /v1/models). */
+let demoRelay = false;
 
 const tokenForm = $("token-form");
 const tokenInput = $("token-input");
@@ -101,6 +107,8 @@ async function loadModels() {
   }
   if (!resp.ok) return;  // e.g. 401 before a token is given
   defaultModel = resp.headers.get("X-Relay-Default-Model") || "";
+  demoRelay = resp.headers.get("X-Relay-Demo") === "1";
+  demoBadge.hidden = !demoRelay;
   const body = await resp.json().catch(() => null);
   const names = body && Array.isArray(body.data) ? body.data.map((m) => m && m.id).filter(Boolean) : [];
   modelList.replaceChildren(...names.map((name) => {
@@ -112,6 +120,18 @@ async function loadModels() {
   if (!defaultModel && !modelInput.value && statusLine.dataset.state === "idle") {
     setStatus("idle", "Ready · this relay has no default model: pick one in the model box");
   }
+  showEmptyState();
+}
+
+/** The first screen: what this is and who answers, until the conversation has a message. */
+function showEmptyState() {
+  const empty = !log.querySelector(".msg");
+  emptyState.hidden = !empty;
+  if (!empty) return;
+  const model = chosenModel() || defaultModel;
+  emptyModel.textContent = model ? `Answers come from ${model}${demoRelay ? " (the demo model)" : ""}.`
+    : "Pick a model in the box at the top first.";
+  emptyDemo.hidden = !demoRelay;
 }
 
 function chosenModel() {
@@ -129,7 +149,11 @@ function askForModel(message) {
 function setSidebar(open) {
   sidebar.classList.toggle("open", open);
   menuButton.setAttribute("aria-expanded", String(open));
+  // The drawer (phone width) dims the chat behind it; a tap there closes it.
+  backdrop.hidden = !open || getComputedStyle(menuButton).display === "none";
 }
+
+backdrop.addEventListener("click", () => setSidebar(false));
 
 menuButton.addEventListener("click", () => setSidebar(!sidebar.classList.contains("open")));
 document.addEventListener("keydown", (e) => {
@@ -242,7 +266,7 @@ $("new-chat").addEventListener("click", () => {
   convs.startNew();
   showConversation(null);
   renderSidebar();
-  demoBadge.hidden = true;
+  demoBadge.hidden = !demoRelay;
   setStatus("idle", "Ready");
   setBusy(false);
   prompt.focus();
@@ -314,6 +338,7 @@ function addMessage(role, label) {
   const actions = element("div", "actions");
   article.append(who, thinking, content, tools, note, actions);
   log.append(article);
+  emptyState.hidden = true;
   return article;
 }
 
@@ -383,8 +408,8 @@ function showMessage(message, index, conv) {
 
 function showConversation(conv) {
   log.replaceChildren();
-  if (!conv) return;
-  conv.messages.forEach((m, i) => showMessage(m, i, conv));
+  if (conv) conv.messages.forEach((m, i) => showMessage(m, i, conv));
+  showEmptyState();
 }
 
 /** Move Edit and Regenerate to the messages they now belong to, leaving the rest of the DOM (and
@@ -492,16 +517,17 @@ function runTurn(conv, userText) {
   let resumed = false;
   let frame = 0;
 
-  const repaint = () => {
+  const repaint = (final = false) => {
     frame = 0;
     const stick = nearBottom();
     showReasoning(article, reasoning, answer === "" && calls.length === 0);
-    render(content, answer, { copy: copyText });
+    // While it streams, only the growing part is rendered again; at the end, the whole, once.
+    (final ? render : renderStreaming)(content, answer, { copy: copyText });
     showTools(article, calls);
     if (stick) scrollToEnd();
   };
   const schedule = () => {
-    if (!frame) frame = requestAnimationFrame(repaint);
+    if (!frame) frame = requestAnimationFrame(() => repaint());
   };
   const showStatus = () => {
     const now = performance.now();
@@ -576,7 +602,7 @@ function runTurn(conv, userText) {
   turn.start().then((result) => {
     clearInterval(ticker);
     if (frame) cancelAnimationFrame(frame);
-    repaint();
+    repaint(true);
     const total = performance.now() - t0;
     let noteText = "";
     if (result.kind === "stopped") noteText = "Stopped";

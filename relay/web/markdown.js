@@ -13,9 +13,12 @@
 // Links open in a new tab with rel="noopener noreferrer".  Table alignment becomes a class,
 // because the CSP allows no style attribute.
 //
-// A streamed answer is rendered whole on each animation frame. The DOM is therefore a pure
-// function of the text so far: an answer split anywhere (inside a table row, a fence or a link)
-// renders exactly as the same answer in one piece.
+// A streaming answer is rendered incrementally (renderStreaming): the blocks marked has finished
+// (every top-level block but the last) are rendered once and kept; each frame re-renders only the
+// last, growing block, so a long answer costs the same per frame at its end as at its start.  When
+// the answer ends it is rendered whole once (render), so the DOM is a pure function of the text:
+// an answer split anywhere (inside a table row, a fence or a link) ends exactly as the same answer
+// in one piece.
 
 import { Marked } from "./vendor/marked.esm.js";
 import DOMPurify from "./vendor/purify.es.js";
@@ -101,11 +104,13 @@ const PURIFY = {
 /** The sanitised DOM for Markdown `text`. */
 export function markdownFragment(text) {
   const html = marked.parse(text, { async: false });
-  return DOMPurify.sanitize(html, PURIFY);
+  const fragment = DOMPurify.sanitize(html, PURIFY);
+  // A link whose address DOMPurify removed (javascript:, data:) is no link: its text stays, as text.
+  for (const a of fragment.querySelectorAll("a:not([href])")) a.replaceWith(...a.childNodes);
+  return fragment;
 }
 
-/** Replace the children of `container` with the rendering of `text`; code blocks get a copy button. */
-export function render(container, text, { copy } = {}) {
+function decorated(text, copy) {
   const fragment = markdownFragment(text);
   if (copy) {
     for (const pre of fragment.querySelectorAll("pre")) {
@@ -119,7 +124,42 @@ export function render(container, text, { copy } = {}) {
       pre.prepend(button);
     }
   }
-  container.replaceChildren(fragment);
+  return fragment;
+}
+
+/** What renderStreaming keeps per container: the source rendered for good, and the live nodes. */
+const streams = new WeakMap();
+
+/** Replace the children of `container` with the rendering of `text`; code blocks get a copy button. */
+export function render(container, text, { copy } = {}) {
+  streams.delete(container);
+  container.replaceChildren(decorated(text, copy));
+  container.dataset.source = text;
+}
+
+/** Render a text that is still growing: only what changed since the last frame is rendered again
+ * (the finished blocks stay as they are).  `render` once the text is final. */
+export function renderStreaming(container, text, { copy } = {}) {
+  let state = streams.get(container);
+  if (!state || !text.startsWith(state.done)) {
+    container.replaceChildren();
+    state = { done: "", live: [] };
+    streams.set(container, state);
+  }
+  const rest = text.slice(state.done.length);
+  // Every top-level block but the last is finished: nothing that arrives later changes it.
+  const tokens = marked.lexer(rest);
+  let last = tokens.length - 1;
+  while (last > 0 && tokens[last].type === "space") last -= 1;
+  const finished = tokens.slice(0, Math.max(last, 0)).map((t) => t.raw).join("");
+  for (const node of state.live) node.remove();
+  if (finished && rest.startsWith(finished)) {
+    container.append(decorated(finished, copy));
+    state.done += finished;
+  }
+  const live = decorated(text.slice(state.done.length), copy);
+  state.live = [...live.childNodes];
+  container.append(live);
   container.dataset.source = text;
 }
 
