@@ -264,3 +264,23 @@ def test_default_model_outside_the_allowlist_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="--model 'x' is not one of the allowed models"):
         Config(model="x", models=("a",))
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("POST", "/v1/responses/unknown/thing", 404),
+    ("GET", "/v1/embeddings", 404),
+    ("GET", "/v1", 404),
+    ("GET", "/v1/chat/completions", 405),
+    ("DELETE", "/v1/models", 405),
+    ("PUT", "/v1/upstreams", 405),
+], ids=lambda v: str(v))
+async def test_unknown_routes_and_wrong_methods_under_v1_answer_openai_error_json(
+        relay: Any, method: str, path: str, status: int) -> None:
+    resp = await relay.request(method, path)
+    assert resp.status == status
+    assert resp.content_type == "application/json"
+    error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error" and error["message"] and error["code"] in (
+        "unknown_url", "method_not_allowed")
+    if status == 405:
+        assert "GET" in resp.headers["Allow"] or "POST" in resp.headers["Allow"]

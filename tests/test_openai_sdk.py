@@ -235,3 +235,11 @@ async def test_disallowed_model_is_a_bad_request_and_models_lists_the_allowlist(
         stream = await sdk.chat.completions.create(model="fake-mini", messages=MESSAGES, stream=True)
         assert await collect_text(stream) == "Hello, world!"
     assert [r["model"] for r in upstream.requests] == ["fake-mini"]
+
+
+async def test_a_route_the_relay_does_not_serve_is_the_sdks_not_found_error_with_a_message(
+        sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as exc:
+        await sdk.embeddings.create(model="fake-model", input="hi")
+    assert exc.value.status_code == 404
+    assert "no route /v1/embeddings" in exc.value.message and exc.value.code == "unknown_url"

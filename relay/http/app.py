@@ -19,6 +19,7 @@ from relay.http import chat, guard, openai, static
 from relay.core.redis_store import RedisStore, open_store
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
 from relay.http.disconnects import Disconnects
+from relay.http.errors import openai_route_errors
 from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
 from relay.upstream.catalog import Catalog
@@ -49,6 +50,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app[METRICS] = make_metrics(config)
     app[DISCONNECTS] = Disconnects()
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
+    app.middlewares.append(openai_route_errors)  # inside the guard: a refused request stays refused
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(functools.partial(_upstream_ctx, clock=clock, rng=rng))
     app.cleanup_ctx.append(metrics_ctx)

@@ -41,3 +41,22 @@ def request_refusal(status: int) -> str:
 def json_response(obj: Any, *, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
     """``web.json_response`` through the one encoder (relay/jsoncodec.py)."""
     return web.Response(text=dumps(obj), status=status, headers=headers, content_type="application/json")
+
+
+@web.middleware
+async def openai_route_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Under ``/v1`` an unknown route is OpenAI's error object, not aiohttp's plain text: the SDKs
+    parse the JSON (a ``404: Not Found`` body becomes a message nobody can act on).  A wrong method
+    is already one (relay/http/guard.py)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPNotFound:
+        if not _openai_path(request.path):
+            raise
+        return error_response(404, f"the relay serves no route {request.path}", code="unknown_url",
+                              refusal="invalid")
+
+
+def _openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
