@@ -166,6 +166,86 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+def _input_text(value: Any) -> str:
+    """The last user text of a Responses API ``input``: a string, or a list of items."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for item in reversed(value):
+            if isinstance(item, dict) and item.get("role", "user") == "user":
+                content = item.get("content")
+                if isinstance(content, str):
+                    return content
+                if isinstance(content, list):
+                    return " ".join(p["text"] for p in content if isinstance(p, dict)
+                                    and p.get("type") in ("input_text", "text") and isinstance(p.get("text"), str))
+    return ""
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API, as OpenAI streams it: typed events with sequence numbers, no [DONE]."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return _error("We could not parse the JSON body of your request.", None)
+    if not isinstance(body, dict) or not (isinstance(body.get("input"), (str, list)) and body.get("input")):
+        return _error("'input' must be a non-empty string or array of input items.", "input")
+    cap = body.get("max_output_tokens")
+    if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+        return _error("'max_output_tokens' must be a positive integer.", "max_output_tokens")
+    model = body["model"] if isinstance(body.get("model"), str) and body["model"] else DEMO_MODEL
+    tokens = _tokenize(compose_reply(_input_text(body["input"])))
+    status, incomplete = "completed", None
+    if cap is not None and len(tokens) > cap:
+        tokens, status, incomplete = tokens[:cap], "incomplete", {"reason": "max_output_tokens"}
+    text = "".join(tokens)
+    input_tokens = len(_tokenize(_input_text(body["input"])))
+    response_id, item_id, created = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}", int(time.time())
+    usage = {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": len(tokens), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": input_tokens + len(tokens)}
+
+    def response_obj(state: str, output: list[dict[str, Any]], done: bool) -> dict[str, Any]:
+        return {"id": response_id, "object": "response", "created_at": created, "status": state,
+                "error": None, "incomplete_details": incomplete if done else None, "model": model,
+                "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "usage": usage if done else None}
+
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    if body.get("stream") is not True:
+        return web.json_response(response_obj(status, [item], True), dumps=dumps)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    seq = 0
+
+    async def send(kind: str, **fields: Any) -> None:
+        nonlocal seq
+        await response.write(f"event: {kind}\ndata: {dumps({'type': kind, 'sequence_number': seq, **fields})}\n\n"
+                             .encode())
+        seq += 1
+
+    delay = request.app[TOKEN_DELAY]
+    try:
+        await send("response.created", response=response_obj("in_progress", [], False))
+        await send("response.in_progress", response=response_obj("in_progress", [], False))
+        await send("response.output_item.added", output_index=0,
+                   item={**item, "status": "in_progress", "content": []})
+        await send("response.content_part.added", item_id=item_id, output_index=0, content_index=0,
+                   part={"type": "output_text", "text": "", "annotations": []})
+        for token in tokens:
+            await asyncio.sleep(delay)  # pacing so a human can watch tokens arrive; not synchronisation
+            await send("response.output_text.delta", item_id=item_id, output_index=0, content_index=0, delta=token)
+        await send("response.output_text.done", item_id=item_id, output_index=0, content_index=0, text=text)
+        await send("response.content_part.done", item_id=item_id, output_index=0, content_index=0, part=part)
+        await send("response.output_item.done", output_index=0, item=item)
+        await send(f"response.{status}", response=response_obj(status, [item], True))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away between writes
+    return response
+
+
 async def _models(request: web.Request) -> web.Response:
     model = {"id": DEMO_MODEL, "object": "model", "created": 0, "owned_by": "relay"}
     return web.json_response({"object": "list", "data": [model]}, dumps=dumps)
@@ -176,6 +256,7 @@ def make_demo_app(*, token_delay: float = 0.03) -> web.Application:
     app = web.Application()
     app[TOKEN_DELAY] = token_delay
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/responses", _responses)
     app.router.add_get("/v1/models", _models)
     return app
 

@@ -56,7 +56,10 @@ class Ending:
 
 
 class Wire(Protocol):
-    """One view's wire format: the bytes of each event, given its position in the log."""
+    """One view's wire format: the bytes of each event, given its position in the log, and the
+    upstream API whose events it carries (``chat`` completions or ``responses``)."""
+
+    api: str
 
     def start(self, stream_id: str) -> bytes | None:
         """The first event, before the upstream has said anything (or None)."""
@@ -435,7 +438,7 @@ class Generation:
         self._publish()  # a view holding its status line for this can commit now
 
     async def _stream(self) -> Ending:
-        resp = self._resp = await self._upstream.open(self._body, self.attempts)
+        resp = self._resp = await self._upstream.open(self._body, self.attempts, self.wire.api)
         self._body = {}  # the pool keeps it while another upstream may still be asked
         self._answered(resp.request_id)
         try:
@@ -480,7 +483,7 @@ class Generation:
             self._metrics.ttft.labels(self.kind, self._label, upstream).observe(now - self._started)
 
     async def _complete(self) -> Ending:
-        answer = await self._upstream.complete(self._body, self.attempts)
+        answer = await self._upstream.complete(self._body, self.attempts, self.wire.api)
         self._body = {}
         self.answer = answer
         self._first_token(self._loop.time(), answered_upstream(self.attempts))

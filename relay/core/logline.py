@@ -23,11 +23,13 @@ def token_counts(usage: dict[str, Any] | None) -> Iterator[tuple[str, int]]:
     """``(type, count)`` for the prompt, completion and reasoning tokens an upstream's usage reports."""
     if not usage:
         return
-    for kind, key in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
-        count = _count(usage.get(key))
+    # Chat completions say prompt/completion, the Responses API input/output.
+    for kind, key, other in (("prompt", "prompt_tokens", "input_tokens"),
+                             ("completion", "completion_tokens", "output_tokens")):
+        count = _count(usage.get(key)) or _count(usage.get(other))
         if count:
             yield kind, count
-    details = usage.get("completion_tokens_details")
+    details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
     if isinstance(details, dict):
         count = _count(details.get("reasoning_tokens"))
         if count:

@@ -15,7 +15,7 @@ from aiohttp import web
 from relay.config import Config
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
-from relay.http import chat, guard, openai, static
+from relay.http import chat, guard, openai, responses, static
 from relay.core.redis_store import RedisStore, open_store
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
 from relay.http.disconnects import Disconnects
@@ -60,6 +60,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app.router.add_get("/chat/{id}", chat.get_stream, allow_head=False)
     app.router.add_delete("/chat/{id}", chat.delete_stream)
     app.router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=guard.expect_handler)
+    app.router.add_post("/v1/responses", responses.create_response, expect_handler=guard.expect_handler)
     app.router.add_get("/v1/models", openai.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
     app.router.add_get("/v1/upstreams", upstreams_state, allow_head=False)

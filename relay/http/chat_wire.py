@@ -18,6 +18,7 @@ from relay.upstream import Chunk
 
 class ChatWire:
     __slots__ = ("_demo", "_id", "_model", "_retry_ms")
+    api = "chat"
 
     def __init__(self, *, model: str, demo: bool, retry_ms: int) -> None:
         self._model = model

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -72,8 +73,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # generation without a grace is cancelled the moment its last client has gone.
     sub = gen.attach(0)
     if stream:
-        return await _stream(request, config, gen, sub)
-    return await _complete(gen, sub)
+        return await stream_answer(request, config, gen, sub)
+    return await complete_answer(gen, sub)
 
 
 def field_policy(config: Config, allowed: tuple[str, ...]) -> FieldPolicy:
@@ -86,8 +87,9 @@ async def _answered(gen: Generation, sub: Subscriber) -> None:
         await gen.changed(sub)
 
 
-async def _complete(gen: Generation, sub: Subscriber) -> web.StreamResponse:
-    """Non-streaming: the upstream's own JSON answer, passed through as sent."""
+async def complete_answer(gen: Generation, sub: Subscriber) -> web.StreamResponse:
+    """Non-streaming: the upstream's own JSON answer, passed through as sent (chat completions and
+    the Responses API alike)."""
     try:
         while not gen.finished:
             await gen.changed(sub)
@@ -102,7 +104,10 @@ async def _complete(gen: Generation, sub: Subscriber) -> web.StreamResponse:
     return web.Response(body=gen.answer.raw, content_type="application/json", headers=headers or None)
 
 
-async def _stream(request: web.Request, config: Config, gen: Generation, sub: Subscriber) -> web.StreamResponse:
+async def stream_answer(request: web.Request, config: Config, gen: Generation, sub: Subscriber, *,
+                        lagged: Callable[[Generation], bytes] = lambda _gen: LAGGED) -> web.StreamResponse:
+    """Streaming, with the status line held until the upstream answers (or the first keepalive is
+    due): chat completions and the Responses API alike; ``lagged`` ends a reader that fell behind."""
     out: EventStream | None = None
     try:
         try:
@@ -122,7 +127,7 @@ async def _stream(request: web.Request, config: Config, gen: Generation, sub: Su
         if not await follow(out, gen, sub):
             # Four replay logs behind: what it missed is gone, so it gets an honest end, never a gap.
             log.warning("v1 %s: the client fell too far behind the stream; ended", gen.id)
-            await out.send_bytes(LAGGED)
+            await out.send_bytes(lagged(gen))
     except ConnectionResetError:
         pass
     except SlowClient as exc:

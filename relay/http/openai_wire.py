@@ -23,6 +23,7 @@ DONE: Final = encode("[DONE]")
 
 class OpenAIWire:
     __slots__ = ("_drop_usage",)
+    api = "chat"
 
     def __init__(self, *, drop_usage: bool) -> None:
         # Only the usage chunk the relay itself asked for is removed.

@@ -24,7 +24,7 @@ from relay.config import Config
 from relay.jsoncodec import dumps
 from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded
 from relay.upstream.metadata import Redactor, request_id_of
-from relay.upstream.response import Chunk, Target, UpstreamResponse
+from relay.upstream.response import CHAT, RESPONSES, Chunk, Target, UpstreamResponse
 from relay.upstream.session import Reach
 
 __all__ = ["Chunk", "Completion", "Target", "UpstreamClient", "UpstreamResponse"]
@@ -56,6 +56,7 @@ class UpstreamClient:
         self.name = target.name
         self.base_url = target.base_url.rstrip("/")
         self.url = self.base_url + "/chat/completions"
+        self._urls = {CHAT: self.url, RESPONSES: self.base_url + "/responses"}
         self._params = list(target.query)
         self._reach = reach or Reach(True, None, None)
         # The codings the relay reads, named (with none, any coding would be acceptable), and who asks.
@@ -74,7 +75,8 @@ class UpstreamClient:
         self._timeout = aiohttp.ClientTimeout(total=None, connect=target.connect_timeout,
                                               sock_connect=target.connect_timeout)
 
-    async def open(self, body: dict[str, Any], *, total_deadline: float | None = None) -> UpstreamResponse:
+    async def open(self, body: dict[str, Any], *, total_deadline: float | None = None,
+                   api: str = CHAT) -> UpstreamResponse:
         """POST the request; raise UpstreamError unless the upstream answers 2xx with an event stream.
 
         ``total_deadline`` (loop time) is the request's, across all its attempts; the first-token
@@ -90,7 +92,8 @@ class UpstreamClient:
         else:
             deadline, phase = total_deadline, "total"
             too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "text/event-stream", deadline, too_late, phase, failover=first <= total_deadline)
+        resp = await self._post(body, "text/event-stream", deadline, too_late, phase, failover=first <= total_deadline,
+                                api=api)
         ctype = resp.headers.get("Content-Type", "")
         if not ctype.startswith("text/event-stream"):
             resp.close()
@@ -99,13 +102,14 @@ class UpstreamClient:
                                 f"{self._redact.text(ctype, 100) if ctype else 'no content type'}, not an event stream",
                                 status=resp.status, retriable=False,
                                 request_id=request_id_of(resp.headers, self._redact), failover=True)
-        return UpstreamResponse(resp, self._config, self.target, started, total_deadline, self._redact)
+        return UpstreamResponse(resp, self._config, self.target, started, total_deadline, self._redact, api)
 
-    async def complete(self, body: dict[str, Any], *, total_deadline: float | None = None) -> Completion:
+    async def complete(self, body: dict[str, Any], *, total_deadline: float | None = None,
+                       api: str = CHAT) -> Completion:
         """A non-streamed answer: the upstream's JSON body as sent (bounded), within the total timeout."""
         deadline = total_deadline or asyncio.get_running_loop().time() + self._config.total_timeout
         too_late = f"the answer did not finish within the total timeout ({self._config.total_timeout:g} s)"
-        resp = await self._post(body, "application/json", deadline, too_late, "total", failover=False)
+        resp = await self._post(body, "application/json", deadline, too_late, "total", failover=False, api=api)
         request_id = request_id_of(resp.headers, self._redact)
         try:
             async with asyncio.timeout_at(deadline):
@@ -135,14 +139,14 @@ class UpstreamClient:
         return Completion(raw, obj, request_id, resp.status)
 
     async def _post(self, body: dict[str, Any], accept: str, deadline: float, too_late: str, phase: str, *,
-                    failover: bool) -> aiohttp.ClientResponse:
+                    failover: bool, api: str = CHAT) -> aiohttp.ClientResponse:
         """POST ``body``; the response once its headers are in, or UpstreamError for any failure or non-2xx."""
         payload = dumps(body).encode()
         reach = self._reach
         try:
             async with asyncio.timeout_at(deadline):
                 resp = await self._session.post(
-                    self.url, data=payload, headers={**self._headers, "Accept": accept}, params=self._params,
+                    self._urls[api], data=payload, headers={**self._headers, "Accept": accept}, params=self._params,
                     timeout=self._timeout, allow_redirects=False, ssl=reach.ssl, proxy=reach.proxy,
                     proxy_headers=reach.proxy_headers)
         except aiohttp.ConnectionTimeoutError:

@@ -93,8 +93,8 @@ class Stats:
     def add_usage(self, usage: Any) -> None:
         """Usage per upstream: what each one billed, for the operator's view (GET /v1/upstreams)."""
         if isinstance(usage, dict):
-            self.prompt_tokens += _count(usage.get("prompt_tokens"))
-            self.completion_tokens += _count(usage.get("completion_tokens"))
+            self.prompt_tokens += _count(usage.get("prompt_tokens")) or _count(usage.get("input_tokens"))
+            self.completion_tokens += _count(usage.get("completion_tokens")) or _count(usage.get("output_tokens"))
 
 
 @dataclass(slots=True)
@@ -112,9 +112,11 @@ class Member:
 class Route:
     """One request's way through the pool: the upstreams left to try and what each attempt did."""
 
-    __slots__ = ("attempts", "body", "deadline", "member", "model", "order", "tried")
+    __slots__ = ("api", "attempts", "body", "deadline", "member", "model", "order", "tried")
 
-    def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str]) -> None:
+    def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str],
+                 api: str = "chat") -> None:
+        self.api = api
         self.body = body
         self.model = str(body.get("model", ""))
         self.order = order
@@ -256,26 +258,29 @@ class Pool:
                 ordered.append(pick)
         return ordered
 
-    def route(self, body: dict[str, Any], attempts: list[str]) -> Route:
+    def route(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> Route:
         deadline = asyncio.get_running_loop().time() + self._config.total_timeout
-        return Route(body, self.order(str(body.get("model", ""))), deadline, attempts)
+        return Route(body, self.order(str(body.get("model", ""))), deadline, attempts, api)
 
     # -- attempts --------------------------------------------------------------------------
 
-    async def open(self, body: dict[str, Any], attempts: list[str]) -> PooledResponse:
-        """A streamed answer from the first upstream that gives one (``attempts`` records each try)."""
-        route = self.route(body, attempts)
-        resp = await self._attempt(route, None, lambda m, b: m.client.open(b, total_deadline=route.deadline))
+    async def open(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> PooledResponse:
+        """A streamed answer from the first upstream that gives one (``attempts`` records each try);
+        ``api``: chat completions or the Responses API."""
+        route = self.route(body, attempts, api)
+        resp = await self._attempt(route, None, lambda m, b: m.client.open(b, total_deadline=route.deadline,
+                                                                           api=route.api))
         return PooledResponse(self, route, resp)
 
     async def next_stream(self, route: Route, failure: UpstreamError) -> UpstreamResponse:
         """After ``failure`` (already recorded), the next upstream's stream, or the last failure raised."""
-        return await self._attempt(route, failure, lambda m, b: m.client.open(b, total_deadline=route.deadline))
+        return await self._attempt(route, failure, lambda m, b: m.client.open(b, total_deadline=route.deadline,
+                                                                              api=route.api))
 
-    async def complete(self, body: dict[str, Any], attempts: list[str]) -> Completion:
-        route = self.route(body, attempts)
+    async def complete(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> Completion:
+        route = self.route(body, attempts, api)
         result = await self._attempt(route, None,
-                                     lambda m, b: m.client.complete(b, total_deadline=route.deadline))
+                                     lambda m, b: m.client.complete(b, total_deadline=route.deadline, api=route.api))
         if route.member is not None:
             route.member.stats.add_usage(result.obj.get("usage"))
         return result

@@ -58,6 +58,8 @@ class Chunk:
     data: str
     obj: dict[str, Any]
     delta: bool
+    #: The event's name (the Responses API's ``event:`` line); None for chat completions.
+    event: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,20 @@ class Target:
     idle_timeout: float
 
 
+#: The two upstream APIs an answer can come from.
+CHAT: Final = "chat"
+RESPONSES: Final = "responses"
+#: Responses API events that carry part of the answer (the idle clock counts from the last one).
+RESPONSES_DELTAS: Final = frozenset({
+    "response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
+    "response.reasoning_summary_text.delta", "response.reasoning_text.delta", "response.audio.delta",
+    "response.audio.transcript.delta", "response.custom_tool_call_input.delta", "response.code_interpreter_call_code.delta",
+})
+#: Responses API events that end an answer as the upstream meant it (``response.failed`` is the
+#: upstream's own account of a failure, passed on as it is).
+RESPONSES_ENDS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 class _Deadline(Exception):
     """Failed into the read in progress when a timeout passes (``UpstreamResponse._on_timer``)."""
 
@@ -83,13 +99,14 @@ class UpstreamResponse:
     """One streamed answer.  ``run(on_chunks)`` hands each batch of chunks to ``on_chunks`` as it
     arrives and returns at the end of the answer, or raises its UpstreamError."""
 
-    __slots__ = ("_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
+    __slots__ = ("_api", "_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
                  "_loop", "_paused_at", "_reading", "_redact", "_resp", "_resume", "_timer", "_total_deadline",
                  "_total_timeout", "finish_reason", "headers", "request_id", "status", "usage")
 
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
-                 total_deadline: float, redact: Redactor) -> None:
+                 total_deadline: float, redact: Redactor, api: str = CHAT) -> None:
         self._resp = resp
+        self._api = api
         self._redact = redact
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event, error_field=True)
         self._idle = target.idle_timeout
@@ -247,6 +264,9 @@ class UpstreamResponse:
     # -- decoding --------------------------------------------------------------------------
 
     def _parse(self, events: list[Event], chunks: list[Chunk]) -> None:
+        if self._api == RESPONSES:
+            self._parse_responses(events, chunks)
+            return
         chunk_redact = self._redact.chunk
         for event in events:
             data = event.data
@@ -285,6 +305,42 @@ class UpstreamResponse:
             if delta or self.finish_reason is not None:
                 self._last_delta = self._loop.time()
             chunks.append(Chunk(data, obj, delta))
+
+    def _parse_responses(self, events: list[Event], chunks: list[Chunk]) -> None:
+        """Responses API events: typed (``event:`` and the data's ``type``), no ``[DONE]``; the
+        answer ends with ``response.completed``, ``.incomplete`` or ``.failed``, an ``error`` event
+        is a failure."""
+        for event in events:
+            if event.error is not None:
+                raise self._event_error(event)
+            data = self._redact.chunk(event.data)
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
+                                    retriable=True, request_id=self.request_id, failover=True) from None
+            if not isinstance(obj, dict):
+                raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
+                                    retriable=True, request_id=self.request_id, failover=True)
+            kind = obj.get("type") if isinstance(obj.get("type"), str) else event.event
+            if kind == "error" or event.event == "error":
+                # {"type": "error", "code", "message", "param", "sequence_number"}: OpenAI's error
+                # event, whose fields are the error object's own.
+                err = {k: v for k, v in obj.items() if k not in ("type", "sequence_number")}
+                raise error_from_body({"error": err.get("error", err)}, status=None, request_id=self.request_id,
+                                      midstream=True, redact=self._redact)
+            delta = kind in RESPONSES_DELTAS
+            chunks.append(Chunk(data, obj, delta, event.event or kind))
+            if kind in RESPONSES_ENDS:
+                self.finish_reason = kind.removeprefix("response.")
+                response = obj.get("response")
+                if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                    self.usage = response["usage"]
+                self._ended = True
+            if delta or self._ended:
+                self._last_delta = self._loop.time()
+            if self._ended:
+                break
 
     def _event_error(self, event: Event) -> UpstreamError:
         """An error that is not a ``data:`` chunk: llama.cpp's ``error:`` field line (its value is
