@@ -272,3 +272,41 @@ async def test_the_demo_model_speaks_the_responses_api(make_relay: Any, caplog: 
     assert "hello demo" in text and answer.output_text == text
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("responses ")]
     assert len(lines) == 2 and all("outcome=done" in line for line in lines)
+
+
+@pytest.mark.parametrize("chunking", ["whole", "lines", "bytes", "random"])
+async def test_the_sdk_reads_the_same_events_through_the_relay_as_directly_however_the_bytes_split(
+        make_relay: Any, chunking: str) -> None:
+    """A served stream in four chunkings (whole, line by line, byte by byte, seeded random cuts):
+    the events the SDK parses through the relay equal those it parses from the upstream itself."""
+    from test_wire_corpus import pieces
+
+    body = b"".join(EVENTS)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for piece in pieces(body, chunking, f"responses-{chunking}"):
+            await resp.write(piece)
+        await resp.write_eof()
+        return resp
+    app = web.Application()
+    app.router.add_post("/v1/responses", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+    async def read(base_url: str) -> list[dict[str, Any]]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as sdk:
+            return [ev.to_dict() async for ev in await sdk.responses.create(model="fake-model", input="hi",
+                                                                              stream=True)]
+    try:
+        direct = await read(upstream_url)
+        relay = await make_relay(upstream=upstream_url)
+        through = await read(str(relay.make_url("/v1")))
+    finally:
+        await runner.cleanup()
+    assert len(direct) == len(EVENTS) and through == direct
