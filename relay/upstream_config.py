@@ -50,6 +50,8 @@ class UpstreamSpec:
     #: A client certificate (and its key, if not in the same file) for servers that require one.
     client_cert: Path | None = None
     client_key: Path | None = None
+    #: Serves the Responses API (``/responses``); None: unknown, tried, and learnt from a 404.
+    responses: bool | None = None
 
     def upstream_model(self, model: str) -> str | None:
         """The name this upstream knows ``model`` by, or None when it does not serve it."""
@@ -62,7 +64,7 @@ class UpstreamSpec:
 ENTRY_KEYS: Final = frozenset({
     "name", "url", "key_env", "key_file", "key_credential", "api_key_header", "headers", "query", "models",
     "priority", "weight", "connect_timeout", "first_token_timeout", "idle_timeout",
-    "proxy", "proxy_auth_file", "proxy_auth_credential", "ca_file", "client_cert", "client_key",
+    "proxy", "proxy_auth_file", "proxy_auth_credential", "ca_file", "client_cert", "client_key", "responses",
 })
 
 
@@ -276,12 +278,15 @@ def parse_upstreams(raw: Any, environ: Mapping[str, str] = os.environ) -> tuple[
                if k in entry}
         if "client_key" in tls and "client_cert" not in tls:
             raise ConfigError(f"{where}: client_key needs client_cert")
+        responses = entry.get("responses")
+        if responses is not None and not isinstance(responses, bool):
+            raise ConfigError(f"{where}: responses must be true or false (whether it serves the Responses API)")
         specs.append(UpstreamSpec(
             name=name, url=url.rstrip("/"), api_key=_read_key(entry, where, environ), api_key_header=key_header,
             headers=headers, query=query, models=models, any_model=any_model,
             priority=int(_number(entry, "priority", where, integer=True, low=0)) if "priority" in entry else 0,
             weight=int(_number(entry, "weight", where, integer=True, low=1)) if "weight" in entry else 1,
             proxy=proxy, proxy_auth=proxy_auth, ca_file=tls.get("ca_file"), client_cert=tls.get("client_cert"),
-            client_key=tls.get("client_key"), **timeouts,
+            client_key=tls.get("client_key"), responses=responses, **timeouts,
         ))
     return tuple(specs)

@@ -310,3 +310,63 @@ async def test_the_sdk_reads_the_same_events_through_the_relay_as_directly_howev
     finally:
         await runner.cleanup()
     assert len(direct) == len(EVENTS) and through == direct
+
+
+async def _responses_upstream(calls: list[str]) -> web.AppRunner:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        calls.append(request.path)
+        if not (await request.json()).get("stream"):
+            return web.json_response(response_obj("completed", [MESSAGE], USAGE))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b"".join(EVENTS))
+        await resp.write_eof()
+        return resp
+    app = web.Application()
+    app.router.add_post("/v1/responses", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner
+
+
+async def test_an_upstream_without_the_responses_api_is_never_sent_one(
+        aiohttp_client: Any, upstream: FakeUpstream) -> None:
+    from relay.config import Config
+    from relay.http.app import make_app
+    from relay.upstream_config import parse_upstreams
+
+    calls: list[str] = []
+    runner = await _responses_upstream(calls)
+    try:
+        specs = parse_upstreams([
+            # First in order, but configured as chat completions only.
+            {"name": "chat-only", "url": upstream.base_url, "models": ["m"], "priority": 0, "responses": False},
+            {"name": "full", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/v1", "models": ["m"], "priority": 1},
+        ], {})
+        relay = await aiohttp_client(make_app(Config(upstreams=specs, model="m", rate_limit=0)))
+        async with sdk_for(relay) as sdk:
+            answer = await sdk.responses.create(model="m", input="hi")
+        assert answer.output_text == "Hello there" and calls == ["/v1/responses"] and upstream.calls == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_404_on_the_route_is_learnt_and_a_model_served_only_there_is_a_clear_400(
+        make_relay: Any, upstream: FakeUpstream) -> None:
+    relay = await make_relay()  # the fake upstream serves chat completions only: /v1/responses is its 404
+    async with sdk_for(relay) as sdk:
+        with pytest.raises(openai.BadRequestError) as first:
+            await sdk.responses.create(model="fake-model", input="hi")
+        assert "Responses API" in first.value.message
+        with pytest.raises(openai.BadRequestError) as second:
+            await sdk.responses.create(model="fake-model", input="hi", stream=True)
+        assert second.value.param == "model" and "/v1/chat/completions" in second.value.message
+        # Chat completions through the same upstream are unaffected.
+        text = ""
+        async for chunk in await sdk.chat.completions.create(
+                model="fake-model", messages=[{"role": "user", "content": "x"}], stream=True):
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert text == "Hello, world!" and upstream.calls == 1
+    state = (await (await relay.get("/v1/upstreams")).json())["upstreams"][0]
+    assert state["state"] == "ok"  # not cooling down: it is well, it just lacks the API

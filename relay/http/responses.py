@@ -15,7 +15,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from relay.http.admission import Refused, refusal, start_generation
-from relay.http.appkeys import CATALOG, CONFIG
+from relay.http.appkeys import CATALOG, CONFIG, UPSTREAMS
 from relay.http.body import BadRequest, read_json
 from relay.http.errors import error_response, request_refusal
 from relay.http.openai import complete_answer, stream_answer
@@ -38,6 +38,9 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         req = responses_request(await read_json(request), default_model=catalog.default_model,
                                 models=catalog.allowed, limits=RequestBounds.of(config))
+        why = request.app[UPSTREAMS].no_api(req.model, "responses")
+        if why is not None:
+            raise BadRequest(why, "model")
         gen = await start_generation(request, kind="responses", model=req.model, body=req.body,
                                      wire=ResponsesWire(), resumable=False, streaming=req.stream)
     except BadRequest as exc:

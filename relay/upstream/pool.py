@@ -103,10 +103,18 @@ class Member:
     client: UpstreamClient
     health: Health = field(default_factory=Health)
     stats: Stats = field(default_factory=Stats)
+    #: Serves the Responses API: from its entry (``responses``), else None until a request tells.
+    responses: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.responses = self.spec.responses
 
     @property
     def name(self) -> str:
         return self.spec.name
+
+    def speaks(self, api: str) -> bool:
+        return api != "responses" or self.responses is not False
 
 
 class Route:
@@ -201,6 +209,12 @@ class PooledResponse:
             member.stats.add_usage(self._resp.usage)
 
 
+def _no_such_route(exc: UpstreamError) -> bool:
+    """A 404 for the route itself, not for a model: no OpenAI error object with a type or code
+    (FastAPI's ``{"detail": "Not Found"}``, aiohttp's ``404: Not Found``, an empty body)."""
+    return exc.status == 404 and not (exc.upstream and (exc.upstream.get("type") or exc.upstream.get("code")))
+
+
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
@@ -238,13 +252,22 @@ class Pool:
 
     # -- routing ---------------------------------------------------------------------------
 
-    def serving(self, model: str) -> list[Member]:
-        return [m for m in self.members if m.spec.upstream_model(model) is not None]
+    def serving(self, model: str, api: str = "chat") -> list[Member]:
+        return [m for m in self.members if m.spec.upstream_model(model) is not None and m.speaks(api)]
 
-    def order(self, model: str) -> list[Member]:
+    def no_api(self, model: str, api: str) -> str | None:
+        """Why ``model`` cannot be asked through ``api`` (every upstream serving it lacks the API), or None."""
+        serving = self.serving(model)
+        if not serving or any(m.speaks(api) for m in serving):
+            return None
+        names = ", ".join(m.name for m in serving)
+        return (f"the model {model!r} is served only by upstreams without the Responses API ({names}); "
+                "use /v1/chat/completions for it")
+
+    def order(self, model: str, api: str = "chat") -> list[Member]:
         """The upstreams to try for ``model``, best first (see the module's docstring)."""
         now = self._clock()
-        serving = self.serving(model)
+        serving = self.serving(model, api)
         usable = [m for m in serving if m.health.usable(now)]
         if not usable:
             # Everything is cooling down: the one that recovers first, rather than no answer at all.
@@ -260,7 +283,7 @@ class Pool:
 
     def route(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> Route:
         deadline = asyncio.get_running_loop().time() + self._config.total_timeout
-        return Route(body, self.order(str(body.get("model", ""))), deadline, attempts, api)
+        return Route(body, self.order(str(body.get("model", "")), api), deadline, attempts, api)
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -305,6 +328,16 @@ class Pool:
                 if metrics is not None:
                     metrics.upstream_requests.labels(member.name, str(exc.status or "none")).inc()
                 self.timed_out(route, exc)
+                if route.api == "responses" and _no_such_route(exc):
+                    # It does not serve the Responses API (an older vLLM, a proxy in front of chat
+                    # completions only): learnt once, never asked again, another one tried now.
+                    member.responses = False
+                    log.warning("upstream %s does not serve the Responses API (404 on /responses): not asked "
+                                "for it again", member.name)
+                    route.attempts.append(f"{member.name}:no-responses-api")
+                    failure = UpstreamError("upstream_error", "no upstream serving this model answers the "
+                                            "Responses API", status=400, failover=False)
+                    continue
                 if not exc.failover:
                     # The request is at fault, not the upstream: it answered, so it is well.
                     self._recovered(member)
