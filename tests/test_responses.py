@@ -186,11 +186,11 @@ async def test_an_upstream_status_error_is_the_sdks_exception_with_its_retry_aft
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"model": "fake-model", "input": "hi", "background": True}, "background"),
+    ({"model": "fake-model", "input": "hi", "background": "yes"}, "background"),
     ({"model": "fake-model"}, "input"),
     ({"model": "fake-model", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"model": "other-model", "input": "hi"}, "model"),
-], ids=["background", "no-input", "bad-max-output-tokens", "model-not-allowed"])
+], ids=["background-not-a-bool", "no-input", "bad-max-output-tokens", "model-not-allowed"])
 async def test_a_request_the_relay_refuses_is_a_400_naming_the_field(
         make_relay: Any, upstream: FakeUpstream, body: dict[str, Any], param: str) -> None:
     relay = await make_relay(models=("fake-model",))

@@ -103,13 +103,14 @@ class Generation:
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
                  "_config", "_deltas", "_events", "_first_delta", "_gap", "_grace", "_keep", "_label", "_last_delta",
-                 "_loop", "_metrics", "_on_finished", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
+                 "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
                  "attempts", "client", "ending", "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq",
                  "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
-                 resumable: bool = True, streaming: bool = True, metrics: Metrics | None = None) -> None:
+                 resumable: bool = True, streaming: bool = True, metrics: Metrics | None = None,
+                 background: bool = False) -> None:
         self.id = new_stream_id()
         self.kind = kind
         self.model = model
@@ -126,6 +127,9 @@ class Generation:
         self._on_finished = on_finished
         self._keep = config.replay_bytes if resumable else 0
         self._grace = config.resume_grace if resumable else 0.0
+        #: Runs to its end whether or not anyone listens (a background response): never stopped for
+        #: nobody, never paused for a full log with no reader (the oldest events go instead).
+        self.background = background
         self._events: list[bytes] = []
         self._base = 0  # sequence number of _events[0]
         self.log_bytes = 0
@@ -309,7 +313,7 @@ class Generation:
             self._alone_floor = sub.pos
         self._trim()  # what only this client still needed can go now
         self._wake()
-        if not self._subscribers and not self.finished:
+        if not self._subscribers and not self.finished and not self.background:
             if self._grace <= 0:
                 self._unheard("every client disconnected")
             else:
@@ -337,7 +341,7 @@ class Generation:
                 if not sub.blocked:
                     return False
             return True
-        return self.resumable and self.log_bytes >= self._keep and not self.remote
+        return self.resumable and self.log_bytes >= self._keep and not self.remote and not self.background
 
     def _wake(self) -> None:
         """Something changed for the readers: read the upstream again if it was paused for them."""

@@ -55,7 +55,7 @@ class Registry:
 
     def create(self, *, kind: str, model: str, body: dict[str, Any], wire: Wire, resumable: bool = True,
                streaming: bool = True, wait_for_subscriber: float | None = None,
-               owner: str | None = None) -> Generation:
+               owner: str | None = None, background: bool = False) -> Generation:
         """Register and start a generation, or raise StreamLimit at the cap."""
         if self.closed:
             raise StreamLimit("the relay is shutting down; try again shortly")
@@ -64,7 +64,7 @@ class Registry:
                               "try again shortly")
         gen = Generation(kind=kind, config=self._config, upstream=self._upstream, wire=wire, model=model,
                          body=body, on_finished=self._finished, resumable=resumable, streaming=streaming,
-                         metrics=self._metrics)
+                         metrics=self._metrics, background=background)
         gen.owner = owner
         self._live.add(gen)
         if resumable:

@@ -24,14 +24,14 @@ Refused = (StreamLimit, TooManyStreams)
 
 async def start_generation(request: web.Request, *, kind: str, model: str, body: dict[str, Any], wire: Wire,
                            resumable: bool, streaming: bool = True,
-                           wait_for_subscriber: float | None = None) -> Generation:
+                           wait_for_subscriber: float | None = None, background: bool = False) -> Generation:
     """A started generation owned by this request's client; raises one of ``Refused``."""
     client = access.client_of(request)
     release = await request.app[LIMITS].acquire(client.identity)
     try:
         gen = request.app[REGISTRY].create(kind=kind, model=model, body=body, wire=wire, resumable=resumable,
                                            streaming=streaming, wait_for_subscriber=wait_for_subscriber,
-                                           owner=client.owner)
+                                           owner=client.owner, background=background)
     except BaseException:
         release()
         raise

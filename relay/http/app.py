@@ -61,6 +61,8 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app.router.add_delete("/chat/{id}", chat.delete_stream)
     app.router.add_post("/v1/chat/completions", openai.chat_completions, expect_handler=guard.expect_handler)
     app.router.add_post("/v1/responses", responses.create_response, expect_handler=guard.expect_handler)
+    app.router.add_get("/v1/responses/{id}", responses.retrieve_response, allow_head=False)
+    app.router.add_post("/v1/responses/{id}/cancel", responses.cancel_response)
     app.router.add_get("/v1/models", openai.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
     app.router.add_get("/v1/upstreams", upstreams_state, allow_head=False)

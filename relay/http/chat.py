@@ -120,6 +120,8 @@ async def get_stream(request: web.Request) -> web.StreamResponse:
 async def resume(request: web.Request, stream_id: str, last_seq: int | None) -> web.StreamResponse:
     """Replay after ``last_seq`` (-1: from the start; None: the client has its end), then follow."""
     stream = request.app[REGISTRY].get(stream_id)
+    if stream is not None and stream.kind != "chat":
+        raise _not_found()  # another view's (a background response): not a /chat stream
     if stream is None:
         return await _resume_remote(request, stream_id, last_seq)
     _check_access(request, stream.id, stream.owner)

@@ -1,30 +1,44 @@
 """The Responses API view: ``POST /v1/responses``, OpenAI's newer API, which its SDKs, the Agents
-SDK and the Vercel AI SDK's default provider call.
+SDK and the Vercel AI SDK's default provider call; and the background responses the relay keeps.
 
 The same core and guarantees as ``/v1/chat/completions`` (relay/http/openai.py): one generation in
 the one registry, the status line held until the upstream answers (real status codes, SDK
 exceptions and retries), keepalives, the upstream closed the moment the client leaves, one honest
 ending, limits, failover before the first event, drain.  The upstream's typed events go out
-byte-identical (relay/http/responses_wire.py).  Not yet: background answers kept and resumed by
-the relay, and routing ``previous_response_id`` to the upstream that produced it when several
-upstreams serve a model (with one upstream, as is usual, a conversation simply continues there).
+byte-identical (relay/http/responses_wire.py).
+
+``background: true`` answers are the relay's own, whatever the upstream supports: the upstream
+streams an ordinary answer, the relay keeps its events (a resumable generation that runs on with
+nobody listening) and serves ``GET /v1/responses/{id}`` (the latest response object),
+``GET /v1/responses/{id}?stream=true&starting_after=N`` (replay after N, then follow) and
+``POST /v1/responses/{id}/cancel`` (the upstream closed at once) from its log.  Not yet: reading a
+background response on another instance (``--redis``), and routing ``previous_response_id`` to the
+upstream that produced it when several upstreams serve a model.
 """
 
 from __future__ import annotations
 
+import time
+from typing import Any, Final
+
 from aiohttp import web
 
+from relay.core.generation import Ending, Generation, ResumeExpired
+from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
-from relay.http.appkeys import CATALOG, CONFIG, UPSTREAMS
+from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY, UPSTREAMS
 from relay.http.body import BadRequest, read_json
-from relay.http.errors import error_response, request_refusal
+from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.openai import complete_answer, stream_answer
 from relay.http.params import RequestBounds
 from relay.http.responses_body import responses_request
-from relay.core.generation import Ending, Generation
 from relay.http.responses_wire import ResponsesWire, error_event
+from relay.http.sse_response import KEEPALIVE, SlowClient, event_stream, follow
 
+#: A background response's id is the relay's: this prefix and its generation's id.
+PREFIX: Final = "resp_"
 LAGGED = Ending("client_too_slow", "the client read the stream too slowly and fell behind what the relay keeps")
+EXPIRED = Ending("resume_expired", "the events after this position have left what the relay keeps for this response")
 
 
 def _lagged(gen: Generation) -> bytes:
@@ -41,15 +55,99 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         why = request.app[UPSTREAMS].no_api(req.model, "responses")
         if why is not None:
             raise BadRequest(why, "model")
-        gen = await start_generation(request, kind="responses", model=req.model, body=req.body,
-                                     wire=ResponsesWire(), resumable=False, streaming=req.stream)
+        wire = ResponsesWire(PREFIX if req.background else None)
+        gen = await start_generation(request, kind="responses", model=req.model, body=req.body, wire=wire,
+                                     resumable=req.background, streaming=req.stream or req.background,
+                                     background=req.background)
     except BadRequest as exc:
         return error_response(exc.status, exc.message, param=exc.param, refusal=request_refusal(exc.status))
     except Refused as exc:
         return refusal(exc)
-    stream = req.stream
+    stream, background = req.stream, req.background
     del req  # its body: not held by this frame for the whole answer
-    sub = gen.attach(0)  # attached before anything can wait: a client that leaves cancels at once
+    if background:
+        wire.set_id(PREFIX + gen.id)  # before its producer runs: no event has been encoded yet
+        if not stream:
+            # OpenAI's answer to a background request: the response, queued, at once.
+            await request.app[REGISTRY].store.ready(gen.id)
+            return json_response(snapshot(gen))
+    sub = gen.attach(0)  # attached before anything can wait
     if stream:
         return await stream_answer(request, config, gen, sub, lagged=_lagged)
     return await complete_answer(gen, sub)
+
+
+def snapshot(gen: Generation) -> dict[str, Any]:
+    """A background response as ``GET /v1/responses/{id}`` shows it: the latest response object its
+    events carried, its status from how it ended when the events do not say."""
+    wire = gen.wire
+    assert isinstance(wire, ResponsesWire)
+    obj: dict[str, Any] = dict(wire.snapshot or {
+        "id": PREFIX + gen.id, "object": "response", "created_at": int(time.time()), "status": "queued",
+        "background": True, "error": None, "incomplete_details": None, "model": gen.model, "output": [],
+        "usage": None})
+    ending = gen.ending
+    if ending is not None and ending.code != "done":
+        obj["status"] = "cancelled" if ending.code == "cancelled" else "failed"
+        if ending.code != "cancelled":
+            obj["error"] = {"code": ending.code, "message": ending.message}
+    elif ending is None and obj.get("status") in ("completed", "incomplete", "failed"):
+        obj["status"] = "in_progress"  # its last event is out, its end not yet recorded
+    return obj
+
+
+def _background(request: web.Request) -> Generation | None:
+    """The background response the path names, if this relay keeps it and the client may see it
+    (with tokens, another token's response is as unknown as a made-up id)."""
+    rid = request.match_info["id"]
+    gen = request.app[REGISTRY].get(rid[len(PREFIX):]) if rid.startswith(PREFIX) else None
+    if gen is None or not gen.background or (request.app[ACCESS].enabled and access.owner(request) != gen.owner):
+        return None
+    return gen
+
+
+def _not_kept(request: web.Request) -> web.Response:
+    return error_response(404, f"No response with id '{request.match_info['id'][:100]}' is kept by this relay "
+                          "(it may have expired, or was not made in the background)", code="not_found")
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    gen = _background(request)
+    if gen is None:
+        return _not_kept(request)
+    if request.query.get("stream", "false").lower() not in ("true", "1"):
+        return json_response(snapshot(gen))
+    after = request.query.get("starting_after", "-1")
+    if not after.lstrip("-").isascii() or not after.lstrip("-").isdigit() or int(after) < -1:
+        return error_response(400, "'starting_after' must be a sequence number (0 or more)", param="starting_after",
+                              refusal="invalid")
+    resp = event_stream(request)
+    sub = gen.attach(int(after) + 1, resp.try_send)
+    try:
+        await resp.prepare(request)
+        await resp.send_bytes(KEEPALIVE)  # headers now: the response may be silent for a while
+        if not await follow(resp, gen, sub):
+            await resp.send_bytes(error_event(EXPIRED, int(after) + 1))
+    except (ConnectionResetError, SlowClient):
+        pass
+    finally:
+        gen.detach(sub)  # a background response runs on
+        if resp.prepared:
+            resp.stop_streaming()
+    if resp.prepared:
+        await resp.wait()
+    return resp
+
+
+async def cancel_response(request: web.Request) -> web.StreamResponse:
+    gen = _background(request)
+    if gen is None:
+        return _not_kept(request)
+    if not gen.finished:
+        gen.cancel("cancelled", "the response was cancelled by a client")  # the upstream closed at once
+    obj = snapshot(gen)
+    if not gen.finished or (gen.ending is not None and gen.ending.code == "cancelled"):
+        obj["status"] = "cancelled"
+        obj.pop("error", None)
+        obj["error"] = None
+    return json_response(obj)

@@ -3,8 +3,8 @@
 As for chat completions, fields go on as sent; what the relay checks is what it relies on or
 guards: ``model`` (the default, the allowlist), ``input`` (its size, against --max-messages and
 --max-chars), ``stream``, the output-token ceiling (--max-output-tokens is ``max_output_tokens``
-here, added when the request names none) and ``background``, which the relay does not offer yet:
-a background answer would run on at the upstream with no client and no way for the relay to stop it.
+here, added when the request names none) and ``background``: a background answer is the relay's
+own (relay/http/responses.py), so the upstream is asked for an ordinary streamed answer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ class ResponsesRequest:
     #: What the relay sends upstream.
     body: dict[str, Any]
     stream: bool
+    #: Kept and resumable by the relay, running on when the client leaves.
+    background: bool = False
 
 
 def responses_request(body: Any, *, default_model: str | None, models: tuple[str, ...],
@@ -42,10 +44,15 @@ def responses_request(body: Any, *, default_model: str | None, models: tuple[str
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:
         raise BadRequest("'stream' must be true or false", "stream")
-    if body.get("background") not in (None, False):
-        raise BadRequest("background responses are not supported by this relay yet: send the request without "
-                         "'background' (the answer streams, and stops when the client leaves)", "background")
+    background = body.get("background", False)
+    if not isinstance(background, bool) and background is not None:
+        raise BadRequest("'background' must be true or false", "background")
     out = dict(body)
+    if background:
+        # The relay keeps and resumes it; the upstream streams it as any other answer (an upstream
+        # without a background mode, such as vLLM, serves it all the same).
+        del out["background"]
+        out["stream"] = True
     out["model"] = model
     ceiling = limits.max_output_tokens
     tokens = body.get("max_output_tokens")
@@ -58,4 +65,4 @@ def responses_request(body: Any, *, default_model: str | None, models: tuple[str
                              "max_output_tokens")
     elif ceiling is not None:
         out["max_output_tokens"] = ceiling
-    return ResponsesRequest(model=model, body=out, stream=bool(stream))
+    return ResponsesRequest(model=model, body=out, stream=bool(stream), background=bool(background))

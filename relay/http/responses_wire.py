@@ -5,22 +5,41 @@ its ``data:`` line, then a blank line.  There is no ``[DONE]`` in this API: the 
 upstream's own ``response.completed`` (or ``.incomplete``, ``.failed``).  A failure mid-answer is
 OpenAI's ``error`` event (``type``, ``code``, ``message``, ``param``, ``sequence_number``), never a
 made-up ``response.completed``.  Pure: no I/O.
+
+A background response (``background: true``) is the relay's own: it answers with its own id, runs
+on when its client leaves, and is read again from its log (relay/http/responses.py).  Its events
+are re-encoded so that a client resuming anywhere finds the same numbers: the response's ``id``
+is the relay's, and each ``sequence_number`` is the event's position in the relay's log (what
+``starting_after`` counts).  The wire keeps the latest response object the events carried, for
+``GET /v1/responses/{id}``.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Any, Final
 
 from relay.core.generation import Ending
 from relay.jsoncodec import dumps
 from relay.upstream import Chunk
 
+#: The last event of a background response that ended as the upstream meant it (its own
+#: ``response.completed`` came before): a comment, which every reader skips, marking the end for the
+#: shared store.  One line, no blank line after it, like a keepalive.
+END: Final = b":end\n"
+
 
 class ResponsesWire:
-    __slots__ = ("_seq",)
+    __slots__ = ("_background", "_seq", "_upstream_id", "snapshot")
     api = "responses"
 
-    def __init__(self) -> None:
+    def __init__(self, background_id: str | None = None) -> None:
         #: The upstream's last ``sequence_number``: an error event of the relay's own comes after it.
         self._seq = -1
+        self._background = background_id
+        self._upstream_id: str | None = None
+        #: The latest response object the events carried (background responses).
+        self.snapshot: dict[str, Any] | None = None
 
     @property
     def last_sequence(self) -> int:
@@ -30,6 +49,8 @@ class ResponsesWire:
         return None
 
     def chunk(self, chunk: Chunk, seq: int) -> bytes:
+        if self._background is not None:
+            return self._own(chunk, seq)
         number = chunk.obj.get("sequence_number")
         if isinstance(number, int) and not isinstance(number, bool):
             self._seq = number
@@ -37,9 +58,31 @@ class ResponsesWire:
             return f"event: {chunk.event}\ndata: {chunk.data}\n\n".encode()
         return f"data: {chunk.data}\n\n".encode()
 
+    def _own(self, chunk: Chunk, seq: int) -> bytes:
+        obj = json.loads(chunk.data)  # a copy: the chunk's own object stays the upstream's
+        obj["sequence_number"] = self._seq = seq
+        response = obj.get("response")
+        if isinstance(response, dict):
+            if self._upstream_id is None and isinstance(response.get("id"), str):
+                self._upstream_id = response["id"]
+            response["id"] = self._background
+            response["background"] = True
+            self.snapshot = response
+        data = dumps(obj)
+        return f"event: {chunk.event}\ndata: {data}\n\n".encode() if chunk.event else f"data: {data}\n\n".encode()
+
+    def set_id(self, response_id: str) -> None:
+        """The relay's id for this background response (its generation's, known once it exists)."""
+        self._background = response_id
+
+    @property
+    def upstream_id(self) -> str | None:
+        """The upstream's own id for a background response (for the log), once it said."""
+        return self._upstream_id
+
     def end(self, ending: Ending, seq: int) -> bytes | None:
         if ending.code == "done":
-            return None
+            return END if self._background is not None else None
         return error_event(ending, self._seq + 1)
 
 

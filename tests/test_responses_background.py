@@ -1,0 +1,128 @@
+"""Background responses the relay keeps and resumes (``background: true``), read with the official
+``openai`` SDK: created at once, retrieved in progress and finished, replayed from ``starting_after``
+and followed live, running on when the client leaves, cancelled with the upstream closed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from test_responses import EVENTS, sdk_for
+
+
+class GatedUpstream:
+    """Streams EVENTS, holding after the first ``hold`` until ``go`` is set; records a closed connection."""
+
+    def __init__(self, hold: int) -> None:
+        self.hold = hold
+        self.go = asyncio.Event()
+        self.held = asyncio.Event()
+        self.closed = asyncio.Event()
+        self.finished = asyncio.Event()
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        self.bodies.append(await request.json())
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            await resp.write(b"".join(EVENTS[:self.hold]))
+            self.held.set()
+            await self.go.wait()
+            await resp.write(b"".join(EVENTS[self.hold:]))
+            await resp.write_eof()
+            self.finished.set()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.closed.set()
+            raise
+        return resp
+
+
+@pytest.fixture
+async def gated(aiohttp_server: Any) -> AsyncIterator[tuple[GatedUpstream, str]]:
+    fake = GatedUpstream(hold=11)
+    app = web.Application(handler_args={"handler_cancellation": True})
+    app.router.add_post("/v1/responses", fake.handler)
+    server = await aiohttp_server(app)  # handler cancellation on, as in every aiohttp test server
+    yield fake, str(server.make_url("/v1"))
+
+
+async def test_a_background_response_is_answered_at_once_then_retrieved_and_replayed(
+        make_relay: Any, gated: tuple[GatedUpstream, str]) -> None:
+    fake, url = gated
+    relay = await make_relay(upstream=url)
+    async with sdk_for(relay) as sdk:
+        created = await sdk.responses.create(model="fake-model", input="hi", background=True)
+        assert created.id.startswith("resp_") and created.status == "queued" and created.background
+        async with asyncio.timeout(10):
+            await fake.held.wait()
+        # The upstream was asked for an ordinary streamed answer: the relay keeps it itself.
+        assert fake.bodies[0]["stream"] is True and "background" not in fake.bodies[0]
+        running = await sdk.responses.retrieve(created.id)
+        assert running.id == created.id and running.status == "in_progress"
+        fake.go.set()
+        events = [ev async for ev in await sdk.responses.retrieve(created.id, stream=True)]
+        assert [ev.sequence_number for ev in events] == list(range(len(EVENTS)))
+        assert events[-1].type == "response.completed" and events[-1].response.id == created.id
+        text = "".join(ev.delta for ev in events if ev.type == "response.output_text.delta")
+        assert text == "Hello there"
+        done = await sdk.responses.retrieve(created.id)
+        assert done.status == "completed" and done.output_text == "Hello there" and done.id == created.id
+        # From a position: only what came after it.
+        rest = [ev async for ev in await sdk.responses.retrieve(created.id, stream=True, starting_after=15)]
+        assert [ev.sequence_number for ev in rest] == list(range(16, len(EVENTS)))
+
+
+async def test_a_background_stream_runs_on_when_its_client_leaves_and_resumes_where_it_left(
+        make_relay: Any, gated: tuple[GatedUpstream, str]) -> None:
+    fake, url = gated
+    relay = await make_relay(upstream=url, resume_grace=0)
+    resp = await relay.post("/v1/responses", json={"model": "fake-model", "input": "hi", "stream": True,
+                                                   "background": True})
+    seen: list[dict[str, Any]] = []
+    while len(seen) < 11:
+        line = await resp.content.readline()
+        if line.startswith(b"data: "):
+            seen.append(json.loads(line[len(b"data: "):]))
+    resp.close()  # the client leaves mid-answer
+    response_id = seen[0]["response"]["id"]
+    fake.go.set()
+    async with asyncio.timeout(10):
+        await fake.finished.wait()  # the upstream was not closed: the answer completed
+    assert not fake.closed.is_set()
+    async with sdk_for(relay) as sdk:
+        rest = [ev async for ev in await sdk.responses.retrieve(response_id, stream=True,
+                                                                 starting_after=seen[-1]["sequence_number"])]
+    assert [ev.sequence_number for ev in rest] == list(range(11, len(EVENTS)))
+    assert rest[-1].type == "response.completed"
+
+
+async def test_cancel_closes_the_upstream_at_once_and_the_response_says_cancelled(
+        make_relay: Any, gated: tuple[GatedUpstream, str]) -> None:
+    fake, url = gated
+    relay = await make_relay(upstream=url)
+    async with sdk_for(relay) as sdk:
+        created = await sdk.responses.create(model="fake-model", input="hi", background=True)
+        async with asyncio.timeout(10):
+            await fake.held.wait()
+        cancelled = await sdk.responses.cancel(created.id)
+        assert cancelled.status == "cancelled" and cancelled.id == created.id
+        async with asyncio.timeout(10):
+            await fake.closed.wait()
+        again = await sdk.responses.retrieve(created.id)
+        assert again.status == "cancelled"
+
+
+async def test_an_unknown_or_foreground_response_id_is_the_sdks_not_found_error(make_relay: Any) -> None:
+    relay = await make_relay()
+    async with sdk_for(relay) as sdk:
+        for rid in ("resp_nosuchresponse", "chatcmpl-123"):
+            with pytest.raises(openai.NotFoundError) as exc:
+                await sdk.responses.retrieve(rid)
+            assert "is kept by this relay" in exc.value.message
