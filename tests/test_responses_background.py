@@ -126,3 +126,47 @@ async def test_an_unknown_or_foreground_response_id_is_the_sdks_not_found_error(
             with pytest.raises(openai.NotFoundError) as exc:
                 await sdk.responses.retrieve(rid)
             assert "is kept by this relay" in exc.value.message
+
+
+async def test_a_response_the_upstream_stored_is_read_and_deleted_through_it_with_the_relays_key(
+        make_relay: Any, aiohttp_server: Any) -> None:
+    from conftest import TEST_KEY
+
+    seen: list[tuple[str, str, str]] = []
+    stored = {"id": "resp_upstream1", "object": "response", "status": "completed", "model": "fake-model",
+              "output": [], "metadata": {"note": f"echo {TEST_KEY}"}}
+
+    async def get(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path_qs, request.headers.get("Authorization", "")))
+        if request.match_info["id"] != "resp_upstream1":
+            return web.json_response({"error": {"message": "No response found", "type": "invalid_request_error",
+                                                "code": "not_found"}}, status=404)
+        if request.method == "DELETE":
+            return web.json_response({"id": "resp_upstream1", "object": "response", "deleted": True})
+        return web.json_response(stored)
+
+    async def items(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path_qs, request.headers.get("Authorization", "")))
+        return web.json_response({"object": "list", "data": [], "has_more": False, "first_id": None,
+                                  "last_id": None})
+    app = web.Application()
+    app.router.add_get("/v1/responses/{id}", get)
+    app.router.add_delete("/v1/responses/{id}", get)
+    app.router.add_get("/v1/responses/{id}/input_items", items)
+    server = await aiohttp_server(app)
+    relay = await make_relay(upstream=str(server.make_url("/v1")))
+    async with sdk_for(relay) as sdk:
+        got = await sdk.responses.retrieve("resp_upstream1")
+        assert got.id == "resp_upstream1" and got.status == "completed"
+        assert TEST_KEY not in json.dumps(got.to_dict())
+        listed = await sdk.responses.input_items.list("resp_upstream1", limit=5)
+        assert listed.data == []
+        await sdk.responses.delete("resp_upstream1")
+        with pytest.raises(openai.NotFoundError) as exc:
+            await sdk.responses.retrieve("resp_missing")
+        assert exc.value.message.endswith("No response found")
+    assert [(m, p.split("?")[0]) for m, p, _ in seen] == [
+        ("GET", "/v1/responses/resp_upstream1"), ("GET", "/v1/responses/resp_upstream1/input_items"),
+        ("DELETE", "/v1/responses/resp_upstream1"), ("GET", "/v1/responses/resp_missing")]
+    assert "limit=5" in seen[1][1]
+    assert all(auth == f"Bearer {TEST_KEY}" for _, _, auth in seen)  # the relay's key, never the client's

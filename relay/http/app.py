@@ -63,6 +63,8 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app.router.add_post("/v1/responses", responses.create_response, expect_handler=guard.expect_handler)
     app.router.add_get("/v1/responses/{id}", responses.retrieve_response, allow_head=False)
     app.router.add_post("/v1/responses/{id}/cancel", responses.cancel_response)
+    app.router.add_delete("/v1/responses/{id}", responses.delete_response)
+    app.router.add_get("/v1/responses/{id}/input_items", responses.input_items, allow_head=False)
     app.router.add_get("/v1/models", openai.list_models, allow_head=False)
     app.router.add_get("/v1/models/{model}", openai.get_model, allow_head=False)
     app.router.add_get("/v1/upstreams", upstreams_state, allow_head=False)

@@ -18,6 +18,8 @@ upstream that produced it when several upstreams serve a model.
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from typing import Any, Final
 
@@ -34,9 +36,14 @@ from relay.http.params import RequestBounds
 from relay.http.responses_body import responses_request
 from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, SlowClient, event_stream, follow
+from relay.upstream import UpstreamError
 
 #: A background response's id is the relay's: this prefix and its generation's id.
 PREFIX: Final = "resp_"
+#: What a response id may be before it is put in an upstream's path.
+_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,200}")
+#: The query parameters the stateful routes take (OpenAI's), passed on; nothing else is.
+_FORWARDED_QUERY: Final = frozenset({"include[]", "include", "after", "before", "limit", "order"})
 LAGGED = Ending("client_too_slow", "the client read the stream too slowly and fell behind what the relay keeps")
 EXPIRED = Ending("resume_expired", "the events after this position have left what the relay keeps for this response")
 
@@ -111,10 +118,45 @@ def _not_kept(request: web.Request) -> web.Response:
                           "(it may have expired, or was not made in the background)", code="not_found")
 
 
+async def _forward(request: web.Request, suffix: str = "") -> web.StreamResponse:
+    """A response the relay does not keep (the upstream stored it: ``store``, the default at
+    OpenAI): the request goes to the upstream that serves the Responses API, with the relay's key."""
+    rid = request.match_info["id"]
+    if not _ID.fullmatch(rid):
+        return error_response(400, "a response id is letters, digits, '_' and '-' (at most 200)", param="id",
+                              refusal="invalid")
+    if request.query.get("stream", "false").lower() in ("true", "1"):
+        return _not_kept(request)  # a stream is replayed only from the relay's own log
+    members = [m for m in request.app[UPSTREAMS].members if m.speaks("responses")]
+    if not members:
+        return _not_kept(request)
+    member = min(members, key=lambda m: m.spec.priority)
+    query = [(k, v) for k, v in request.query.items() if k in _FORWARDED_QUERY]
+    try:
+        status, body = await member.client.forward(request.method, f"/responses/{rid}{suffix}", query,
+                                                   request.app[CONFIG].max_upstream_event)
+    except UpstreamError as exc:
+        return error_response(504 if exc.code == "upstream_timeout" else 502, exc.message, code=exc.code)
+    if status in (401, 403):
+        return error_response(502, f"the upstream rejected the relay's credentials (HTTP {status}); the relay's "
+                              "API key or upstream configuration needs fixing", code="upstream_auth_failed")
+    if status == 404 and not _is_error_json(body):
+        return _not_kept(request)  # the upstream has no such route either: the relay's own answer
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _is_error_json(body: bytes) -> bool:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+
+
 async def retrieve_response(request: web.Request) -> web.StreamResponse:
     gen = _background(request)
     if gen is None:
-        return _not_kept(request)
+        return await _forward(request)
     if request.query.get("stream", "false").lower() not in ("true", "1"):
         return json_response(snapshot(gen))
     after = request.query.get("starting_after", "-1")
@@ -139,10 +181,26 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def delete_response(request: web.Request) -> web.StreamResponse:
+    gen = _background(request)
+    if gen is None:
+        return await _forward(request)
+    # The relay's own: stopped if it runs, and forgotten when its retention ends.
+    gen.cancel("cancelled", "the response was deleted by a client")
+    return json_response({"id": request.match_info["id"], "object": "response", "deleted": True})
+
+
+async def input_items(request: web.Request) -> web.StreamResponse:
+    if _background(request) is not None:
+        return error_response(404, "the input items of a background response the relay keeps are not served",
+                              code="not_found")
+    return await _forward(request, "/input_items")
+
+
 async def cancel_response(request: web.Request) -> web.StreamResponse:
     gen = _background(request)
     if gen is None:
-        return _not_kept(request)
+        return await _forward(request, "/cancel")
     if not gen.finished:
         gen.cancel("cancelled", "the response was cancelled by a client")  # the upstream closed at once
     obj = snapshot(gen)

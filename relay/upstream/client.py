@@ -237,6 +237,29 @@ class UpstreamClient:
             return []
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str) and m["id"]]
 
+    async def forward(self, method: str, path: str, query: list[tuple[str, str]], limit: int) -> tuple[int, bytes]:
+        """``method`` on one of the upstream's own routes (``path`` under its base URL) with the relay's
+        key, for the stateful routes the relay passes on: its status and its body (at most ``limit``
+        bytes, every whole key blanked).  UpstreamError when it cannot be reached or is too slow."""
+        headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
+        reach = self._reach
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.target.connect_timeout,
+                                        sock_connect=self.target.connect_timeout, sock_read=self.target.idle_timeout)
+        try:
+            async with self._session.request(method, self.base_url + path, headers=headers,
+                                             params=[*self._params, *query], timeout=timeout, allow_redirects=False,
+                                             ssl=reach.ssl, proxy=reach.proxy, proxy_headers=reach.proxy_headers) as resp:
+                raw = await read_bounded(resp.content, limit + 1)
+                status = resp.status
+        except TimeoutError:
+            raise UpstreamError("upstream_timeout", "the upstream did not answer within its timeouts",
+                                retriable=True) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError("upstream_error", self._failure(exc), retriable=True) from None
+        if len(raw) > limit:
+            raise UpstreamError("upstream_error", "the upstream's answer is larger than --max-upstream-event")
+        return status, self._redact.body(raw)
+
     def _get_models(self, timeout: float) -> Any:
         headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
         reach = self._reach
