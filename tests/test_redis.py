@@ -488,3 +488,78 @@ async def test_redis_round_trips_and_errors_are_in_the_metrics(
         while value(await scrape(metrics.url), "relay_redis_errors_total", op="refresh") < 1:
             await asyncio.sleep(0.05)
     await redis.start()
+
+
+# -- background responses across instances (POST /v1/responses with background: true) ---------
+
+@pytest.fixture
+async def gated_responses(aiohttp_server: Any) -> Any:
+    from test_responses_background import GatedUpstream
+
+    fake = GatedUpstream(hold=11)
+    app = web.Application()
+    app.router.add_post("/v1/responses", fake.handler)
+    server = await aiohttp_server(app)
+    return fake, str(server.make_url("/v1"))
+
+
+async def test_a_background_response_is_read_and_followed_on_the_other_instance(
+        redis: Any, make_relay: Any, gated_responses: Any) -> None:
+    from test_responses import EVENTS, sdk_for
+
+    fake, url = gated_responses
+    a, b = await pair(make_relay, redis, upstream=url)
+    async with sdk_for(a) as on_a, sdk_for(b) as on_b:
+        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
+        async with asyncio.timeout(10):
+            await fake.held.wait()
+        store = store_of(a)
+        await wait_for(lambda: not store._pending and not store.sending, what="A's events are in Redis")
+        running = await on_b.responses.retrieve(created.id)
+        assert running.id == created.id and running.status == "in_progress"
+        fake.go.set()
+        events = [ev async for ev in await on_b.responses.retrieve(created.id, stream=True, starting_after=4)]
+        assert [ev.sequence_number for ev in events] == list(range(5, len(EVENTS)))
+        assert events[-1].type == "response.completed" and events[-1].response.id == created.id
+        done = await on_b.responses.retrieve(created.id)
+        assert done.status == "completed" and done.output_text == "Hello there"
+    assert len(fake.bodies) == 1  # one upstream answer, read on both instances
+
+
+async def test_a_background_response_whose_producer_died_ends_with_the_retriable_interrupted_event(
+        redis: Any, make_relay: Any, gated_responses: Any) -> None:
+    from test_responses import sdk_for
+
+    fake, url = gated_responses
+    a, b = await pair(make_relay, redis, upstream=url)
+    async with sdk_for(a) as on_a, sdk_for(b) as on_b:
+        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
+        async with asyncio.timeout(10):
+            await fake.held.wait()
+        store = store_of(a)
+        await wait_for(lambda: not store._pending and not store.sending, what="A's events are in Redis")
+        for task in store._tasks:  # A stops refreshing its owner key and writing: a kill -9, seen from Redis
+            task.cancel()
+        events = [ev async for ev in await on_b.responses.retrieve(created.id, stream=True)]
+        assert [ev.sequence_number for ev in events[:-1]] == list(range(11))
+        assert events[-1].type == "error" and events[-1].code == "interrupted"
+        after = await on_b.responses.retrieve(created.id)
+        assert after.status == "failed" and after.error is not None and after.error.code == "interrupted"
+        fake.go.set()
+
+
+async def test_cancel_on_the_other_instance_closes_the_producers_upstream(
+        redis: Any, make_relay: Any, gated_responses: Any) -> None:
+    from test_responses import sdk_for
+
+    fake, url = gated_responses
+    a, b = await pair(make_relay, redis, upstream=url)
+    async with sdk_for(a) as on_a, sdk_for(b) as on_b:
+        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
+        async with asyncio.timeout(10):
+            await fake.held.wait()
+        await store_of(a).ready(created.id[len("resp_"):])
+        cancelled = await on_b.responses.cancel(created.id)
+        assert cancelled.status == "cancelled"
+        async with asyncio.timeout(10):
+            await fake.closed.wait()

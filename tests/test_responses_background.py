@@ -170,3 +170,13 @@ async def test_a_response_the_upstream_stored_is_read_and_deleted_through_it_wit
         ("DELETE", "/v1/responses/resp_upstream1"), ("GET", "/v1/responses/resp_missing")]
     assert "limit=5" in seen[1][1]
     assert all(auth == f"Bearer {TEST_KEY}" for _, _, auth in seen)  # the relay's key, never the client's
+
+
+async def test_a_background_response_is_not_a_chat_stream(make_relay: Any, gated: tuple[GatedUpstream, str]) -> None:
+    fake, url = gated
+    relay = await make_relay(upstream=url)
+    async with sdk_for(relay) as sdk:
+        created = await sdk.responses.create(model="fake-model", input="hi", background=True)
+    resp = await relay.get(f"/chat/{created.id[len('resp_'):]}")
+    assert resp.status == 404
+    fake.go.set()

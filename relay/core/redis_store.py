@@ -333,7 +333,7 @@ class RedisStore(Store):
             gen = mirror.gen
             meta, logkey = self.key(gen.id, "meta"), self.key(gen.id, "log")
             if kind == "create":
-                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model})
+                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model, "kind": gen.kind})
                 pipe.pexpire(meta, self._running_ms)
                 pipe.set(self.key(gen.id, "owner"), self.instance, px=self._owner_ms)
                 owners += [mirror] * 3
@@ -341,7 +341,7 @@ class RedisStore(Store):
                 pipe.delete(logkey, meta)
                 owners += [mirror]
             elif kind == "lost":
-                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model, "lost": "1"})
+                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model, "kind": gen.kind, "lost": "1"})
                 pipe.pexpire(meta, self._kept_ms if gen.finished else self._running_ms)
                 owners += [mirror] * 2
             elif not mirror.lost:
@@ -549,7 +549,14 @@ class RedisStore(Store):
         owner = meta.get(b"owner", b"").decode() or None
         end = meta.get(b"end")
         return Remote(stream_id, owner, int(end) if end is not None else None, unreplayable=b"lost" in meta,
-                      interrupted=b"interrupted" in meta)
+                      interrupted=b"interrupted" in meta, kind=meta.get(b"kind", b"chat").decode())
+
+    async def events(self, remote: Remote) -> list[bytes]:
+        try:
+            entries = await self.redis.xrange(self.key(remote.id, "log"), "-", "+")
+        except UNAVAILABLE as exc:
+            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {_reason(exc)}") from None
+        return [fields[b"d"] for _, fields in entries]
 
     async def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
         self.remote_reads += 1

@@ -48,6 +48,8 @@ class Remote:
     unreplayable: bool = False
     #: Its end was appended because its producer was gone (relay/http/chat_wire.py).
     interrupted: bool = False
+    #: The view that made it (a generation's ``kind``): each view serves only its own.
+    kind: str = "chat"
 
 
 class Store:
@@ -71,6 +73,10 @@ class Store:
     async def lookup(self, stream_id: str) -> Remote | None:
         """A stream that is not in this process; None when the store does not know it."""
         return None
+
+    async def events(self, remote: Remote) -> list[bytes]:
+        """Every event of the stream's shared log now, without waiting for more."""
+        raise StoreUnavailable("no shared store is configured")
 
     def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
         """The stream's events from ``pos`` on, until its terminal event, while counting as a listener.

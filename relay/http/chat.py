@@ -151,7 +151,7 @@ async def delete_stream(request: web.Request) -> web.StreamResponse:
     store = request.app[REGISTRY].store
     try:
         remote = await store.lookup(stream_id)
-        if remote is None:
+        if remote is None or remote.kind != "chat":
             raise _not_found()
         _check_access(request, remote.id, remote.owner)
         if remote.end is None:
@@ -196,7 +196,7 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
     except StoreUnavailable as exc:
         _resumed(request, last_seq, "store_unavailable")
         return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
-    if remote is None:
+    if remote is None or remote.kind != "chat":
         _resumed(request, last_seq, "not_found")
         raise _not_found()
     _check_access(request, remote.id, remote.owner)

@@ -11,14 +11,16 @@ byte-identical (relay/http/responses_wire.py).
 streams an ordinary answer, the relay keeps its events (a resumable generation that runs on with
 nobody listening) and serves ``GET /v1/responses/{id}`` (the latest response object),
 ``GET /v1/responses/{id}?stream=true&starting_after=N`` (replay after N, then follow) and
-``POST /v1/responses/{id}/cancel`` (the upstream closed at once) from its log.  Not yet: reading a
-background response on another instance (``--redis``), and routing ``previous_response_id`` to the
-upstream that produced it when several upstreams serve a model.
+``POST /v1/responses/{id}/cancel`` (the upstream closed at once) from its log; with ``--redis``, on
+any instance, from the log's shared copy, and after the producing process died (the retriable
+``interrupted`` error event, as ``/chat`` readers get).  Not yet: routing ``previous_response_id``
+to the upstream that produced it when several upstreams serve a model.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any, Final
@@ -26,6 +28,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.core.generation import Ending, Generation, ResumeExpired
+from relay.core.store import Remote, StoreUnavailable
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY, UPSTREAMS
@@ -38,6 +41,8 @@ from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, SlowClient, event_stream, follow
 from relay.upstream import UpstreamError
 
+log = logging.getLogger("relay.http")
+
 #: A background response's id is the relay's: this prefix and its generation's id.
 PREFIX: Final = "resp_"
 #: What a response id may be before it is put in an upstream's path.
@@ -46,6 +51,8 @@ _ID: Final = re.compile(r"[A-Za-z0-9_-]{1,200}")
 _FORWARDED_QUERY: Final = frozenset({"include[]", "include", "after", "before", "limit", "order"})
 LAGGED = Ending("client_too_slow", "the client read the stream too slowly and fell behind what the relay keeps")
 EXPIRED = Ending("resume_expired", "the events after this position have left what the relay keeps for this response")
+INTERRUPTED = Ending("interrupted", "the relay process producing this response stopped before it finished; "
+                     "the events up to here are all there is", retriable=True)
 
 
 def _lagged(gen: Generation) -> bytes:
@@ -153,23 +160,102 @@ def _is_error_json(body: bytes) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("error"), dict)
 
 
-async def retrieve_response(request: web.Request) -> web.StreamResponse:
-    gen = _background(request)
-    if gen is None:
-        return await _forward(request)
+async def _remote(request: web.Request) -> Remote | web.Response | None:
+    """A background response another instance made (the shared store has its copy), if the client may see it."""
+    rid = request.match_info["id"]
+    store = request.app[REGISTRY].store
+    if not rid.startswith(PREFIX) or not store.shared:
+        return None
+    try:
+        remote = await store.lookup(rid[len(PREFIX):])
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+    if remote is None or remote.kind != "responses" or (
+            request.app[ACCESS].enabled and access.owner(request) != remote.owner):
+        return None
+    return remote
+
+
+def _remote_snapshot(rid: str, remote: Remote, events: list[bytes]) -> dict[str, Any]:
+    latest, failure, done = ResponsesWire.snapshot_of(events)
+    obj: dict[str, Any] = dict(latest or {"id": rid, "object": "response", "status": "queued", "background": True,
+                                          "error": None, "output": [], "usage": None})
+    if failure is not None:
+        code = failure.get("code")
+        obj["status"] = "cancelled" if code == "cancelled" else "failed"
+        obj["error"] = None if code == "cancelled" else {"code": code, "message": failure.get("message")}
+    elif not done and obj.get("status") in ("completed", "incomplete", "failed"):
+        obj["status"] = "in_progress"
+    return obj
+
+
+async def _retrieve_remote(request: web.Request, remote: Remote, after: int | None) -> web.StreamResponse:
+    store = request.app[REGISTRY].store
+    rid = request.match_info["id"]
+    if after is None:
+        try:
+            return json_response(_remote_snapshot(rid, remote, await store.events(remote)))
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+    if remote.unreplayable:
+        return error_response(503, "this response's copy in the shared store is incomplete (Redis was lost or too "
+                              "slow while it ran), so it cannot be read here", code="store_incomplete")
+    resp = event_stream(request)
+    try:
+        await resp.prepare(request)
+        await resp.send_bytes(KEEPALIVE)
+        try:
+            async for data in store.follow(remote, after + 1, error_event(INTERRUPTED, None)):
+                await resp.send_bytes(data)
+        except ResumeExpired:
+            await resp.send_bytes(error_event(EXPIRED, after + 1))
+        except StoreUnavailable as exc:
+            log.warning("response %s: a remote reader was cut: %s", rid, exc)
+    except (ConnectionResetError, SlowClient):
+        pass
+    finally:
+        if resp.prepared:
+            resp.stop_streaming()
+    if resp.prepared:
+        await resp.wait()
+    return resp
+
+
+def _starting_after(request: web.Request) -> int | None | web.Response:
+    """``starting_after`` of a ``stream=true`` retrieve (-1: from the start); None: not a stream."""
     if request.query.get("stream", "false").lower() not in ("true", "1"):
-        return json_response(snapshot(gen))
+        return None
     after = request.query.get("starting_after", "-1")
     if not after.lstrip("-").isascii() or not after.lstrip("-").isdigit() or int(after) < -1:
         return error_response(400, "'starting_after' must be a sequence number (0 or more)", param="starting_after",
                               refusal="invalid")
+    return int(after)
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    gen = _background(request)
+    if gen is None:
+        remote = await _remote(request)
+        if isinstance(remote, web.Response):
+            return remote
+        if remote is not None:
+            after = _starting_after(request)
+            if isinstance(after, web.Response):
+                return after
+            return await _retrieve_remote(request, remote, after)
+        return await _forward(request)
+    after = _starting_after(request)
+    if isinstance(after, web.Response):
+        return after
+    if after is None:
+        return json_response(snapshot(gen))
     resp = event_stream(request)
-    sub = gen.attach(int(after) + 1, resp.try_send)
+    sub = gen.attach(after + 1, resp.try_send)
     try:
         await resp.prepare(request)
         await resp.send_bytes(KEEPALIVE)  # headers now: the response may be silent for a while
         if not await follow(resp, gen, sub):
-            await resp.send_bytes(error_event(EXPIRED, int(after) + 1))
+            await resp.send_bytes(error_event(EXPIRED, after + 1))
     except (ConnectionResetError, SlowClient):
         pass
     finally:
@@ -200,7 +286,21 @@ async def input_items(request: web.Request) -> web.StreamResponse:
 async def cancel_response(request: web.Request) -> web.StreamResponse:
     gen = _background(request)
     if gen is None:
-        return await _forward(request, "/cancel")
+        remote = await _remote(request)
+        if isinstance(remote, web.Response):
+            return remote
+        if remote is None:
+            return await _forward(request, "/cancel")
+        store = request.app[REGISTRY].store
+        try:
+            if remote.end is None:
+                await store.cancel(remote.id)  # to whichever instance produces it
+            obj = _remote_snapshot(request.match_info["id"], remote, await store.events(remote))
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+        if remote.end is None:
+            obj["status"], obj["error"] = "cancelled", None
+        return json_response(obj)
     if not gen.finished:
         gen.cancel("cancelled", "the response was cancelled by a client")  # the upstream closed at once
     obj = snapshot(gen)

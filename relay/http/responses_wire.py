@@ -75,6 +75,25 @@ class ResponsesWire:
         """The relay's id for this background response (its generation's, known once it exists)."""
         self._background = response_id
 
+    @staticmethod
+    def snapshot_of(events: list[bytes]) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
+        """From a background response's logged events (read back from the shared store): the latest
+        response object, the error event it ended with (if any), and whether it ended as meant."""
+        latest: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        for data in events:
+            if data == END:
+                return latest, failure, True
+            for line in data.split(b"\n"):
+                if not line.startswith(b"data: "):
+                    continue
+                obj = json.loads(line[len(b"data: "):])
+                if isinstance(obj.get("response"), dict):
+                    latest = obj["response"]
+                elif obj.get("type") == "error":
+                    failure = obj
+        return latest, failure, False
+
     @property
     def upstream_id(self) -> str | None:
         """The upstream's own id for a background response (for the log), once it said."""
@@ -86,7 +105,7 @@ class ResponsesWire:
         return error_event(ending, self._seq + 1)
 
 
-def error_event(ending: Ending, sequence_number: int) -> bytes:
+def error_event(ending: Ending, sequence_number: int | None) -> bytes:
     exc = ending.error
     fields = exc.upstream if exc is not None and exc.upstream else {}
     code = fields.get("code") if isinstance(fields.get("code"), str) else ending.code
