@@ -563,3 +563,37 @@ async def test_cancel_on_the_other_instance_closes_the_producers_upstream(
         assert cancelled.status == "cancelled"
         async with asyncio.timeout(10):
             await fake.closed.wait()
+
+
+async def test_a_conversation_made_on_one_instance_continues_on_its_upstream_from_the_other(
+        redis: Any, make_relay: Any, aiohttp_server: Any) -> None:
+    from test_responses import sdk_for
+    from test_responses_background import NamedUpstream
+    from relay.upstream_config import parse_upstreams
+
+    two = []
+    for name in ("a", "b"):
+        fake = NamedUpstream(name)
+        app = web.Application()
+        app.router.add_post("/v1/responses", fake.handler)
+        two.append((fake, str((await aiohttp_server(app)).make_url("/v1"))))
+    specs = parse_upstreams([{"name": f.name, "url": url, "models": ["m"]} for f, url in two], {})
+    a, b = await pair(make_relay, redis, upstream=None, upstreams=specs, model="m")
+    async with sdk_for(a) as on_a, sdk_for(b) as on_b:
+        first = await on_a.responses.create(model="m", input="hi")
+        home = first.output_text
+        previous = first.id
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(redis.url)
+        try:
+            async with asyncio.timeout(10):  # A writes where it was made a round trip after it answered
+                while not await client.get(f"relay:origin:{first.id}"):
+                    await asyncio.sleep(0.01)
+        finally:
+            await client.aclose()
+        for _ in range(6):
+            answer = await on_b.responses.create(model="m", input="more", previous_response_id=previous)
+            assert answer.output_text == home
+            previous = answer.id
+    assert next(f for f, _ in two if f.name != home).count == 0

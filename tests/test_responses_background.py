@@ -180,3 +180,86 @@ async def test_a_background_response_is_not_a_chat_stream(make_relay: Any, gated
     resp = await relay.get(f"/chat/{created.id[len('resp_'):]}")
     assert resp.status == 404
     fake.go.set()
+
+
+class NamedUpstream:
+    """A Responses upstream whose ids name it; it records the previous_response_id of each request."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.count = 0
+        self.previous: list[Any] = []
+
+    async def handler(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.previous.append(body.get("previous_response_id"))
+        self.count += 1
+        rid = f"resp_{self.name}{self.count}"
+        done = {"id": rid, "object": "response", "status": "completed", "model": "m", "output": [
+            {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+             "content": [{"type": "output_text", "text": self.name, "annotations": []}]}], "usage": None}
+        if not body.get("stream"):
+            return web.json_response(done)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for seq, (kind, fields) in enumerate([
+                ("response.created", {"response": {**done, "status": "in_progress", "output": []}}),
+                ("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                                                "delta": self.name}),
+                ("response.completed", {"response": done})]):
+            await resp.write(f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': seq, **fields})}"
+                             "\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def two_upstreams(aiohttp_server: Any) -> list[tuple[NamedUpstream, str]]:
+    out = []
+    for name in ("a", "b"):
+        fake = NamedUpstream(name)
+        app = web.Application()
+        app.router.add_post("/v1/responses", fake.handler)
+        server = await aiohttp_server(app)
+        out.append((fake, str(server.make_url("/v1"))))
+    return out
+
+
+def pool_config(two: list[tuple[NamedUpstream, str]], **settings: Any) -> Any:
+    from relay.config import Config
+    from relay.upstream_config import parse_upstreams
+
+    specs = parse_upstreams([{"name": fake.name, "url": url, "models": ["m"]} for fake, url in two], {})
+    return Config(upstreams=specs, model="m", rate_limit=0, **settings)
+
+
+async def test_a_conversation_continues_on_the_upstream_that_made_its_last_response(
+        aiohttp_client: Any, two_upstreams: list[tuple[NamedUpstream, str]]) -> None:
+    from relay.http.app import make_app
+
+    relay = await aiohttp_client(make_app(pool_config(two_upstreams)))
+    async with sdk_for(relay) as sdk:
+        first = await sdk.responses.create(model="m", input="hi")
+        home = first.output_text  # "a" or "b": the pool's weighted choice
+        previous = first.id
+        for i in range(8):  # equal weights: without affinity some of these would go to the other one
+            stream = i % 2 == 1
+            if stream:
+                events = [ev async for ev in await sdk.responses.create(model="m", input="more", stream=True,
+                                                                        previous_response_id=previous)]
+                previous, text = events[-1].response.id, events[-1].response.output_text
+            else:
+                answer = await sdk.responses.create(model="m", input="more", previous_response_id=previous)
+                previous, text = answer.id, answer.output_text
+            assert text == home
+        # A background response is the relay's own id: the next turn still finds its upstream, and
+        # the upstream is given its own id for it.
+        kept = await sdk.responses.create(model="m", input="bg", background=True, previous_response_id=previous)
+        events = [ev async for ev in await sdk.responses.retrieve(kept.id, stream=True)]
+        assert events[-1].response.id == kept.id
+        after = await sdk.responses.create(model="m", input="after", previous_response_id=kept.id)
+        assert after.output_text == home
+    fake = next(f for f, _ in two_upstreams if f.name == home)
+    other = next(f for f, _ in two_upstreams if f.name != home)
+    assert other.count == 0 and fake.count == 11
+    assert fake.previous[-1] == f"resp_{home}10"  # the upstream's own id for it, not the relay's

@@ -61,6 +61,14 @@ class Wire(Protocol):
 
     api: str
 
+    @property
+    def upstream(self) -> str | None:
+        """The upstream to ask (a conversation continuing where it lives), or None: the pool's choice."""
+
+    @property
+    def alias(self) -> str | None:
+        """The relay's own id for the answer (a background response), remembered with the upstream's."""
+
     def start(self, stream_id: str) -> bytes | None:
         """The first event, before the upstream has said anything (or None)."""
 
@@ -442,7 +450,9 @@ class Generation:
         self._publish()  # a view holding its status line for this can commit now
 
     async def _stream(self) -> Ending:
-        resp = self._resp = await self._upstream.open(self._body, self.attempts, self.wire.api)
+        wire = self.wire
+        resp = self._resp = await self._upstream.open(self._body, self.attempts, wire.api, upstream=wire.upstream,
+                                                      alias=wire.alias)
         self._body = {}  # the pool keeps it while another upstream may still be asked
         self._answered(resp.request_id)
         try:
@@ -487,7 +497,7 @@ class Generation:
             self._metrics.ttft.labels(self.kind, self._label, upstream).observe(now - self._started)
 
     async def _complete(self) -> Ending:
-        answer = await self._upstream.complete(self._body, self.attempts, self.wire.api)
+        answer = await self._upstream.complete(self._body, self.attempts, self.wire.api, upstream=self.wire.upstream)
         self._body = {}
         self.answer = answer
         self._first_token(self._loop.time(), answered_upstream(self.attempts))

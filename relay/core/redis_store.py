@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from relay.metrics import Metrics
     from relay.upstream.pool import Pool
 
+#: How long Redis remembers where a response was made (OpenAI keeps stored responses 30 days).
+RESPONSE_ORIGIN_TTL: Final = 30 * 24 * 3600.0
+
 log = logging.getLogger("relay.redis")
 
 #: The least a lookup that finds nothing waits before it looks again (seconds).
@@ -467,9 +470,35 @@ class RedisStore(Store):
             log.warning("Redis at %s is reachable again: limits are shared again", self._where)
 
     def share_health(self, pool: Pool) -> None:
-        """Upstream cooldowns started here reach every instance, and theirs reach this one."""
+        """Upstream cooldowns started here reach every instance, and theirs reach this one; so does
+        where each Responses API response was made (its conversation continues there)."""
         self.pool = pool
         pool.on_health = self._publish_health
+        pool.on_origin = self._keep_origin
+        pool.find_origin = self._find_origin
+
+    def _keep_origin(self, response_id: str, upstream: str, upstream_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._set_origin(response_id, f"{upstream}\n{upstream_id}"))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _set_origin(self, response_id: str, value: str) -> None:
+        try:
+            await self.redis.set(f"{self.prefix}:origin:{response_id}", value, px=int(RESPONSE_ORIGIN_TTL * 1000))
+        except (RedisError, OSError) as exc:
+            self._lost_redis(exc)
+
+    async def _find_origin(self, response_id: str) -> tuple[str, str] | None:
+        """Where another instance made a response; None when unknown, or when Redis cannot say
+        (the request is then routed as any other: failing soft)."""
+        try:
+            value = await self.redis.get(f"{self.prefix}:origin:{response_id}")
+        except (RedisError, OSError):
+            return None
+        if not value:
+            return None
+        upstream, _, upstream_id = value.decode().partition("\n")
+        return upstream, upstream_id
 
     def _publish_health(self, name: str, wait: float, why: str, down: bool) -> None:
         message = json.dumps({"from": self.instance, "name": name, "wait": wait, "why": why, "down": down})

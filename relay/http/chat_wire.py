@@ -19,6 +19,8 @@ from relay.upstream import Chunk
 class ChatWire:
     __slots__ = ("_demo", "_id", "_model", "_retry_ms")
     api = "chat"
+    upstream: str | None = None
+    alias: str | None = None
 
     def __init__(self, *, model: str, demo: bool, retry_ms: int) -> None:
         self._model = model

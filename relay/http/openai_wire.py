@@ -24,6 +24,8 @@ DONE: Final = encode("[DONE]")
 class OpenAIWire:
     __slots__ = ("_drop_usage",)
     api = "chat"
+    upstream: str | None = None
+    alias: str | None = None
 
     def __init__(self, *, drop_usage: bool) -> None:
         # Only the usage chunk the relay itself asked for is removed.

@@ -13,8 +13,8 @@ nobody listening) and serves ``GET /v1/responses/{id}`` (the latest response obj
 ``GET /v1/responses/{id}?stream=true&starting_after=N`` (replay after N, then follow) and
 ``POST /v1/responses/{id}/cancel`` (the upstream closed at once) from its log; with ``--redis``, on
 any instance, from the log's shared copy, and after the producing process died (the retriable
-``interrupted`` error event, as ``/chat`` readers get).  Not yet: routing ``previous_response_id``
-to the upstream that produced it when several upstreams serve a model.
+``interrupted`` error event, as ``/chat`` readers get).  A request continuing a conversation
+(``previous_response_id``) goes to the upstream that made that response (relay/upstream/pool.py).
 """
 
 from __future__ import annotations
@@ -66,10 +66,19 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         req = responses_request(await read_json(request), default_model=catalog.default_model,
                                 models=catalog.allowed, limits=RequestBounds.of(config))
-        why = request.app[UPSTREAMS].no_api(req.model, "responses")
+        pool = request.app[UPSTREAMS]
+        why = pool.no_api(req.model, "responses")
         if why is not None:
             raise BadRequest(why, "model")
-        wire = ResponsesWire(PREFIX if req.background else None)
+        upstream = None
+        previous = req.body.get("previous_response_id")
+        if isinstance(previous, str):
+            # The conversation lives on the upstream that made that response, under its id there
+            # (a background response's id is the relay's own).
+            origin = await pool.origin_of(previous)
+            if origin is not None:
+                upstream, req.body["previous_response_id"] = origin
+        wire = ResponsesWire(PREFIX if req.background else None, upstream)
         gen = await start_generation(request, kind="responses", model=req.model, body=req.body, wire=wire,
                                      resumable=req.background, streaming=req.stream or req.background,
                                      background=req.background)

@@ -30,10 +30,12 @@ END: Final = b":end\n"
 
 
 class ResponsesWire:
-    __slots__ = ("_background", "_seq", "_upstream_id", "snapshot")
+    __slots__ = ("_background", "_seq", "_upstream", "_upstream_id", "snapshot")
     api = "responses"
 
-    def __init__(self, background_id: str | None = None) -> None:
+    def __init__(self, background_id: str | None = None, upstream: str | None = None) -> None:
+        #: The upstream a continued conversation lives on (relay/upstream/pool.py), if known.
+        self._upstream = upstream
         #: The upstream's last ``sequence_number``: an error event of the relay's own comes after it.
         self._seq = -1
         self._background = background_id
@@ -70,6 +72,14 @@ class ResponsesWire:
             self.snapshot = response
         data = dumps(obj)
         return f"event: {chunk.event}\ndata: {data}\n\n".encode() if chunk.event else f"data: {data}\n\n".encode()
+
+    @property
+    def alias(self) -> str | None:
+        return self._background
+
+    @property
+    def upstream(self) -> str | None:
+        return self._upstream
 
     def set_id(self, response_id: str) -> None:
         """The relay's id for this background response (its generation's, known once it exists)."""

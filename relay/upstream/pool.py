@@ -23,6 +23,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
@@ -44,6 +45,9 @@ log = logging.getLogger("relay.upstream")
 
 #: Longest cooldown an upstream's own ``Retry-After`` can ask for.
 MAX_RETRY_AFTER: Final = 3600.0
+#: Responses whose upstream is remembered in this process (the oldest are forgotten past it; with
+#: --redis they are in Redis as well: relay/core/redis_store.py).
+ORIGINS_KEPT: Final = 100_000
 #: How long an upstream's own ``/models`` list (for ``"*"``) is kept.
 MODELS_TTL: Final = 60.0
 MODELS_TIMEOUT: Final = 5.0
@@ -120,11 +124,13 @@ class Member:
 class Route:
     """One request's way through the pool: the upstreams left to try and what each attempt did."""
 
-    __slots__ = ("api", "attempts", "body", "deadline", "member", "model", "order", "tried")
+    __slots__ = ("alias", "api", "attempts", "body", "deadline", "member", "model", "order", "tried")
 
     def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str],
-                 api: str = "chat") -> None:
+                 api: str = "chat", alias: str | None = None) -> None:
         self.api = api
+        #: The relay's own id for this answer (a background response), remembered with the upstream's.
+        self.alias = alias
         self.body = body
         self.model = str(body.get("model", ""))
         self.order = order
@@ -207,6 +213,12 @@ class PooledResponse:
         member = self._route.member
         if member is not None:
             member.stats.add_usage(self._resp.usage)
+            response_id = self._resp.response_id
+            if response_id is not None:
+                # Where this response lives: a request continuing it (previous_response_id) goes there.
+                self._pool.remember(response_id, member.name, response_id)
+                if self._route.alias is not None:
+                    self._pool.remember(self._route.alias, member.name, response_id)
 
 
 def _no_such_route(exc: UpstreamError) -> bool:
@@ -234,6 +246,12 @@ class Pool:
         self.on_health: Callable[[str, float, str, bool], None] | None = None
         #: Requests, timeouts and failovers per upstream, when metrics are on (relay/metrics.py).
         self.metrics: Metrics | None = None
+        #: Response id → (the upstream that made it, its id there), newest last (``remember``).
+        self._origins: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        #: Told of every origin remembered here (the shared store keeps it for every instance), and
+        #: asked for one not known here.
+        self.on_origin: Callable[[str, str, str], None] | None = None
+        self.find_origin: Callable[[str], Awaitable[tuple[str, str] | None]] | None = None
         #: Blanks the keys (and pieces of them) in the health reason, which a log line and
         #: ``GET /v1/upstreams`` show.
         self.redact = Redactor([config.api_key, *(m.spec.api_key for m in members)])
@@ -281,16 +299,40 @@ class Pool:
                 ordered.append(pick)
         return ordered
 
-    def route(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> Route:
+    def route(self, body: dict[str, Any], attempts: list[str], api: str = "chat", *, upstream: str | None = None,
+              alias: str | None = None) -> Route:
         deadline = asyncio.get_running_loop().time() + self._config.total_timeout
-        return Route(body, self.order(str(body.get("model", "")), api), deadline, attempts, api)
+        order = self.order(str(body.get("model", "")), api)
+        if upstream is not None:
+            # A conversation continues where it lives: its upstream only (another would not know it).
+            order = [m for m in self.serving(str(body.get("model", "")), api) if m.name == upstream] or order
+        return Route(body, order, deadline, attempts, api, alias)
+
+    # -- where responses live (the Responses API's previous_response_id) ------------------
+
+    def remember(self, response_id: str, upstream: str, upstream_id: str) -> None:
+        self._origins[response_id] = (upstream, upstream_id)
+        self._origins.move_to_end(response_id)
+        while len(self._origins) > ORIGINS_KEPT:
+            self._origins.popitem(last=False)
+        if self.on_origin is not None:
+            self.on_origin(response_id, upstream, upstream_id)
+
+    async def origin_of(self, response_id: str) -> tuple[str, str] | None:
+        """The upstream a response was made by and its id there, if this relay made it."""
+        known = self._origins.get(response_id)
+        if known is None and self.find_origin is not None:
+            known = await self.find_origin(response_id)
+        return known
 
     # -- attempts --------------------------------------------------------------------------
 
-    async def open(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> PooledResponse:
+    async def open(self, body: dict[str, Any], attempts: list[str], api: str = "chat", *,
+                   upstream: str | None = None, alias: str | None = None) -> PooledResponse:
         """A streamed answer from the first upstream that gives one (``attempts`` records each try);
-        ``api``: chat completions or the Responses API."""
-        route = self.route(body, attempts, api)
+        ``api``: chat completions or the Responses API; ``upstream``: that one only, if it serves
+        the model; ``alias``: the relay's own id for the answer."""
+        route = self.route(body, attempts, api, upstream=upstream, alias=alias)
         resp = await self._attempt(route, None, lambda m, b: m.client.open(b, total_deadline=route.deadline,
                                                                            api=route.api))
         return PooledResponse(self, route, resp)
@@ -300,12 +342,15 @@ class Pool:
         return await self._attempt(route, failure, lambda m, b: m.client.open(b, total_deadline=route.deadline,
                                                                               api=route.api))
 
-    async def complete(self, body: dict[str, Any], attempts: list[str], api: str = "chat") -> Completion:
-        route = self.route(body, attempts, api)
+    async def complete(self, body: dict[str, Any], attempts: list[str], api: str = "chat", *,
+                       upstream: str | None = None) -> Completion:
+        route = self.route(body, attempts, api, upstream=upstream)
         result = await self._attempt(route, None,
                                      lambda m, b: m.client.complete(b, total_deadline=route.deadline, api=route.api))
         if route.member is not None:
             route.member.stats.add_usage(result.obj.get("usage"))
+            if api == "responses" and isinstance(result.obj.get("id"), str):
+                self.remember(result.obj["id"], route.member.name, result.obj["id"])
         return result
 
     async def _attempt(self, route: Route, failure: UpstreamError | None,

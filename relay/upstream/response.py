@@ -101,7 +101,7 @@ class UpstreamResponse:
 
     __slots__ = ("_api", "_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
                  "_loop", "_paused_at", "_reading", "_redact", "_resp", "_resume", "_timer", "_total_deadline",
-                 "_total_timeout", "finish_reason", "headers", "request_id", "status", "usage")
+                 "_total_timeout", "finish_reason", "headers", "request_id", "response_id", "status", "usage")
 
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
                  total_deadline: float, redact: Redactor, api: str = CHAT) -> None:
@@ -133,6 +133,8 @@ class UpstreamResponse:
         self.request_id = request_id_of(resp.headers, redact)
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
+        #: The Responses API's id for this answer (the upstream's), once an event named it.
+        self.response_id: str | None = None
 
     async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
         """Deliver the answer's chunks to ``on_chunks`` until its end; UpstreamError for a failure."""
@@ -330,6 +332,10 @@ class UpstreamResponse:
                 raise error_from_body({"error": err.get("error", err)}, status=None, request_id=self.request_id,
                                       midstream=True, redact=self._redact)
             delta = kind in RESPONSES_DELTAS
+            if self.response_id is None:
+                response = obj.get("response")
+                if isinstance(response, dict) and isinstance(response.get("id"), str):
+                    self.response_id = response["id"]
             chunks.append(Chunk(data, obj, delta, event.event or kind))
             if kind in RESPONSES_ENDS:
                 self.finish_reason = kind.removeprefix("response.")
