@@ -141,6 +141,8 @@ class Client(asyncio.Protocol):
         n = self.run.n
         if self.run.kind == "chat":
             return wire.chat_body(self.location.rpartition("/")[2], n)
+        if self.run.kind == "responses":
+            return wire.responses_body(self.key, n)
         return wire.openai_body(self.key, n)
 
     def check(self, prefix: bool = False) -> None:
@@ -206,7 +208,7 @@ class Run:
     def request(self, key: str) -> bytes:
         spec = self.spec
         body = wire.request_body(key, self.n, self.dt, openai=self.kind == "openai", silent=spec.get("silent", False),
-                                 close=spec.get("upstream_close", False))
+                                 close=spec.get("upstream_close", False), responses=self.kind == "responses")
         return (f"POST {spec['path']} HTTP/1.1\r\nHost: 127.0.0.1:{spec['port']}\r\n"
                 f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode() + body

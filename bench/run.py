@@ -38,6 +38,7 @@ TARGETS = {  # name → (path, kind)
     "nginx": ("/v1/chat/completions", "openai"),
     "chat": ("/chat", "chat"),
     "v1": ("/v1/chat/completions", "openai"),
+    "responses": ("/v1/responses", "responses"),
 }
 
 FULL: dict[str, Any] = {
@@ -210,12 +211,12 @@ class Bench:
     # -- the phases ------------------------------------------------------------------------
 
     def cpu(self) -> None:
-        self.results["cpu"] = self.each_target("cpu", self.p["cpu"], ("direct", "nginx", "chat", "v1"))
+        self.results["cpu"] = self.each_target("cpu", self.p["cpu"], ("direct", "nginx", "chat", "v1", "responses"))
 
     def cpulight(self) -> None:
         """CPU per event unsaturated (50 streams of 150 tokens 100 ms apart): each chunk is its own
         wake-up, the shape of real traffic, where ``cpu``'s load batches several per wake-up."""
-        self.results["cpulight"] = self.each_target("cpulight", self.p["cpulight"], ("nginx", "chat", "v1"))
+        self.results["cpulight"] = self.each_target("cpulight", self.p["cpulight"], ("nginx", "chat", "v1", "responses"))
 
     def ttft(self) -> None:
         self.results["ttft"] = {}
@@ -274,7 +275,7 @@ class Bench:
         out: dict[str, Any] = {}
         for spec in self.p["burst"]:
             by: dict[str, Any] = {}
-            for target in ("nginx", "chat", "v1"):
+            for target in ("nginx", "chat", "v1", "responses"):
                 if target == "nginx":
                     if self.nginx_bin is None:
                         continue
@@ -639,6 +640,11 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         us = cpu[t]["cpu_us_per_event"]
         row(f"relay {t} CPU per event", us, "us")
         row(f"relay {t} CPU / nginx", round(us / nginx_cpu, 2) if nginx_cpu else None, "x", 3, 2)
+    for phase in ("cpu", "cpulight"):
+        by = res.get(phase) or {}
+        if by.get("responses", {}).get("cpu_us_per_event") and by.get("v1", {}).get("cpu_us_per_event"):
+            row(f"relay responses CPU per event / v1 ({phase})",
+                round(by["responses"]["cpu_us_per_event"] / by["v1"]["cpu_us_per_event"], 2), "x", 1.1)
     light = res.get("cpulight")
     if light:
         ref = light.get("nginx", {}).get("cpu_us_per_event")

@@ -48,12 +48,16 @@ class Stats:
 class Answer:
     """One streamed answer on one connection, driven by call_at timers."""
 
-    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "close", "i", "handle", "done", "held")
+    __slots__ = ("conn", "key", "n", "dt", "t0", "chunks", "usage", "close", "i", "handle", "done", "held",
+                 "events")
 
-    def __init__(self, conn: Conn, key: str, n: int, dt: float, usage: bool, close: bool = False) -> None:
+    def __init__(self, conn: Conn, key: str, n: int, dt: float, usage: bool, close: bool = False,
+                 responses: bool = False) -> None:
         self.conn, self.key, self.n, self.dt, self.usage, self.close = conn, key, n, dt, usage, close
         self.t0 = time.monotonic()
         self.chunks = wire.Chunks(key)
+        #: The Responses API's events instead of chat completion chunks.
+        self.events = wire.ResponseEvents(key) if responses else None
         self.i = 0
         self.handle: asyncio.TimerHandle | None = None
         self.done = False
@@ -61,7 +65,8 @@ class Answer:
         self.held: float | None = None
 
     def begin(self) -> None:
-        self.conn.transport.write((CLOSING_HEAD if self.close else HEAD) + chunked(self.chunks.role()))
+        first = self.events.created() if self.events is not None else self.chunks.role()
+        self.conn.transport.write((CLOSING_HEAD if self.close else HEAD) + chunked(first))
         self.tick()
 
     def tick(self) -> None:
@@ -74,13 +79,17 @@ class Answer:
         stats = self.conn.stats
         if lag > stats.lag.get(self.key, 0.0):
             stats.lag[self.key] = lag
-        out = chunked(self.chunks.token(self.i))
+        events = self.events
+        out = chunked(events.token(self.i) if events is not None else self.chunks.token(self.i))
         self.i += 1
-        if self.i >= self.n:
+        if self.i >= self.n and events is not None:
+            out += chunked(events.completed(self.n)) + b"0\r\n\r\n"
+        elif self.i >= self.n:
             out += chunked(self.chunks.finish())
             if self.usage:
                 out += chunked(self.chunks.usage(self.n))
             out += chunked(wire.DONE) + b"0\r\n\r\n"
+        if self.i >= self.n:
             self.conn.transport.write(out)
             self.done = True
             if self.close:
@@ -148,9 +157,10 @@ class Conn(asyncio.Protocol):
 
     def handle(self, method: str, target: str, body: bytes) -> None:
         url = urlsplit(target)
-        if method == "POST" and url.path == "/v1/chat/completions":
+        if method == "POST" and url.path in ("/v1/chat/completions", "/v1/responses"):
             req = json.loads(body)
-            params = wire.parse_prompt(req["messages"][-1]["content"])
+            responses = url.path == "/v1/responses"
+            params = wire.parse_prompt(req["input"] if responses else req["messages"][-1]["content"])
             key = params["key"]
             if params.get("silent") == "1":
                 self.stats.t0[key] = time.monotonic()
@@ -160,7 +170,8 @@ class Conn(asyncio.Protocol):
             if params.get("sndbuf"):
                 sock = self.transport.get_extra_info("socket")
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, int(params["sndbuf"]))
-            self.answer = Answer(self, key, int(params["n"]), float(params["dt"]), usage, params.get("close") == "1")
+            self.answer = Answer(self, key, int(params["n"]), float(params["dt"]), usage, params.get("close") == "1",
+                                 responses)
             self.stats.t0[key] = self.answer.t0
             self.answer.begin()
         elif method == "GET" and url.path == "/_bench/stats":

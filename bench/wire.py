@@ -34,10 +34,13 @@ def parse_prompt(text: str) -> dict[str, str]:
 
 
 def request_body(key: str, n: int, dt: float, *, openai: bool, silent: bool = False, close: bool = False,
-                 sndbuf: int = 0) -> bytes:
-    """The client's request: /chat takes no ``stream`` field, the OpenAI API needs it."""
-    body: dict[str, Any] = {"model": MODEL, "messages": [
-        {"role": "user", "content": prompt(key, n, dt, silent=silent, close=close, sndbuf=sndbuf)}]}
+                 sndbuf: int = 0, responses: bool = False) -> bytes:
+    """The client's request: /chat takes no ``stream`` field, the OpenAI API needs it; the Responses
+    API takes ``input`` instead of ``messages``."""
+    text = prompt(key, n, dt, silent=silent, close=close, sndbuf=sndbuf)
+    if responses:
+        return dumps({"model": MODEL, "input": text, "stream": True}).encode()
+    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
     if openai:
         body["stream"] = True
     return dumps(body).encode()
@@ -80,6 +83,36 @@ def openai_body(key: str, n: int) -> bytes:
     """What direct, nginx and the relay's /v1 deliver (the client asks for no usage chunk)."""
     c = Chunks(key)
     return c.role() + b"".join(c.token(i) for i in range(n)) + c.finish() + DONE
+
+
+class ResponseEvents:
+    """One answer as the Responses API streams it: typed events with sequence numbers, no [DONE]."""
+
+    def __init__(self, key: str) -> None:
+        self.response = {"id": f"resp_{key}", "object": "response", "created_at": 1700000000, "model": MODEL}
+
+    @staticmethod
+    def _event(kind: str, seq: int, **fields: Any) -> bytes:
+        return f"event: {kind}\ndata: {dumps({'type': kind, 'sequence_number': seq, **fields})}\n\n".encode()
+
+    def created(self) -> bytes:
+        return self._event("response.created", 0, response={**self.response, "status": "in_progress", "output": []})
+
+    def token(self, i: int) -> bytes:
+        return self._event("response.output_text.delta", i + 1, item_id="msg_bench", output_index=0,
+                           content_index=0, delta=word(i))
+
+    def completed(self, n: int) -> bytes:
+        u = usage(n)
+        return self._event("response.completed", n + 1, response={
+            **self.response, "status": "completed", "output": [],
+            "usage": {"input_tokens": u["prompt_tokens"], "output_tokens": n, "total_tokens": u["total_tokens"]}})
+
+
+def responses_body(key: str, n: int) -> bytes:
+    """What direct and the relay's /v1/responses deliver."""
+    e = ResponseEvents(key)
+    return e.created() + b"".join(e.token(i) for i in range(n)) + e.completed(n)
 
 
 def chat_body(stream_id: str, n: int) -> bytes:
