@@ -484,3 +484,64 @@ async def test_redis_local_without_redis_server_is_one_line_and_exit_2(tmp_path:
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 2
     assert err.decode().count("\n") == 1 and "--redis local needs redis-server on PATH" in err.decode()
+
+
+async def test_kill_9_of_a_background_responses_producer_gives_readers_elsewhere_the_interrupted_end(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, aiohttp_server: Any) -> None:
+    import openai
+
+    from test_responses_background import GatedUpstream
+
+    fake = GatedUpstream(hold=11)
+    app = web.Application()
+    app.router.add_post("/v1/responses", fake.handler)
+    url = str((await aiohttp_server(app)).make_url("/v1"))
+    notify_a, notify_b = NotifyListener(), NotifyListener()
+    try:
+        async with spawn_relay(tmp_path, upstream, "--upstream", url, "--redis", redis.url, *FAST,
+                               notify=notify_a) as a, \
+                spawn_relay(tmp_path, upstream, "--upstream", url, "--redis", redis.url, *FAST,
+                            notify=notify_b) as b:
+            port_a = port_of(await notify_a.until("READY"))
+            port_b = port_of(await notify_b.until("READY"))
+            async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port_a}/v1", api_key="k",
+                                          max_retries=0) as on_a, \
+                    openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port_b}/v1", api_key="k",
+                                       max_retries=0) as on_b:
+                created = await on_a.responses.create(model="fake-model", input="hi", background=True)
+                async with asyncio.timeout(10):
+                    await fake.held.wait()
+                    # Until B sees all that A has made (A's writer is a round trip behind).
+                    while (await on_b.responses.retrieve(created.id)).status != "in_progress":
+                        await asyncio.sleep(0.02)
+                    while True:
+                        got = await _first_events(on_b, created.id, 11)
+                        if len(got) == 11:
+                            break
+                a.proc.kill()  # kill -9: no drain, no last event; its owner key stops being renewed
+                await a.proc.wait()
+                events = [ev async for ev in await on_b.responses.retrieve(created.id, stream=True)]
+                assert [ev.sequence_number for ev in events[:-1]] == list(range(11))
+                assert events[-1].type == "error" and events[-1].code == "interrupted"
+                after = await on_b.responses.retrieve(created.id)
+                assert after.status == "failed" and after.error is not None and after.error.code == "interrupted"
+            assert len(fake.bodies) == 1
+            assert await stop(b) == 0
+    finally:
+        fake.go.set()
+        notify_a.close()
+        notify_b.close()
+
+
+async def _first_events(sdk: Any, response_id: str, count: int) -> list[Any]:
+    """Up to ``count`` events of a background response, read from its start and then let go."""
+    out: list[Any] = []
+    stream = await sdk.responses.retrieve(response_id, stream=True)
+    try:
+        async for ev in stream:
+            out.append(ev)
+            if len(out) == count:
+                break
+    finally:
+        await stream.close()
+    return out
