@@ -272,6 +272,7 @@ async def test_the_demo_model_speaks_the_responses_api(make_relay: Any, caplog: 
     assert "hello demo" in text and answer.output_text == text
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("responses ")]
     assert len(lines) == 2 and all("outcome=done" in line for line in lines)
+    assert all("tokens=2+" in line for line in lines)  # the Responses API's input/output token counts
 
 
 @pytest.mark.parametrize("chunking", ["whole", "lines", "bytes", "random"])

@@ -46,8 +46,9 @@ def log_finished(logger: logging.Logger, kind: str, stream_id: str, model: str, 
                  status: int | None = None) -> None:
     ttft_ms = round((first_delta - started) * 1000) if first_delta is not None else None
     duration_ms = round((now - started) * 1000)
-    tokens = (f"{usage.get('prompt_tokens')}+{usage.get('completion_tokens')}"
-              if usage and "prompt_tokens" in usage else "-")
+    tokens = (f"{usage.get('prompt_tokens')}+{usage.get('completion_tokens')}" if usage and "prompt_tokens" in usage
+              else f"{usage.get('input_tokens')}+{usage.get('output_tokens')}" if usage and "input_tokens" in usage
+              else "-")
     answered = answered_upstream(attempts)
     before = ",".join(attempts[:-1] if answered != "-" else attempts) or "-"
     fields: dict[str, Any] = {
