@@ -136,11 +136,19 @@ def redact_object(obj: Any, redact: Redactor) -> Any:
     """``obj`` with every key of the relay's (or a piece of one) blanked in every string, keys included."""
     if not redact.hides(dumps(obj)):
         return obj
-    root: Any = {} if isinstance(obj, dict) else [] if isinstance(obj, list) else None
-    if root is None:
-        return redact(obj) if isinstance(obj, str) else obj
-    todo = [(obj, root)]
-    while todo:  # iterative: deep JSON is fine
+    return map_strings(obj, redact, keys=True)
+
+
+def map_strings(value: Any, fn: Any, *, keys: bool = False) -> Any:
+    """A copy of JSON ``value`` with ``fn`` applied to every string in it (and to the keys of its
+    objects, with ``keys``); iterative, so deep JSON is fine."""
+    if isinstance(value, str):
+        return fn(value)
+    if not isinstance(value, (dict, list)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    todo = [(value, root)]
+    while todo:
         src, dst = todo.pop()
         items = src.items() if isinstance(src, dict) else enumerate(src)
         for key, item in items:
@@ -149,9 +157,9 @@ def redact_object(obj: Any, redact: Redactor) -> Any:
                 todo.append((item, child))
                 item = child
             elif isinstance(item, str):
-                item = redact(item)
+                item = fn(item)
             if isinstance(dst, dict):
-                dst[redact(key) if isinstance(key, str) else key] = item
+                dst[fn(key) if keys and isinstance(key, str) else key] = item
             else:
                 dst.append(item)
     return root
@@ -200,28 +208,8 @@ def _message_of(err: Any) -> str:
 
 
 def _bounded(value: Any) -> Any:
-    """``value`` with every string cut to DETAIL_STRING characters (iterative: deep JSON is fine)."""
-    if isinstance(value, str):
-        return value[:DETAIL_STRING]
-    if not isinstance(value, (dict, list)):
-        return value
-    root: Any = {} if isinstance(value, dict) else []
-    todo = [(value, root)]
-    while todo:
-        src, dst = todo.pop()
-        items = src.items() if isinstance(src, dict) else enumerate(src)
-        for key, item in items:
-            if isinstance(item, (dict, list)):
-                child: Any = {} if isinstance(item, dict) else []
-                todo.append((item, child))
-                item = child
-            elif isinstance(item, str):
-                item = item[:DETAIL_STRING]
-            if isinstance(dst, dict):
-                dst[key] = item
-            else:
-                dst.append(item)
-    return root
+    """``value`` with every string cut to DETAIL_STRING characters."""
+    return map_strings(value, lambda text: text[:DETAIL_STRING])
 
 
 def upstream_fields(err: Any) -> dict[str, Any] | None:

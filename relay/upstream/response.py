@@ -280,14 +280,7 @@ class UpstreamResponse:
             # An upstream (or a proxy before it) that echoes the key in an id, a model name or a
             # fingerprint must not pass it on: one case-blind search per chunk.
             data = chunk_redact(data)
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
-                                    retriable=True, request_id=self.request_id, failover=True) from None
-            if not isinstance(obj, dict):
-                raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
-                                    retriable=True, request_id=self.request_id, failover=True)
+            obj = self._object(data)
             if obj.get("error") or obj.get("object") == "error":
                 # ``{"object": "error", ...}``: vLLM's ErrorResponse before it nested the error.
                 raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
@@ -316,14 +309,7 @@ class UpstreamResponse:
             if event.error is not None:
                 raise self._event_error(event)
             data = self._redact.chunk(event.data)
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
-                                    retriable=True, request_id=self.request_id, failover=True) from None
-            if not isinstance(obj, dict):
-                raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
-                                    retriable=True, request_id=self.request_id, failover=True)
+            obj = self._object(data)
             kind = obj.get("type") if isinstance(obj.get("type"), str) else event.event
             if kind == "error" or event.event == "error":
                 # {"type": "error", "code", "message", "param", "sequence_number"}: OpenAI's error
@@ -347,6 +333,18 @@ class UpstreamResponse:
                 self._last_delta = self._loop.time()
             if self._ended:
                 break
+
+    def _object(self, data: str) -> dict[str, Any]:
+        """An event's data as the JSON object every event of both APIs is, or its UpstreamError."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
+                                retriable=True, request_id=self.request_id, failover=True) from None
+        if not isinstance(obj, dict):
+            raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
+                                retriable=True, request_id=self.request_id, failover=True)
+        return obj
 
     def _event_error(self, event: Event) -> UpstreamError:
         """An error that is not a ``data:`` chunk: llama.cpp's ``error:`` field line (its value is
