@@ -30,7 +30,7 @@ END: Final = b":end\n"
 
 
 class ResponsesWire:
-    __slots__ = ("_background", "_seq", "_upstream", "_upstream_id", "snapshot")
+    __slots__ = ("_background", "_seq", "_upstream", "snapshot")
     api = "responses"
 
     def __init__(self, background_id: str | None = None, upstream: str | None = None) -> None:
@@ -39,7 +39,6 @@ class ResponsesWire:
         #: The upstream's last ``sequence_number``: an error event of the relay's own comes after it.
         self._seq = -1
         self._background = background_id
-        self._upstream_id: str | None = None
         #: The latest response object the events carried (background responses).
         self.snapshot: dict[str, Any] | None = None
 
@@ -56,22 +55,17 @@ class ResponsesWire:
         number = chunk.obj.get("sequence_number")
         if isinstance(number, int) and not isinstance(number, bool):
             self._seq = number
-        if chunk.event:
-            return f"event: {chunk.event}\ndata: {chunk.data}\n\n".encode()
-        return f"data: {chunk.data}\n\n".encode()
+        return _frame(chunk.event, chunk.data)
 
     def _own(self, chunk: Chunk, seq: int) -> bytes:
         obj = json.loads(chunk.data)  # a copy: the chunk's own object stays the upstream's
         obj["sequence_number"] = self._seq = seq
         response = obj.get("response")
         if isinstance(response, dict):
-            if self._upstream_id is None and isinstance(response.get("id"), str):
-                self._upstream_id = response["id"]
             response["id"] = self._background
             response["background"] = True
             self.snapshot = response
-        data = dumps(obj)
-        return f"event: {chunk.event}\ndata: {data}\n\n".encode() if chunk.event else f"data: {data}\n\n".encode()
+        return _frame(chunk.event, dumps(obj))
 
     @property
     def alias(self) -> str | None:
@@ -104,15 +98,14 @@ class ResponsesWire:
                     failure = obj
         return latest, failure, False
 
-    @property
-    def upstream_id(self) -> str | None:
-        """The upstream's own id for a background response (for the log), once it said."""
-        return self._upstream_id
-
     def end(self, ending: Ending, seq: int) -> bytes | None:
         if ending.code == "done":
             return END if self._background is not None else None
         return error_event(ending, self._seq + 1)
+
+
+def _frame(event: str | None, data: str) -> bytes:
+    return f"event: {event}\ndata: {data}\n\n".encode() if event else f"data: {data}\n\n".encode()
 
 
 def error_event(ending: Ending, sequence_number: int | None) -> bytes:
@@ -121,4 +114,4 @@ def error_event(ending: Ending, sequence_number: int | None) -> bytes:
     code = fields.get("code") if isinstance(fields.get("code"), str) else ending.code
     obj = {"type": "error", "code": code, "message": ending.message, "param": fields.get("param"),
            "sequence_number": sequence_number}
-    return f"event: error\ndata: {dumps(obj)}\n\n".encode()
+    return _frame("error", dumps(obj))

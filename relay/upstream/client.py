@@ -241,14 +241,10 @@ class UpstreamClient:
         """``method`` on one of the upstream's own routes (``path`` under its base URL) with the relay's
         key, for the stateful routes the relay passes on: its status and its body (at most ``limit``
         bytes, every whole key blanked).  UpstreamError when it cannot be reached or is too slow."""
-        headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
-        reach = self._reach
         timeout = aiohttp.ClientTimeout(total=None, connect=self.target.connect_timeout,
                                         sock_connect=self.target.connect_timeout, sock_read=self.target.idle_timeout)
         try:
-            async with self._session.request(method, self.base_url + path, headers=headers,
-                                             params=[*self._params, *query], timeout=timeout, allow_redirects=False,
-                                             ssl=reach.ssl, proxy=reach.proxy, proxy_headers=reach.proxy_headers) as resp:
+            async with self._request(method, path, timeout, query) as resp:
                 raw = await read_bounded(resp.content, limit + 1)
                 status = resp.status
         except TimeoutError:
@@ -261,11 +257,17 @@ class UpstreamClient:
         return status, self._redact.body(raw)
 
     def _get_models(self, timeout: float) -> Any:
+        return self._request("GET", "/models", aiohttp.ClientTimeout(total=timeout))
+
+    def _request(self, method: str, path: str, timeout: aiohttp.ClientTimeout,
+                 query: list[tuple[str, str]] | None = None) -> Any:
+        """A bodiless request to ``path`` under the upstream's base URL, reached as its answers are,
+        with the key (and the configured query first); used as ``async with``."""
         headers = {k: v for k, v in self._headers.items() if k not in ("Accept", "Content-Type")}
         reach = self._reach
-        return self._session.get(self.base_url + "/models", headers=headers, params=self._params,
-                                 timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False,
-                                 ssl=reach.ssl, proxy=reach.proxy, proxy_headers=reach.proxy_headers)
+        return self._session.request(method, self.base_url + path, headers=headers,
+                                     params=[*self._params, *(query or ())], timeout=timeout, allow_redirects=False,
+                                     ssl=reach.ssl, proxy=reach.proxy, proxy_headers=reach.proxy_headers)
 
 
 def _os_reason(exc: BaseException | None) -> str:
