@@ -235,7 +235,7 @@ class Pool:
     """Every configured upstream, and the choice among them for each request."""
 
     def __init__(self, config: Config, members: list[Member], *, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, redact: Redactor | None = None) -> None:
         self._config = config
         self.members = members
         self._clock = clock
@@ -253,8 +253,8 @@ class Pool:
         self.on_origin: Callable[[str, str, str], None] | None = None
         self.find_origin: Callable[[str], Awaitable[tuple[str, str] | None]] | None = None
         #: Blanks the keys (and pieces of them) in the health reason, which a log line and
-        #: ``GET /v1/upstreams`` show.
-        self.redact = Redactor([config.api_key, *(m.spec.api_key for m in members)])
+        #: ``GET /v1/upstreams`` show: the one its clients use.
+        self.redact = redact or Redactor([config.api_key, *(m.spec.api_key for m in members)])
 
     @classmethod
     def build(cls, session: aiohttp.ClientSession, config: Config, specs: Iterable[UpstreamSpec], *,
@@ -266,7 +266,7 @@ class Pool:
         members = [Member(spec, UpstreamClient(session, config, target_of(spec, config), redact,
                                                reach_of(spec, config)))
                    for spec in specs]
-        return cls(config, members, clock=clock, rng=rng)
+        return cls(config, members, clock=clock, rng=rng, redact=redact)
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -302,11 +302,10 @@ class Pool:
     def route(self, body: dict[str, Any], attempts: list[str], api: str = "chat", *, upstream: str | None = None,
               alias: str | None = None) -> Route:
         deadline = asyncio.get_running_loop().time() + self._config.total_timeout
-        order = self.order(str(body.get("model", "")), api)
-        if upstream is not None:
-            # A conversation continues where it lives: its upstream only (another would not know it).
-            order = [m for m in self.serving(str(body.get("model", "")), api) if m.name == upstream] or order
-        return Route(body, order, deadline, attempts, api, alias)
+        model = str(body.get("model", ""))
+        # A conversation continues where it lives: its upstream only (another would not know it).
+        home = [m for m in self.serving(model, api) if m.name == upstream] if upstream is not None else []
+        return Route(body, home or self.order(model, api), deadline, attempts, api, alias)
 
     # -- where responses live (the Responses API's previous_response_id) ------------------
 
