@@ -7,7 +7,6 @@ Every error before the stream is JSON ``{"error": {"message", "type", "param"}}`
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -24,7 +23,7 @@ from relay.http.chat_body import chat_request
 from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event
 from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.params import RequestBounds
-from relay.http.sse_response import KEEPALIVE, EventStream, SlowClient, event_stream, follow
+from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.jsoncodec import dumps
 
 log = logging.getLogger("relay.http")
@@ -236,27 +235,7 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
             # is away that reconnect gets the 503 that names the cause.
             log.warning("stream %s: a remote reader was cut: %s", stream_id, exc)
 
-    return await _event_response(request, resp, stream_id, send)
-
-
-async def _event_response(request: web.Request, resp: EventStream, stream_id: str, send: Callable[[], Awaitable[None]],
-                          done: Callable[[], None] | None = None) -> web.StreamResponse:
-    """Prepare ``resp`` and let ``send`` write its events; the client leaving ends it quietly."""
-    try:
-        await resp.prepare(request)
-        await send()
-    except ConnectionResetError:
-        pass
-    except SlowClient as exc:
-        log.warning("stream %s: %s (bound %d)", stream_id, exc, request.app[CONFIG].send_buffer)
-    finally:
-        if done is not None:
-            done()
-        if resp.prepared:
-            resp.stop_streaming()
-    if resp.prepared:
-        await resp.wait()
-    return resp
+    return await serve_events(request, resp, stream_id, send)
 
 
 def _not_found() -> web.HTTPNotFound:
@@ -276,4 +255,4 @@ async def subscribe(request: web.Request, stream: Generation, pos: int) -> web.S
         if not await follow(resp, stream, sub):
             await resp.send_bytes(last_event(stream.id, RESUME_EXPIRED))
 
-    return await _event_response(request, resp, stream.id, send, lambda: stream.detach(sub))
+    return await serve_events(request, resp, stream.id, send, lambda: stream.detach(sub))

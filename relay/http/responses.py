@@ -38,7 +38,7 @@ from relay.http.openai import complete_answer, stream_answer
 from relay.http.params import RequestBounds
 from relay.http.responses_body import responses_request
 from relay.http.responses_wire import ResponsesWire, error_event
-from relay.http.sse_response import KEEPALIVE, SlowClient, event_stream, follow
+from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.upstream import UpstreamError
 
 log = logging.getLogger("relay.http")
@@ -100,23 +100,31 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await complete_answer(gen, sub)
 
 
-def snapshot(gen: Generation) -> dict[str, Any]:
+def shown(rid: str, latest: dict[str, Any] | None, *, ended: bool, failed: tuple[Any, Any] | None,
+          model: str | None = None) -> dict[str, Any]:
     """A background response as ``GET /v1/responses/{id}`` shows it: the latest response object its
-    events carried, its status from how it ended when the events do not say."""
-    wire = gen.wire
-    assert isinstance(wire, ResponsesWire)
-    obj: dict[str, Any] = dict(wire.snapshot or {
-        "id": PREFIX + gen.id, "object": "response", "created_at": int(time.time()), "status": "queued",
-        "background": True, "error": None, "incomplete_details": None, "model": gen.model, "output": [],
-        "usage": None})
-    ending = gen.ending
-    if ending is not None and ending.code != "done":
-        obj["status"] = "cancelled" if ending.code == "cancelled" else "failed"
-        if ending.code != "cancelled":
-            obj["error"] = {"code": ending.code, "message": ending.message}
-    elif ending is None and obj.get("status") in ("completed", "incomplete", "failed"):
+    events carried (or a queued one), its status from how it ended where the events do not say.
+    ``failed``: the code and message it ended with, if not as the upstream meant."""
+    obj: dict[str, Any] = dict(latest or {
+        "id": rid, "object": "response", "created_at": int(time.time()), "status": "queued", "background": True,
+        "error": None, "incomplete_details": None, "output": [], "usage": None,
+        **({"model": model} if model is not None else {})})
+    if failed is not None:
+        code, message = failed
+        obj["status"] = "cancelled" if code == "cancelled" else "failed"
+        obj["error"] = None if code == "cancelled" else {"code": code, "message": message}
+    elif not ended and obj.get("status") in ("completed", "incomplete", "failed"):
         obj["status"] = "in_progress"  # its last event is out, its end not yet recorded
     return obj
+
+
+def snapshot(gen: Generation) -> dict[str, Any]:
+    """A background response this process holds, as shown."""
+    wire = gen.wire
+    assert isinstance(wire, ResponsesWire)
+    ending = gen.ending
+    failed = (ending.code, ending.message) if ending is not None and ending.code != "done" else None
+    return shown(PREFIX + gen.id, wire.snapshot, ended=ending is not None, failed=failed, model=gen.model)
 
 
 def _background(request: web.Request) -> Generation | None:
@@ -185,17 +193,11 @@ async def _remote(request: web.Request) -> Remote | web.Response | None:
     return remote
 
 
-def _remote_snapshot(rid: str, remote: Remote, events: list[bytes]) -> dict[str, Any]:
+def _remote_snapshot(rid: str, events: list[bytes]) -> dict[str, Any]:
+    """A background response another instance made, as shown, from its events in the shared store."""
     latest, failure, done = ResponsesWire.snapshot_of(events)
-    obj: dict[str, Any] = dict(latest or {"id": rid, "object": "response", "status": "queued", "background": True,
-                                          "error": None, "output": [], "usage": None})
-    if failure is not None:
-        code = failure.get("code")
-        obj["status"] = "cancelled" if code == "cancelled" else "failed"
-        obj["error"] = None if code == "cancelled" else {"code": code, "message": failure.get("message")}
-    elif not done and obj.get("status") in ("completed", "incomplete", "failed"):
-        obj["status"] = "in_progress"
-    return obj
+    failed = (failure.get("code"), failure.get("message")) if failure is not None else None
+    return shown(rid, latest, ended=done, failed=failed)
 
 
 async def _retrieve_remote(request: web.Request, remote: Remote, after: int | None) -> web.StreamResponse:
@@ -203,16 +205,16 @@ async def _retrieve_remote(request: web.Request, remote: Remote, after: int | No
     rid = request.match_info["id"]
     if after is None:
         try:
-            return json_response(_remote_snapshot(rid, remote, await store.events(remote)))
+            return json_response(_remote_snapshot(rid, await store.events(remote)))
         except StoreUnavailable as exc:
             return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
     if remote.unreplayable:
         return error_response(503, "this response's copy in the shared store is incomplete (Redis was lost or too "
                               "slow while it ran), so it cannot be read here", code="store_incomplete")
     resp = event_stream(request)
-    try:
-        await resp.prepare(request)
-        await resp.send_bytes(KEEPALIVE)
+
+    async def send() -> None:
+        await resp.send_bytes(KEEPALIVE)  # headers now: the response may be silent for a while
         try:
             async for data in store.follow(remote, after + 1, error_event(INTERRUPTED, None)):
                 await resp.send_bytes(data)
@@ -220,14 +222,8 @@ async def _retrieve_remote(request: web.Request, remote: Remote, after: int | No
             await resp.send_bytes(error_event(EXPIRED, after + 1))
         except StoreUnavailable as exc:
             log.warning("response %s: a remote reader was cut: %s", rid, exc)
-    except (ConnectionResetError, SlowClient):
-        pass
-    finally:
-        if resp.prepared:
-            resp.stop_streaming()
-    if resp.prepared:
-        await resp.wait()
-    return resp
+
+    return await serve_events(request, resp, rid, send)
 
 
 def _starting_after(request: web.Request) -> int | None | web.Response:
@@ -260,20 +256,14 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
         return json_response(snapshot(gen))
     resp = event_stream(request)
     sub = gen.attach(after + 1, resp.try_send)
-    try:
-        await resp.prepare(request)
+
+    async def send() -> None:
         await resp.send_bytes(KEEPALIVE)  # headers now: the response may be silent for a while
         if not await follow(resp, gen, sub):
             await resp.send_bytes(error_event(EXPIRED, after + 1))
-    except (ConnectionResetError, SlowClient):
-        pass
-    finally:
-        gen.detach(sub)  # a background response runs on
-        if resp.prepared:
-            resp.stop_streaming()
-    if resp.prepared:
-        await resp.wait()
-    return resp
+
+    # The reader leaves; a background response runs on.
+    return await serve_events(request, resp, gen.id, send, lambda: gen.detach(sub))
 
 
 async def delete_response(request: web.Request) -> web.StreamResponse:
@@ -304,7 +294,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
         try:
             if remote.end is None:
                 await store.cancel(remote.id)  # to whichever instance produces it
-            obj = _remote_snapshot(request.match_info["id"], remote, await store.events(remote))
+            obj = _remote_snapshot(request.match_info["id"], await store.events(remote))
         except StoreUnavailable as exc:
             return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
         if remote.end is None:
@@ -313,8 +303,6 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
     if not gen.finished:
         gen.cancel("cancelled", "the response was cancelled by a client")  # the upstream closed at once
     obj = snapshot(gen)
-    if not gen.finished or (gen.ending is not None and gen.ending.code == "cancelled"):
-        obj["status"] = "cancelled"
-        obj.pop("error", None)
-        obj["error"] = None
+    if not gen.finished:  # cancelled now; its producer records the end on its next step
+        obj["status"], obj["error"] = "cancelled", None
     return json_response(obj)

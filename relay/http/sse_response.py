@@ -19,8 +19,9 @@ an event.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -32,6 +33,8 @@ from relay.core.generation import Generation, ResumeExpired, Subscriber
 from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS
 from relay.http.keepalive import Entry, Keepalives
 from relay.sse import comment
+
+log = logging.getLogger("relay.http")
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics
@@ -292,3 +295,24 @@ async def _follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
             return True
         else:
             await gen.changed(sub)
+
+
+async def serve_events(request: web.Request, resp: EventStream, stream_id: str, send: Callable[[], Awaitable[None]],
+                       done: Callable[[], None] | None = None) -> web.StreamResponse:
+    """Prepare ``resp`` and let ``send`` write its events; the client leaving ends it quietly (a
+    client that does not take its bytes is cut and logged).  ``done`` runs however it ends."""
+    try:
+        await resp.prepare(request)
+        await send()
+    except ConnectionResetError:
+        pass
+    except SlowClient as exc:
+        log.warning("stream %s: %s (bound %d)", stream_id, exc, request.app[CONFIG].send_buffer)
+    finally:
+        if done is not None:
+            done()
+        if resp.prepared:
+            resp.stop_streaming()
+    if resp.prepared:
+        await resp.wait()
+    return resp
