@@ -503,6 +503,16 @@ async def gated_responses(aiohttp_server: Any) -> Any:
     return fake, str(server.make_url("/v1"))
 
 
+async def background_on(relay: Client, sdk: Any, fake: Any) -> Any:
+    """A background response started on ``relay``, its upstream held, what it has made in Redis."""
+    created = await sdk.responses.create(model="fake-model", input="hi", background=True)
+    async with asyncio.timeout(10):
+        await fake.held.wait()
+    store = store_of(relay)
+    await wait_for(lambda: not store._pending and not store.sending, what="the producer's events are in Redis")
+    return created
+
+
 async def test_a_background_response_is_read_and_followed_on_the_other_instance(
         redis: Any, make_relay: Any, gated_responses: Any) -> None:
     from test_responses import EVENTS, sdk_for
@@ -510,11 +520,7 @@ async def test_a_background_response_is_read_and_followed_on_the_other_instance(
     fake, url = gated_responses
     a, b = await pair(make_relay, redis, upstream=url)
     async with sdk_for(a) as on_a, sdk_for(b) as on_b:
-        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
-        async with asyncio.timeout(10):
-            await fake.held.wait()
-        store = store_of(a)
-        await wait_for(lambda: not store._pending and not store.sending, what="A's events are in Redis")
+        created = await background_on(a, on_a, fake)
         running = await on_b.responses.retrieve(created.id)
         assert running.id == created.id and running.status == "in_progress"
         fake.go.set()
@@ -533,12 +539,8 @@ async def test_a_background_response_whose_producer_died_ends_with_the_retriable
     fake, url = gated_responses
     a, b = await pair(make_relay, redis, upstream=url)
     async with sdk_for(a) as on_a, sdk_for(b) as on_b:
-        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
-        async with asyncio.timeout(10):
-            await fake.held.wait()
-        store = store_of(a)
-        await wait_for(lambda: not store._pending and not store.sending, what="A's events are in Redis")
-        for task in store._tasks:  # A stops refreshing its owner key and writing: a kill -9, seen from Redis
+        created = await background_on(a, on_a, fake)
+        for task in store_of(a)._tasks:  # A stops refreshing its owner key and writing: a kill -9, seen from Redis
             task.cancel()
         events = [ev async for ev in await on_b.responses.retrieve(created.id, stream=True)]
         assert [ev.sequence_number for ev in events[:-1]] == list(range(11))
@@ -555,10 +557,7 @@ async def test_cancel_on_the_other_instance_closes_the_producers_upstream(
     fake, url = gated_responses
     a, b = await pair(make_relay, redis, upstream=url)
     async with sdk_for(a) as on_a, sdk_for(b) as on_b:
-        created = await on_a.responses.create(model="fake-model", input="hi", background=True)
-        async with asyncio.timeout(10):
-            await fake.held.wait()
-        await store_of(a).ready(created.id[len("resp_"):])
+        created = await background_on(a, on_a, fake)
         cancelled = await on_b.responses.cancel(created.id)
         assert cancelled.status == "cancelled"
         async with asyncio.timeout(10):

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import openai
@@ -72,6 +74,21 @@ SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nx-request-id:
 
 def stream_script(events: list[bytes], *, end: bytes = b"0\r\n\r\n") -> bytes:
     return SSE_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(*events) + end
+
+
+@asynccontextmanager
+async def responses_server(handler: Any) -> AsyncIterator[str]:
+    """A real upstream on loopback whose ``POST /v1/responses`` is ``handler``; its base URL.
+    Handler cancellation is on, as in aiohttp's own server: a closed connection cancels it."""
+    app = web.Application()
+    app.router.add_post("/v1/responses", handler)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    finally:
+        await runner.cleanup()
 
 
 def sdk_for(relay: Any) -> openai.AsyncOpenAI:
@@ -207,21 +224,13 @@ async def test_the_output_token_ceiling_is_max_output_tokens(make_relay: Any) ->
     async def handler(request: web.Request) -> web.Response:
         seen.append(await request.json())
         return web.json_response(response_obj("completed", [MESSAGE], USAGE))
-    app = web.Application()
-    app.router.add_post("/v1/responses", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        relay = await make_relay(upstream=f"http://127.0.0.1:{runner.addresses[0][1]}/v1", max_output_tokens=100)
+    async with responses_server(handler) as url:
+        relay = await make_relay(upstream=url, max_output_tokens=100)
         assert (await relay.post("/v1/responses", json={"model": "fake-model", "input": "hi"})).status == 200
         assert (await relay.post("/v1/responses", json={"model": "fake-model", "input": "hi",
                                                         "max_output_tokens": 50})).status == 200
         resp = await relay.post("/v1/responses", json={"model": "fake-model", "input": "hi", "max_output_tokens": 500})
         assert resp.status == 400 and "--max-output-tokens" in (await resp.json())["error"]["message"]
-    finally:
-        await runner.cleanup()
     assert [b["max_output_tokens"] for b in seen] == [100, 50]
 
 
@@ -241,14 +250,8 @@ async def test_a_client_that_leaves_closes_the_upstream_at_once(make_relay: Any)
             closed.set()
             raise
         return resp
-    app = web.Application(handler_args={"handler_cancellation": True})
-    app.router.add_post("/v1/responses", handler)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        relay = await make_relay(upstream=f"http://127.0.0.1:{runner.addresses[0][1]}/v1")
+    async with responses_server(handler) as url:
+        relay = await make_relay(upstream=url)
         resp = await relay.post("/v1/responses", json={"model": "fake-model", "input": "hi", "stream": True})
         while b"response.output_text.delta" not in await resp.content.readline():
             pass
@@ -256,8 +259,6 @@ async def test_a_client_that_leaves_closes_the_upstream_at_once(make_relay: Any)
         left.set()
         async with asyncio.timeout(10):
             await closed.wait()
-    finally:
-        await runner.cleanup()
 
 
 async def test_the_demo_model_speaks_the_responses_api(make_relay: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -292,28 +293,20 @@ async def test_the_sdk_reads_the_same_events_through_the_relay_as_directly_howev
             await resp.write(piece)
         await resp.write_eof()
         return resp
-    app = web.Application()
-    app.router.add_post("/v1/responses", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    upstream_url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
 
     async def read(base_url: str) -> list[dict[str, Any]]:
         async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as sdk:
             return [ev.to_dict() async for ev in await sdk.responses.create(model="fake-model", input="hi",
                                                                               stream=True)]
-    try:
+    async with responses_server(handler) as upstream_url:
         direct = await read(upstream_url)
         relay = await make_relay(upstream=upstream_url)
         through = await read(str(relay.make_url("/v1")))
-    finally:
-        await runner.cleanup()
     assert len(direct) == len(EVENTS) and through == direct
 
 
-async def _responses_upstream(calls: list[str]) -> web.AppRunner:
+def _recording(calls: list[str]) -> Any:
+    """A Responses upstream that records each request's path and answers EVENTS (or one object)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         calls.append(request.path)
         if not (await request.json()).get("stream"):
@@ -323,12 +316,7 @@ async def _responses_upstream(calls: list[str]) -> web.AppRunner:
         await resp.write(b"".join(EVENTS))
         await resp.write_eof()
         return resp
-    app = web.Application()
-    app.router.add_post("/v1/responses", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner
+    return handler
 
 
 async def test_an_upstream_without_the_responses_api_is_never_sent_one(
@@ -338,19 +326,16 @@ async def test_an_upstream_without_the_responses_api_is_never_sent_one(
     from relay.upstream_config import parse_upstreams
 
     calls: list[str] = []
-    runner = await _responses_upstream(calls)
-    try:
+    async with responses_server(_recording(calls)) as url:
         specs = parse_upstreams([
             # First in order, but configured as chat completions only.
             {"name": "chat-only", "url": upstream.base_url, "models": ["m"], "priority": 0, "responses": False},
-            {"name": "full", "url": f"http://127.0.0.1:{runner.addresses[0][1]}/v1", "models": ["m"], "priority": 1},
+            {"name": "full", "url": url, "models": ["m"], "priority": 1},
         ], {})
         relay = await aiohttp_client(make_app(Config(upstreams=specs, model="m", rate_limit=0)))
         async with sdk_for(relay) as sdk:
             answer = await sdk.responses.create(model="m", input="hi")
         assert answer.output_text == "Hello there" and calls == ["/v1/responses"] and upstream.calls == 0
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_404_on_the_route_is_learnt_and_a_model_served_only_there_is_a_clear_400(

@@ -237,21 +237,25 @@ def _starting_after(request: web.Request) -> int | None | web.Response:
     return int(after)
 
 
-async def retrieve_response(request: web.Request) -> web.StreamResponse:
+async def _find(request: web.Request) -> Generation | Remote | web.Response | None:
+    """The background response the path names: held here, held by another instance (the shared
+    store's copy), the store's 503, or None: the relay does not keep it."""
     gen = _background(request)
-    if gen is None:
-        remote = await _remote(request)
-        if isinstance(remote, web.Response):
-            return remote
-        if remote is not None:
-            after = _starting_after(request)
-            if isinstance(after, web.Response):
-                return after
-            return await _retrieve_remote(request, remote, after)
+    return gen if gen is not None else await _remote(request)
+
+
+async def retrieve_response(request: web.Request) -> web.StreamResponse:
+    found = await _find(request)
+    if found is None:
         return await _forward(request)
+    if isinstance(found, web.Response):
+        return found
     after = _starting_after(request)
     if isinstance(after, web.Response):
         return after
+    if isinstance(found, Remote):
+        return await _retrieve_remote(request, found, after)
+    gen = found
     if after is None:
         return json_response(snapshot(gen))
     resp = event_stream(request)
@@ -283,13 +287,13 @@ async def input_items(request: web.Request) -> web.StreamResponse:
 
 
 async def cancel_response(request: web.Request) -> web.StreamResponse:
-    gen = _background(request)
-    if gen is None:
-        remote = await _remote(request)
-        if isinstance(remote, web.Response):
-            return remote
-        if remote is None:
-            return await _forward(request, "/cancel")
+    found = await _find(request)
+    if found is None:
+        return await _forward(request, "/cancel")
+    if isinstance(found, web.Response):
+        return found
+    if isinstance(found, Remote):
+        remote = found
         store = request.app[REGISTRY].store
         try:
             if remote.end is None:
@@ -300,6 +304,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
         if remote.end is None:
             obj["status"], obj["error"] = "cancelled", None
         return json_response(obj)
+    gen = found
     if not gen.finished:
         gen.cancel("cancelled", "the response was cancelled by a client")  # the upstream closed at once
     obj = snapshot(gen)
