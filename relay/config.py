@@ -158,10 +158,15 @@ class Config:
     redis_queue: int = 100_000
     #: Milliseconds the Redis writer waits to gather events of many streams into one round trip.
     redis_flush_ms: float = 2.0
+    #: Seconds any wait for Redis on a request's path may take before the request is served
+    #: without it (and Redis counts as away until it answers again).
+    redis_timeout: float = 0.25
     #: Signs events URLs; with --redis, every instance needs the same one (else kept in Redis).
     signing_key: bytes | None = field(default=None, repr=False)
     #: Worker processes (``auto``: one per CPU this process may run on); more than 1 needs --redis.
     workers: int = 1
+    #: Seconds a worker may go without its heartbeat before the supervisor replaces it.
+    worker_timeout: float = 30.0
     # -- observability (relay/metrics.py, relay/http/metrics_listener.py) ---------------------
     #: ``HOST:PORT`` (or ``PORT``, on loopback) of the Prometheus listener; None: no metrics.
     metrics_listen: str | None = None
@@ -273,7 +278,8 @@ def _validate_redis(c: Config) -> None:
                           "the streams must be in a store every worker shares")
     if c.redis_url is not None:
         check_redis_url(c.redis_url)
-    for name, ttl in {"owner-ttl": c.owner_ttl, "presence-ttl": c.presence_ttl}.items():
+    for name, ttl in {"owner-ttl": c.owner_ttl, "presence-ttl": c.presence_ttl, "redis-timeout": c.redis_timeout,
+                      "worker-timeout": c.worker_timeout}.items():
         if not (ttl > 0 and math.isfinite(ttl)):
             raise ConfigError(f"--{name} must be a positive number of seconds, not {ttl}")
     if not (0 <= c.redis_flush_ms <= 100):

@@ -291,33 +291,44 @@ async def test_rediss_with_a_password_from_the_environment(
         assert "tls-pass" not in relay.output()
 
 
-async def test_the_supervisor_pings_the_watchdog_only_while_every_worker_answers(
+async def test_a_stuck_worker_is_replaced_while_the_other_serves_and_the_watchdog_stays_fed(
         redis: Any, tmp_path: Path, upstream: FakeUpstream, notify: NotifyListener) -> None:
-    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", *FAST, notify=notify,
-                           env={"WATCHDOG_USEC": "400000"}, pid_vars=("WATCHDOG_PID",)) as sup:
-        await notify.until("READY")
+    async with spawn_relay(tmp_path, upstream, "--redis", redis.url, "--workers", "2", "--worker-timeout", "1",
+                           *FAST, notify=notify, env={"WATCHDOG_USEC": "400000"}, pid_vars=("WATCHDOG_PID",)) as sup:
+        port = port_of(await notify.until("READY"))
         assert (await notify.until("WATCHDOG"))["WATCHDOG"] == "1"
         pids = dict(re.findall(r"worker (\d) started \(pid (\d+)\)", sup.output()))
-        # A worker late once at start (a loaded machine) may have been reported already: a new report.
-        before = sup.output().count("workers [1] stopped answering")
-        os.kill(int(pids["1"]), signal.SIGSTOP)  # a worker whose loop no longer runs
+        stuck = int(pids["1"])
+        os.kill(stuck, signal.SIGSTOP)  # a worker whose loop no longer runs
         try:
-            async with asyncio.timeout(20):
-                while sup.output().count("workers [1] stopped answering") < before + 2:  # twice: it stays stuck
+            # While it is stuck, the other worker serves (it alone accepts connections).
+            async with aiohttp.ClientSession() as fresh:
+                resp = await fresh.post(f"http://127.0.0.1:{port}/chat", json={"prompt": "hi"},
+                                        headers={"Accept": "application/json"})
+                assert resp.status == 201 and resp.headers["Relay-Worker"] == "2"
+            async with asyncio.timeout(30):
+                while f"worker 1 (pid {stuck}) was killed for missing its heartbeat" not in sup.output() \
+                        or sup.output().count("worker 1 started") < 2:
                     await asyncio.sleep(0.05)
-            # Withheld from here on: whatever is queued was sent before the worker stopped.
+            assert f"worker 1 (pid {stuck}) missed its heartbeat" in sup.output()
+            with pytest.raises(ProcessLookupError):
+                os.kill(stuck, 0)  # killed and reaped by the supervisor
+            # The watchdog is fed after the stuck worker was found: systemd restarts nothing.
             while True:
                 try:
                     notify.sock.recv(65536)
                 except BlockingIOError:
                     break
-            await asyncio.sleep(0.5)  # a whole watchdog interval (0.2 s) and more: not one ping may come
-            with pytest.raises(BlockingIOError):
-                notify.sock.recv(65536)
-        finally:
-            os.kill(int(pids["1"]), signal.SIGCONT)
-        async with asyncio.timeout(20):  # it answers again: the pings resume
             assert (await notify.until("WATCHDOG"))["WATCHDOG"] == "1"
+        finally:
+            try:
+                os.kill(stuck, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        # The new worker 1 serves too.
+        pids = dict(re.findall(r"worker (\d) started \(pid (\d+)\)", sup.output()))
+        assert int(pids["1"]) != stuck
+        assert "stopped answering" not in sup.output()
         assert await stop(sup) == 0
 
 
@@ -545,3 +556,63 @@ async def _first_events(sdk: Any, response_id: str, count: int) -> list[Any]:
     finally:
         await stream.close()
     return out
+
+
+async def test_a_producer_stopped_past_its_lease_gives_its_readers_the_same_single_end_as_readers_elsewhere(
+        redis: Any, tmp_path: Path, upstream: FakeUpstream, session: aiohttp.ClientSession) -> None:
+    more = asyncio.Event()
+
+    async def behaviour(request: web.Request, fake: FakeUpstream) -> web.StreamResponse:
+        resp = await fake.start_stream(request)
+        for part in ("one ", "two "):
+            await fake.send(resp, sse(chunk(part)))
+        await more.wait()  # set while the producer is stopped: these wait in its socket
+        for part in ("three ", "four ", "five"):
+            await fake.send(resp, sse(chunk(part)))
+        await fake.send(resp, sse(chunk(None, finish_reason="stop")))
+        await fake.send(resp, sse("[DONE]"))
+        return resp
+
+    upstream.behaviour = behaviour
+    notify_a, notify_b = NotifyListener(), NotifyListener()
+    try:
+        async with spawn_relay(tmp_path, upstream, "--redis", redis.url, *FAST, "--redis-timeout", "0.2",
+                               notify=notify_a) as a, \
+                spawn_relay(tmp_path, upstream, "--redis", redis.url, *FAST, "--redis-timeout", "0.2",
+                            notify=notify_b) as b:
+            port_a = port_of(await notify_a.until("READY"))
+            port_b = port_of(await notify_b.until("READY"))
+            resp = await session.post(f"http://127.0.0.1:{port_a}/chat", json={"prompt": "hi"})
+            local = SSEClient(resp)
+            got = [await local.next() for _ in range(3)]
+            assert all(e is not None for e in got)
+            await in_redis(redis.url, got[2].id)
+            location = resp.headers["Location"]
+            far = await session.get(f"http://127.0.0.1:{port_b}{location}", headers={"Last-Event-ID": got[0].id})
+            assert far.status == 200
+            remote = SSEClient(far)
+            assert [(await remote.next()).id for _ in range(2)] == [got[1].id, got[2].id]  # type: ignore[union-attr]
+            os.kill(a.proc.pid, signal.SIGSTOP)  # stuck past its lease (--owner-ttl 0.6)
+            try:
+                rest_far = []
+                while (event := await remote.next()) is not None:
+                    rest_far.append(event)
+                more.set()
+                # The upstream's next chunks now sit in A's socket, unread.
+            finally:
+                os.kill(a.proc.pid, signal.SIGCONT)
+            rest_local = []
+            while (event := await local.next()) is not None:
+                rest_local.append(event)
+            end = json.loads(rest_far[-1].data)
+            assert (end["type"], end["code"], end["retriable"]) == ("error", "interrupted", True)
+            # One stream, one ending: A's own reader gets the very event B's reader got, and not
+            # one token A read from the upstream after its lease lapsed.
+            assert [(e.id, e.data) for e in rest_local] == [(e.id, e.data) for e in rest_far]
+            assert len(rest_far) == 1
+            assert "ended elsewhere as interrupted" in a.output()
+            assert "XADD" not in a.output()  # no stale write was attempted into the ended log
+            assert await stop(a) == 0 and await stop(b) == 0
+    finally:
+        notify_a.close()
+        notify_b.close()

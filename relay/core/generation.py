@@ -110,7 +110,7 @@ class Generation:
 
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
-                 "_config", "_deltas", "_events", "_first_delta", "_gap", "_grace", "_keep", "_label", "_last_delta",
+                 "_config", "_deltas", "_events", "_first_delta", "_gap", "_grace", "_held", "_keep", "_label", "_last_delta",
                  "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
                  "attempts", "client", "ending", "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq",
                  "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
@@ -171,6 +171,9 @@ class Generation:
         self._alone_floor = 0
         #: Its copy in the shared store (relay/core/store.py); None with the memory store.
         self.mirror: Mirror | None = None
+        #: Chunks read while the store's lease may have lapsed, held until it is confirmed, and
+        #: the confirmation (``_hold``).
+        self._held: tuple[list[Chunk], asyncio.Task[None]] | None = None
         #: A reader on another instance follows it (its log there, not this one, serves that reader).
         self.remote = False
         self._metrics = metrics
@@ -442,7 +445,8 @@ class Generation:
             self.task = None
 
     def _cancelled(self) -> Ending:
-        return Ending(self._cancel_code, self._cancel_message, retriable=self._cancel_code == "shutdown")
+        return Ending(self._cancel_code, self._cancel_message,
+                      retriable=self._cancel_code in ("shutdown", "interrupted"))
 
     def _answered(self, request_id: str | None) -> None:
         self.opened = True
@@ -457,6 +461,8 @@ class Generation:
         self._answered(resp.request_id)
         try:
             await resp.run(self._take)
+            if self._held is not None:
+                await asyncio.shield(self._held[1])  # what was held goes out (or the stream was ended)
         finally:
             resp.close()
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
@@ -466,6 +472,10 @@ class Generation:
         the waiting readers in the same step (their sinks write it), with no task switch."""
         resp = self._resp
         assert resp is not None
+        mirror = self.mirror
+        if mirror is not None and (self._held is not None or not mirror.leased()):
+            self._hold(mirror, chunks)
+            return
         wire = self.wire
         gap = self._gap
         for chunk in chunks:
@@ -490,6 +500,29 @@ class Generation:
         self._publish()
         if not self.finished and self._stalled():
             self._pause()
+
+    def _hold(self, mirror: Mirror, chunks: list[Chunk]) -> None:
+        """The store's lease may have lapsed (this process was stopped, or its loop held, past it):
+        a reader elsewhere may already have ended the stream.  Nothing more goes to the readers
+        until the store says the stream is still ours; if it is not, the generation ends with the
+        same ``interrupted`` the others got (the store cancels it), and what was held is dropped."""
+        if self._held is None:
+            task = self._loop.create_task(self._confirm(mirror))
+            _checks.add(task)
+            task.add_done_callback(_checks.discard)
+            self._held = ([], task)
+        self._held[0].extend(chunks)
+        self._pause()
+
+    async def _confirm(self, mirror: Mirror) -> None:
+        ours = await mirror.confirm()
+        held = self._held
+        self._held = None
+        if self.finished or not ours or held is None:
+            return
+        if held[0]:
+            self._take(held[0])
+        self._wake()
 
     def _first_token(self, now: float, upstream: str) -> None:
         self._first_delta = now

@@ -5,24 +5,29 @@ Cluster slot::
 
     P:{ID}:log      Redis Stream; entry ``<seq>-1`` holds ``d`` (the event's bytes) and, on the
                     terminal event only, ``e``.  An event id means the same on every instance.
-    P:{ID}:meta     hash: ``owner`` (the token digest), ``end`` (the terminal's seq, once there
-                    is one), ``interrupted`` (that terminal was appended because the producer was
-                    gone), ``lost`` (the log here is incomplete).
-    P:{ID}:owner    the producing instance, set with a short TTL and refreshed: gone = producer gone.
+    P:{ID}:meta     hash: ``owner`` (the token digest), ``kind``, ``model``, ``by`` (the producing
+                    instance), ``fence`` (the lease's fencing number), ``end`` (the terminal's
+                    seq, once there is one), ``interrupted`` (that terminal was appended because
+                    the producer was gone), ``lost`` (the log here stops short, and memory no
+                    longer holds the rest).
+    P:{ID}:owner    the producer's lease: set with a short TTL and renewed; gone = producer gone.
     P:{ID}:seen     a reader on another instance, set with a short TTL and refreshed (presence).
     P:{rate:WHO}    a client's token bucket;  P:{slots:WHO}: its running generations (leases).
+    P:cooldown:NAME an upstream's cooldown seen by some instance, expiring with it (a new
+                    instance starts knowing it);  P:origin:ID: where a response was made.
     P:cancel        pub/sub channel: a stream id to stop, for whichever instance produces it.
-    P:upstreams     pub/sub channel: an upstream's cooldown (or recovery) seen by one instance,
-                    so the others skip it too.
+    P:upstreams     pub/sub channel: an upstream's cooldown (or recovery), at once to the others.
 
-The producer serves its own readers from memory (relay/core/generation.py); this module only
-copies.  One writer per process sends what every stream appended since its last round trip as
-one pipeline, with one pipeline in flight and at most ``--redis-flush-ms`` of gathering, so a
-slow Redis delays remote readers, never local ones.  Its queue is bounded: a stream whose events
-do not fit is marked ``lost`` (remote readers are told; local ones are unaffected).  A refresher
-renews owner keys and leases and notices a Redis that restarted empty (its ``run_id`` changes):
-streams still running are written again from memory where their whole log is still there, else
-marked ``lost``.
+Jobs, one module each: the producer's copies, leases and repairs (relay/core/redis_writer.py);
+the readers elsewhere and their one multiplexed read (relay/core/redis_follow.py); the atomic
+steps (relay/core/redis_scripts.py).  This module holds the connection, its health, and the
+small things every instance shares (limits, cancels, cooldowns, where a response lives).
+
+**Failing soft.** Every wait for Redis on a request's path is bounded by ``--redis-timeout``.
+Past it, Redis counts as away until a round trip succeeds again: requests are served from this
+process (limits counted per process, new streams started at once, a resume of a stream held
+here served from memory) and only a resume of another instance's stream gets a retriable
+``503``.  Copies that fell behind meanwhile are rewritten from memory when Redis answers again.
 """
 
 from __future__ import annotations
@@ -34,14 +39,17 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from relay.extras import install_hint
 from relay.config import Config
 from relay.core.generation import ResumeExpired
+from relay.core.redis_follow import Followers
+from relay.core.redis_scripts import Scripts
+from relay.core.redis_writer import StreamCopy, Writer
 from relay.core.store import Remote, Store, StoreUnavailable
+from relay.extras import install_hint
 
 if TYPE_CHECKING:
     from relay.core.generation import Generation
@@ -49,8 +57,15 @@ if TYPE_CHECKING:
     from relay.metrics import Metrics
     from relay.upstream.pool import Pool
 
+T = TypeVar("T")
+
 #: How long Redis remembers where a response was made (OpenAI keeps stored responses 30 days).
 RESPONSE_ORIGIN_TTL: Final = 30 * 24 * 3600.0
+
+#: What the producer's readers get when a reader elsewhere ended the stream while this process
+#: was stopped or cut off (the same words as relay/http/chat_wire.py's interrupted event).
+INTERRUPTED: Final = "the relay process producing this answer stopped before it ended; what it generated is above; " \
+                     "send the request again"
 
 log = logging.getLogger("relay.redis")
 
@@ -67,63 +82,10 @@ try:
 except ImportError:  # the optional extra is missing: open_store says so before anything runs
     UNAVAILABLE = (OSError,)
     RedisError = OSError
+#: Away, or too slow to count as there (a bound passed).
+AWAY: tuple[type[BaseException], ...] = (*UNAVAILABLE, TimeoutError)
+AWAY_OR_FAILED: tuple[type[BaseException], ...] = (*AWAY, RedisError)
 
-# Appends the ``interrupted`` end once, only if the log has no terminal event and no owner:
-# every reader, on any instance, then sees the same event with the same id.  Returns the
-# terminal's seq, or nil while the owner lives.
-_INTERRUPT: Final = """
-local ended = redis.call('HGET', KEYS[1], 'end')
-if ended then return tonumber(ended) end
-if redis.call('EXISTS', KEYS[3]) == 1 then return nil end
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local seq = 0
-if #last > 0 then seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1 end
-redis.call('XADD', KEYS[2], seq .. '-1', 'd', ARGV[1], 'e', '1')
-redis.call('HSET', KEYS[1], 'end', seq, 'interrupted', '1')
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[2])
-return seq
-"""
-
-# A token bucket of ``ARGV[1]`` requests per minute (bursts of as many), on Redis's clock so every
-# instance agrees.  Returns the seconds to wait, as a string ("0": allowed).
-_TAKE: Final = """
-local per_minute = tonumber(ARGV[1])
-local rate = per_minute / 60
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local state = redis.call('HMGET', KEYS[1], 't', 'a')
-local tokens = tonumber(state[1]) or per_minute
-local at = tonumber(state[2]) or now
-tokens = math.min(per_minute, tokens + math.max(0, now - at) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'a', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(60000 + 1000))
-return tostring(wait)
-"""
-
-# A lease on one of ``ARGV[1]`` slots, expiring after ``ARGV[3]`` ms unless renewed, so an instance
-# that dies gives its slots back.  Returns the slots held after the call, negative when refused.
-_ACQUIRE: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= tonumber(ARGV[1]) then return -held end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return held + 1
-"""
-
-_RENEW: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return 1
-"""
 
 def where(url: str) -> str:
     """Where a Redis is, for log lines and errors: scheme, host and port, never a credential."""
@@ -146,77 +108,78 @@ def _after(pos: int) -> str:
     return f"{pos - 1}-1" if pos > 0 else "0-0"
 
 
-class _Mirror:
-    """One generation's copy: queued through the store's writer."""
-
-    __slots__ = ("created", "gen", "lost", "recheck", "store", "written")
-
-    def __init__(self, store: RedisStore, gen: Generation) -> None:
-        self.store = store
-        self.gen = gen
-        self.recheck = store.config.presence_ttl
-        #: Its meta and owner key have reached Redis (others can find it).
-        self.written: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.created = False
-        #: Its log in Redis is incomplete; nothing more is written for it until a repair.
-        self.lost = False
-
-    def append(self, seq: int, data: bytes, last: bool) -> None:
-        self.store._queue_event(self, seq, data, last)
-
-    async def listened(self) -> bool:
-        return await self.store.listened(self.gen.id)
-
-
 class RedisStore(Store):
     shared = True
 
     def __init__(self, config: Config, client: Any, readers: Any = None) -> None:
         self.config = config
         self.redis = client
-        #: For remote readers' blocking reads (a connection each while they wait).
+        #: The followers' one blocking read (a single connection of its own).
         self.readers = readers if readers is not None else client
         self.prefix = config.redis_prefix
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._where = where(config.redis_url or "")
         self.registry: Registry | None = None
         self.pool: Pool | None = None
-        self._owner_ms = max(1, int(config.owner_ttl * 1000))
+        #: Round-trip times and errors, when metrics are on (relay/metrics.py).
+        self.metrics: Metrics | None = None
+        #: The bound on any wait for Redis on a request's path (--redis-timeout).
+        self.bound = config.redis_timeout
+        #: The bound on one of the writer's pipelines (many streams' events in one round trip).
+        self.write_bound = max(1.0, 4 * config.redis_timeout)
+        self.away = AWAY
+        self.scripts = Scripts()
+        self.writer = Writer(self, self._fenced)
+        self.followers = Followers(self, self.readers)
         self._presence_ms = max(1, int(config.presence_ttl * 1000))
-        self._running_ms = int((config.attach_timeout + config.total_timeout + config.stream_ttl) * 1000)
+        self._owner_ms = max(1, int(config.owner_ttl * 1000))
         self._kept_ms = max(1, int(config.stream_ttl * 1000))
         #: How long a lookup that misses waits before it looks again: several of the writers'
         #: flush delays and round trips (a busy Redis answers in milliseconds, not microseconds).
         self._miss_wait = MISS_WAIT + 4 * config.redis_flush_ms / 1000
-        # What the writer sends next: ("event", mirror, seq, data, last) | ("create", mirror) | ("lost", mirror)
-        self._pending: list[tuple[Any, ...]] = []
-        self._queued_events = 0
-        self._wake = asyncio.Event()
-        #: The streams this process produces, by id (``ready`` finds one for every 201).
-        self._owned: dict[str, _Mirror] = {}
         self._leases: dict[str, str] = {}  # lease id -> slots key
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
         self._run_id: bytes | None = None
         self.available = True
-        #: Times Redis was found restarted (its run_id changed) and the running streams rewritten.
+        #: While Redis is away, requests fail at once until this loop time (then one tries).
+        self._probe_at = 0.0
+        self._unsure_until = 0.0
+        #: Times Redis was found restarted (its run_id changed) and the copies rewritten.
         self.restarts_seen = 0
         #: Streams followed from Redis for readers of this process (resumes of another's streams).
         self.remote_reads = 0
-        #: Rounds of owner-key and lease renewal done.
+        #: Rounds of lease renewal done.
         self.refreshes = 0
-        #: A pipeline of the writer is in flight.
-        self.sending = False
-        self.round_trips = 0  # writer pipelines sent (bench/: round trips per event)
-        #: Round-trip times and errors, when metrics are on (relay/metrics.py).
-        self.metrics: Metrics | None = None
-        self.events_written = 0
-        self._interrupt = client.register_script(_INTERRUPT)
-        self._take = client.register_script(_TAKE)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
 
     def key(self, stream_id: str, part: str) -> str:
         return f"{self.prefix}:{{{stream_id}}}:{part}"
+
+    # -- the Store interface's wiring ----------------------------------------------------
+
+    def attach(self, registry: Registry, metrics: Metrics | None, pool: Pool) -> None:
+        self.registry = registry
+        self.metrics = metrics
+        self.share_health(pool)
+
+    def limits(self) -> RedisStore:
+        return self
+
+    def health(self) -> dict[str, object]:
+        return {"kind": "redis", "available": self.available, "round_trips": self.writer.round_trips,
+                "events_written": self.writer.events_written, "followed": self.followers.streams}
+
+    def idle(self) -> bool:
+        """Nothing of this process's copies is queued, in flight or waiting for a repair."""
+        return self.writer.idle()
+
+    @property
+    def round_trips(self) -> int:
+        return self.writer.round_trips
+
+    @property
+    def events_written(self) -> int:
+        return self.writer.events_written
 
     # -- start and end -------------------------------------------------------------------
 
@@ -226,6 +189,7 @@ class RedisStore(Store):
                 await self.redis.ping()
                 memory = await self.redis.info("memory")
                 server = await self.redis.info("server")
+                await self.scripts.load(self.redis)
         except TimeoutError:
             raise SystemExit(f"relay: error: Redis at {self._where} did not answer within 10 s") from None
         except RedisError as exc:
@@ -236,11 +200,12 @@ class RedisStore(Store):
                              "evicted owner key would read as a crash; set maxmemory-policy noeviction")
         self._run_id = str(server.get("run_id", "")).encode()
         log.info("sharing streams through Redis at %s (instance %s)", self._where, self.instance)
-        loop_tasks = ((self._writer(), "redis-writer"), (self._refresher(), "redis-refresher"),
-                      (self._cancels(), "redis-cancels"))
-        self._tasks = [asyncio.create_task(coro, name=name) for coro, name in loop_tasks]
-        for task in self._tasks:
+        loops = ((self.writer.run(), "redis-writer"), (self._refresher(), "redis-refresher"),
+                 (self._news(), "redis-news"))
+        self._loops = [asyncio.create_task(coro, name=name) for coro, name in loops]
+        for task in self._loops:
             task.add_done_callback(_died)
+        self.followers.start()
 
     async def signing_secret(self) -> bytes:
         """The events-URL secret every instance shares (made by whichever asks first)."""
@@ -250,15 +215,19 @@ class RedisStore(Store):
         return value
 
     async def close(self) -> None:
-        # The last events (the shutdown ends) go out before the connection closes, bounded.
-        self._wake.set()
+        # The last events (the shutdown ends) go out before the connection closes: bounded, and
+        # not waited for at all once Redis is known to be away (they would only time out).
         try:
             async with asyncio.timeout(5):
-                while self._pending or self.sending:  # (a batch in flight holds the last ends too)
+                while self.available and not self.writer.idle():
                     await asyncio.sleep(0.01)
         except TimeoutError:
-            log.warning("Redis: %d writes not sent at shutdown", len(self._pending))
-        tasks = list(self._tasks)
+            pass
+        if not self.writer.idle():
+            log.warning("Redis: some copies were not written at shutdown (Redis %s)",
+                        "is away" if not self.available else "was too slow")
+        await self.followers.close()
+        tasks = [*self._loops, *self._tasks]
         for task in tasks:
             task.cancel()
         # Bounded: closing a TLS connection waits for the peer's close_notify, which may not come.
@@ -271,132 +240,57 @@ class RedisStore(Store):
             except (RedisError, OSError, TimeoutError):
                 pass
 
-    # -- the producer's side -------------------------------------------------------------
+    def keep(self, task: asyncio.Task[Any]) -> None:
+        """Hold a background task until it is done (cancelled at close)."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def mirror(self, gen: Generation) -> _Mirror:
-        mirror = _Mirror(self, gen)
-        self._owned[gen.id] = mirror
-        self._pending.append(("create", mirror))
-        self._wake.set()
-        return mirror
+    # -- bounded waits and Redis's health -------------------------------------------------
 
-    async def ready(self, stream_id: str) -> None:
-        mirror = self._owned.get(stream_id)
-        if mirror is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(mirror.written), timeout=self.config.owner_ttl)
-            except TimeoutError:
-                pass
-
-    def _queue_event(self, mirror: _Mirror, seq: int, data: bytes, last: bool) -> None:
-        if mirror.lost:
-            if last:
-                self._owned.pop(mirror.gen.id, None)
-            return
-        if self._queued_events >= self.config.redis_queue:
-            # Redis is not keeping up: this stream's copy is given up rather than memory grown.
-            self._lose(mirror, "the queue of writes to Redis is full")
-            if last:
-                self._owned.pop(mirror.gen.id, None)
-            return
-        self._pending.append(("event", mirror, seq, data, last))
-        self._queued_events += 1
-        if not self._wake.is_set():
-            self._wake.set()
-
-    def _lose(self, mirror: _Mirror, why: str) -> None:
-        if mirror.lost:
-            return
-        mirror.lost = True
-        log.warning("stream %s: its copy in Redis is incomplete (%s); readers elsewhere are told", mirror.gen.id, why)
-        self._pending.append(("lost", mirror))
-
-    async def _writer(self) -> None:
-        delay = self.config.redis_flush_ms / 1000
-        while True:
-            await self._wake.wait()
-            if delay:
-                await asyncio.sleep(delay)  # gather more streams' events into this round trip
-            self._wake.clear()
-            batch, self._pending = self._pending, []
-            self._queued_events = 0
-            if batch:
-                self.sending = True
-                try:
-                    await self._send(batch)
-                finally:
-                    self.sending = False
-
-    async def _send(self, batch: list[tuple[Any, ...]]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        owners: list[_Mirror] = []
-        events = 0
-        for op in batch:
-            kind, mirror = op[0], op[1]
-            gen = mirror.gen
-            meta, logkey = self.key(gen.id, "meta"), self.key(gen.id, "log")
-            if kind == "create":
-                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model, "kind": gen.kind})
-                pipe.pexpire(meta, self._running_ms)
-                pipe.set(self.key(gen.id, "owner"), self.instance, px=self._owner_ms)
-                owners += [mirror] * 3
-            elif kind == "reset":
-                pipe.delete(logkey, meta)
-                owners += [mirror]
-            elif kind == "lost":
-                pipe.hset(meta, mapping={"owner": gen.owner or "", "model": gen.model, "kind": gen.kind, "lost": "1"})
-                pipe.pexpire(meta, self._kept_ms if gen.finished else self._running_ms)
-                owners += [mirror] * 2
-            elif not mirror.lost:
-                _, _, seq, data, last = op
-                fields = {"d": data, "e": "1"} if last else {"d": data}
-                pipe.xadd(logkey, fields, id=f"{seq}-1", maxlen=self.config.redis_log_events, approximate=True)
-                owners.append(mirror)
-                events += 1
-                if seq == 0 or last:
-                    pipe.pexpire(logkey, self._kept_ms if last else self._running_ms)
-                    owners.append(mirror)
-                if last:
-                    pipe.hset(meta, "end", seq)
-                    pipe.pexpire(meta, self._kept_ms)
-                    pipe.delete(self.key(gen.id, "owner"))
-                    owners += [mirror] * 3
-        began = time.perf_counter()
+    async def ask(self, step: Awaitable[T]) -> T:
+        """One step on a request's path, bounded; StoreUnavailable when Redis is away or too slow."""
+        if not self.available and asyncio.get_running_loop().time() < self._probe_at:
+            # Away: fail at once, but let one request in each bound try (the loops retry too).
+            if asyncio.iscoroutine(step):
+                step.close()
+            raise StoreUnavailable(f"the shared store (Redis) cannot be reached now ({self._where})")
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except UNAVAILABLE as exc:
-            self._count("write", None)
-            self._lost_redis(exc)
-            # What was in flight is gone: the streams that lost events are marked when Redis is
-            # back; the ones not yet created are created then.
-            retry = [op for op in batch if op[0] in ("reset", "create", "lost")]
-            for op in batch:
-                if op[0] == "event":
-                    self._lose(op[1], "Redis could not be reached")
-            self._pending[:0] = retry
-            await asyncio.sleep(0.5)  # not a busy loop while Redis is away
-            if self._pending:
-                self._wake.set()
-            return
-        self._count("write", began)
-        self.round_trips += 1
-        self.events_written += events
-        self._back()
-        for mirror, result in zip(owners, results):
-            if isinstance(result, Exception):
-                # Most likely another instance ended the stream as interrupted (our owner key
-                # lapsed): our later events are refused, which is what keeps every reader's
-                # view the same.
-                self._lose(mirror, f"Redis refused a write: {_reason(result)}")
-        for op in batch:
-            mirror = op[1]
-            if op[0] == "create" and not mirror.written.done():
-                mirror.created = True
-                mirror.written.set_result(None)
-            if op[0] == "event" and op[4]:
-                self._owned.pop(mirror.gen.id, None)
+            async with asyncio.timeout(self.bound):
+                result = await step
+        except AWAY as exc:
+            self.lost_redis(exc)
+            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {self.reason(exc)}") from None
+        self.back()
+        return result
 
-    def _count(self, op: str, began: float | None) -> None:
+    def reason(self, exc: BaseException) -> str:
+        if isinstance(exc, TimeoutError):
+            return f"no answer within {self.bound:g} s (--redis-timeout)"
+        return _reason(exc)
+
+    def lost_redis(self, exc: BaseException) -> None:
+        self._probe_at = asyncio.get_running_loop().time() + self.bound
+        if self.available:
+            self.available = False
+            log.error("Redis at %s is unreachable (%s): streams go on for their local readers, resumes "
+                      "elsewhere get 503 and per-client limits are counted per process until it is back",
+                      self._where, self.reason(exc))
+
+    def back(self) -> None:
+        if not self.available:
+            self.available = True
+            # Until every producer has had a refresher round to write its streams again, a
+            # stream not found may only be not yet rewritten.
+            self._unsure_until = asyncio.get_running_loop().time() + self.config.owner_ttl
+            log.warning("Redis at %s is reachable again: limits are shared again and copies that fell "
+                        "behind are rewritten", self._where)
+            self.repair_soon()
+
+    def repair_soon(self) -> None:
+        if self.writer.repair():
+            log.info("Redis: rewriting the copies that fell behind")
+
+    def count(self, op: str, began: float | None) -> None:
         """One round trip for the metrics: its time since ``began``, or (None) an error."""
         if self.metrics is None:
             return
@@ -406,68 +300,71 @@ class RedisStore(Store):
             self.metrics.redis_round_trip.labels(op).observe(time.perf_counter() - began)
 
     async def _refresher(self) -> None:
+        """Renew leases (streams and client slots), notice a Redis that restarted, and repair."""
         interval = self.config.owner_ttl / 3
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             began = time.perf_counter()
+            at = loop.time()
+            copies = self.writer.renewals()
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                for mirror in self._owned.values():
-                    if mirror.created and not mirror.gen.finished:
-                        pipe.set(self.key(mirror.gen.id, "owner"), self.instance, px=self._owner_ms)
-                for lease, key in list(self._leases.items()):
-                    await self._renew(keys=[key], args=[lease, self._owner_ms * 2], client=pipe)  # queued
-                await pipe.execute()
-                self._count("refresh", began)
-                server = await self.redis.info("server")
-            except UNAVAILABLE as exc:
-                self._count("refresh", None)
-                self._lost_redis(exc)
+                async with asyncio.timeout(self.write_bound):
+                    if not self.scripts.loaded:
+                        await self.scripts.load(self.redis)
+                    pipe = self.redis.pipeline(transaction=False)
+                    for copy in copies:
+                        self.scripts.queue(pipe, "renew", [self.key(copy.gen.id, "meta"), self.key(copy.gen.id, "owner")],
+                                           [self.instance, copy.fence, self._owner_ms])
+                    for lease, key in list(self._leases.items()):
+                        self.scripts.queue(pipe, "slot", [key], [lease, self._owner_ms * 2])
+                    pipe.info("server")
+                    results = await pipe.execute(raise_on_error=False)
+            except AWAY as exc:
+                self.count("refresh", None)
+                self.lost_redis(exc)
                 continue
-            except RedisError as exc:
-                self._count("refresh", None)
-                log.warning("Redis: refreshing owner keys failed: %s", _reason(exc))
-                continue
-            self._back()
+            self.count("refresh", began)
             self.refreshes += 1
+            server = results[-1]
+            if any(isinstance(r, Exception) and self.scripts.missing(r) for r in results):
+                self.scripts.lost()
+            for copy, result in zip(copies, results):
+                self.writer.renewed(copy, result, at)
+            if isinstance(server, Exception):
+                log.warning("Redis: refreshing leases failed: %s", _reason(server))
+                continue
             run_id = str(server.get("run_id", "")).encode()
             if run_id != self._run_id:
-                log.warning("Redis at %s restarted (its data may be gone): writing the running streams again",
+                log.warning("Redis at %s restarted (its data may be gone): writing the streams held here again",
                             self._where)
                 self._run_id = run_id
-                self._repair_all()
-
-    def _repair_all(self) -> None:
-        """Redis restarted: write every running stream again from the start (its log there is
-        reset first, so what was written since the restart is not doubled), or mark it lost when
-        its start has left memory."""
-        self.restarts_seen += 1
-        for mirror in list(self._owned.values()):
-            if mirror.gen.finished:
-                continue
-            base, events = mirror.gen.logged()
-            mirror.lost = False
-            self._pending.append(("reset", mirror))
-            self._pending.append(("create", mirror))
-            if base == 0:
-                for seq, data in enumerate(events):
-                    self._pending.append(("event", mirror, seq, data, False))
-                    self._queued_events += 1
+                self.restarts_seen += 1
+                self.scripts.lost()
+                self.writer.restarted()
+            if self.available:
+                self.repair_soon()
             else:
-                self._lose(mirror, "Redis restarted and the start of the stream has left memory")
-        self._wake.set()
+                self.back()
 
-    def _lost_redis(self, exc: BaseException) -> None:
-        if self.available:
-            self.available = False
-            log.error("Redis at %s is unreachable (%s): streams go on for their local readers, resumes "
-                      "elsewhere get 503 and per-client limits are counted per process until it is back",
-                      self._where, _reason(exc))
+    # -- the producer's side -------------------------------------------------------------
 
-    def _back(self) -> None:
-        if not self.available:
-            self.available = True
-            log.warning("Redis at %s is reachable again: limits are shared again", self._where)
+    def mirror(self, gen: Generation) -> StreamCopy:
+        return self.writer.add(gen)
+
+    async def ready(self, stream_id: str) -> None:
+        copy = self.writer.owned.get(stream_id)
+        if copy is None or not self.available:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(copy.written), timeout=self.bound)
+        except TimeoutError:
+            pass  # served from here meanwhile; another instance finds it once Redis has it
+
+    def _fenced(self, gen: Generation) -> None:
+        gen.cancel("interrupted", INTERRUPTED)
+
+    # -- what every instance shares besides streams ----------------------------------------
 
     def share_health(self, pool: Pool) -> None:
         """Upstream cooldowns started here reach every instance, and theirs reach this one; so does
@@ -476,24 +373,52 @@ class RedisStore(Store):
         pool.on_health = self._publish_health
         pool.on_origin = self._keep_origin
         pool.find_origin = self._find_origin
+        self.keep(asyncio.get_running_loop().create_task(self._load_cooldowns()))
+
+    def _cooldown_key(self, name: str) -> str:
+        return f"{self.prefix}:cooldown:{name}"
+
+    async def _load_cooldowns(self) -> None:
+        """Cooldowns other instances started before this one: an upstream they know is down is not
+        tried here first (the channel only tells instances that were listening then)."""
+        if self.pool is None:
+            return
+        names = [m.name for m in self.pool.members]
+        try:
+            async with asyncio.timeout(self.write_bound):
+                pipe = self.redis.pipeline(transaction=False)
+                for name in names:
+                    pipe.get(self._cooldown_key(name))
+                    pipe.pttl(self._cooldown_key(name))
+                answers = await pipe.execute()
+        except AWAY_OR_FAILED as exc:
+            log.warning("Redis: could not read the upstream cooldowns: %s", self.reason(exc))
+            return
+        for i, name in enumerate(names):
+            value, ttl = answers[2 * i], answers[2 * i + 1]
+            if value and isinstance(ttl, int) and ttl > 0:
+                try:
+                    news = json.loads(value)
+                    self.pool.heard(name, ttl / 1000, str(news["why"]), bool(news["down"]))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("Redis: ignoring a malformed cooldown of upstream %s", name)
 
     def _keep_origin(self, response_id: str, upstream: str, upstream_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._set_origin(response_id, f"{upstream}\n{upstream_id}"))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self.keep(asyncio.get_running_loop().create_task(self._set_origin(response_id, f"{upstream}\n{upstream_id}")))
 
     async def _set_origin(self, response_id: str, value: str) -> None:
         try:
-            await self.redis.set(f"{self.prefix}:origin:{response_id}", value, px=int(RESPONSE_ORIGIN_TTL * 1000))
-        except (RedisError, OSError) as exc:
-            self._lost_redis(exc)
+            async with asyncio.timeout(self.write_bound):
+                await self.redis.set(f"{self.prefix}:origin:{response_id}", value, px=int(RESPONSE_ORIGIN_TTL * 1000))
+        except AWAY_OR_FAILED as exc:
+            self.lost_redis(exc)
 
     async def _find_origin(self, response_id: str) -> tuple[str, str] | None:
         """Where another instance made a response; None when unknown, or when Redis cannot say
         (the request is then routed as any other: failing soft)."""
         try:
-            value = await self.redis.get(f"{self.prefix}:origin:{response_id}")
-        except (RedisError, OSError):
+            value = await self.ask(self.redis.get(f"{self.prefix}:origin:{response_id}"))
+        except (StoreUnavailable, RedisError):
             return None
         if not value:
             return None
@@ -502,21 +427,26 @@ class RedisStore(Store):
 
     def _publish_health(self, name: str, wait: float, why: str, down: bool) -> None:
         message = json.dumps({"from": self.instance, "name": name, "wait": wait, "why": why, "down": down})
-        task = asyncio.get_running_loop().create_task(self._publish(f"{self.prefix}:upstreams", message))
-        self._tasks.append(task)
-        task.add_done_callback(self._tasks.remove)
+        self.keep(asyncio.get_running_loop().create_task(self._share_health(name, wait, message)))
 
-    async def _publish(self, channel: str, message: str) -> None:
+    async def _share_health(self, name: str, wait: float, message: str) -> None:
         try:
-            await self.redis.publish(channel, message)
-        except (RedisError, OSError) as exc:
-            self._lost_redis(exc)
+            async with asyncio.timeout(self.write_bound):
+                pipe = self.redis.pipeline(transaction=False)
+                if wait > 0:
+                    pipe.set(self._cooldown_key(name), message, px=max(1, int(wait * 1000)))
+                else:
+                    pipe.delete(self._cooldown_key(name))
+                pipe.publish(f"{self.prefix}:upstreams", message)
+                await pipe.execute()
+        except AWAY_OR_FAILED as exc:
+            self.lost_redis(exc)
 
-    async def _cancels(self) -> None:
+    async def _news(self) -> None:
         """Cancels (a stream id) and upstream health (JSON), from every instance."""
         cancels, health = f"{self.prefix}:cancel", f"{self.prefix}:upstreams"
         while True:
-            pubsub = self.readers.pubsub()
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(cancels, health)
                 while True:
@@ -533,7 +463,7 @@ class RedisStore(Store):
                     if gen is not None:
                         gen.cancel("cancelled", "the stream was stopped by a client")
             except UNAVAILABLE as exc:
-                self._lost_redis(exc)
+                self.lost_redis(exc)
                 await asyncio.sleep(0.5)
             except RedisError as exc:
                 log.warning("Redis: the cancel channel failed: %s", _reason(exc))
@@ -557,22 +487,28 @@ class RedisStore(Store):
 
     async def listened(self, stream_id: str) -> bool:
         try:
-            return bool(await self.redis.exists(self.key(stream_id, "seen")))
-        except (RedisError, OSError):
+            return bool(await self.ask(self.redis.exists(self.key(stream_id, "seen"))))
+        except (StoreUnavailable, RedisError):
             return False
 
     async def lookup(self, stream_id: str) -> Remote | None:
         key = self.key(stream_id, "meta")
         try:
-            meta = await self.redis.hgetall(key)
+            meta = await self.ask(self.redis.hgetall(key))
             if not meta:
                 # A stream announced a moment ago elsewhere may not be here yet: its producer's
                 # writer sends it after --redis-flush-ms and a round trip, while the client has
                 # its id (the start event) at once.  A 404 would end an EventSource for good.
                 await asyncio.sleep(self._miss_wait)
-                meta = await self.redis.hgetall(key)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {_reason(exc)}") from None
+                meta, server = await self.ask(self._meta_and_run_id(key))
+                if not meta and (str(server.get("run_id", "")).encode() != self._run_id
+                                 or asyncio.get_running_loop().time() < self._unsure_until):
+                    # Redis restarted (or came back) moments ago: the producers may not have
+                    # written their streams again yet.  Retriable, unlike the 404.
+                    raise StoreUnavailable("the shared store (Redis) restarted moments ago and its streams are "
+                                           "being written again")
+        except RedisError as exc:
+            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
         if not meta:
             return None
         owner = meta.get(b"owner", b"").decode() or None
@@ -580,79 +516,85 @@ class RedisStore(Store):
         return Remote(stream_id, owner, int(end) if end is not None else None, unreplayable=b"lost" in meta,
                       interrupted=b"interrupted" in meta, kind=meta.get(b"kind", b"chat").decode())
 
+    async def _meta_and_run_id(self, key: str) -> tuple[dict[bytes, bytes], dict[str, Any]]:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.info("server")
+        meta, server = await pipe.execute()
+        return meta, server
+
     async def events(self, remote: Remote) -> list[bytes]:
         try:
-            entries = await self.redis.xrange(self.key(remote.id, "log"), "-", "+")
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {_reason(exc)}") from None
+            entries = await self.ask(self.redis.xrange(self.key(remote.id, "log"), "-", "+"))
+        except RedisError as exc:
+            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
         return [fields[b"d"] for _, fields in entries]
 
     async def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
         self.remote_reads += 1
         logkey = self.key(remote.id, "log")
-        keys = [self.key(remote.id, "meta"), logkey, self.key(remote.id, "owner")]
-        seen = self.key(remote.id, "seen")
-        block_ms = max(10, self._presence_ms // 3)
-        loop = asyncio.get_running_loop()
-        refresh_at = 0.0
-        last = _after(pos)
-        end = remote.end
+        keys = [self.key(remote.id, "meta"), logkey, self.key(remote.id, "owner"), self.key(remote.id, "seen")]
+        # Joined before the catch-up read, so nothing appended in between is missed (what both
+        # bring is told apart by seq).  The followers' loop keeps the presence key from here on.
+        tail = self.followers.join(keys, _after(pos), interrupted, remote.end)
         try:
-            first = await self.redis.xrange(logkey, "-", "+", count=1)
+            async def start() -> list[Any]:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.set(keys[3], b"1", px=self._presence_ms)
+                pipe.xrange(logkey, "-", "+", count=1)
+                pipe.xrange(logkey, f"{pos}-1" if pos > 0 else "-", "+")
+                result: list[Any] = await pipe.execute()
+                return result
+
+            _, first, entries = await self.ask(start())
+            end = remote.end
             if first and _seq_of(first[0][0]) > pos and (end is None or pos <= end):
                 raise ResumeExpired
             while True:
+                out = []
+                for entry_id, fields in entries:
+                    seq = _seq_of(entry_id)
+                    if seq < pos:
+                        continue
+                    out.append(fields[b"d"])
+                    pos = seq + 1
+                    if b"e" in fields:
+                        yield b"".join(out)
+                        return
+                if out:
+                    yield b"".join(out)
+                end = tail.end
                 if end is not None and pos > end:
-                    # The client is past what reached Redis (it read the producer's memory): the
-                    # terminal event is all there is for it.
-                    entry = await self.redis.xrange(logkey, f"{end}-1", f"{end}-1")
+                    # The client is past what reached Redis (it read the producer's memory before
+                    # it died): the terminal event is all there is for it.
+                    entry = await self.ask(self.redis.xrange(logkey, f"{end}-1", f"{end}-1"))
                     if entry:
                         yield entry[0][1][b"d"]
                     return
-                if loop.time() >= refresh_at:
-                    await self.redis.set(seen, b"1", px=self._presence_ms)
-                    refresh_at = loop.time() + self.config.presence_ttl / 3
-                answer = await self.readers.xread({logkey: last}, count=1000, block=block_ms)
-                if answer:
-                    entries = answer[0][1]
-                    out = []
-                    done = False
-                    for entry_id, fields in entries:
-                        out.append(fields[b"d"])
-                        last = entry_id
-                        pos = _seq_of(entry_id) + 1
-                        if b"e" in fields:
-                            done = True
-                            break
-                    yield b"".join(out)
-                    if done:
-                        return
-                    continue
-                # Nothing for a while: is the producer still there?
-                ended = await self._interrupt(keys=keys, args=[interrupted, self._kept_ms])
-                if ended is not None:
-                    if int(ended) < 0:
-                        return  # the stream expired meanwhile: nothing more to send
-                    end = int(ended)
-        except UNAVAILABLE as exc:
-            raise StoreUnavailable(f"the shared store (Redis) was lost: {_reason(exc)}") from None
+                if tail.gone:
+                    return
+                await tail.wake.wait()
+                entries = tail.take()
+        except RedisError as exc:
+            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
+        finally:
+            self.followers.leave(tail)
 
     async def cancel(self, stream_id: str) -> None:
         try:
-            await self.redis.publish(f"{self.prefix}:cancel", stream_id)
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {_reason(exc)}") from None
+            await self.ask(self.redis.publish(f"{self.prefix}:cancel", stream_id))
+        except RedisError as exc:
+            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
 
     # -- limits across instances ---------------------------------------------------------
 
     async def take(self, identity: str, per_minute: int) -> float | None:
         """Seconds to wait before the client's next request (0: go ahead); None: Redis is away."""
         try:
-            wait = await self._take(keys=[f"{self.prefix}:{{rate:{identity}}}"], args=[per_minute])
-        except (RedisError, OSError) as exc:
-            self._lost_redis(exc)
+            wait = await self.ask(self.scripts.call(self.redis, "take", [f"{self.prefix}:{{rate:{identity}}}"],
+                                                    [per_minute]))
+        except (StoreUnavailable, RedisError):
             return None
-        self._back()
         return float(wait)
 
     async def acquire(self, identity: str, per_client: int) -> tuple[str | None, int] | None:
@@ -660,11 +602,10 @@ class RedisStore(Store):
         key = f"{self.prefix}:{{slots:{identity}}}"
         lease = secrets.token_hex(8)
         try:
-            held = int(await self._acquire(keys=[key], args=[per_client, lease, self._owner_ms * 2]))
-        except (RedisError, OSError) as exc:
-            self._lost_redis(exc)
+            held = int(await self.ask(self.scripts.call(self.redis, "acquire", [key],
+                                                        [per_client, lease, self._owner_ms * 2])))
+        except (StoreUnavailable, RedisError):
             return None
-        self._back()
         if held < 0:
             return None, -held
         self._leases[lease] = key
@@ -673,14 +614,13 @@ class RedisStore(Store):
     def release(self, lease: str) -> None:
         key = self._leases.pop(lease, None)
         if key is not None:
-            task = asyncio.get_running_loop().create_task(self._release(key, lease))
-            self._tasks.append(task)
-            task.add_done_callback(self._tasks.remove)
+            self.keep(asyncio.get_running_loop().create_task(self._release(key, lease)))
 
     async def _release(self, key: str, lease: str) -> None:
         try:
-            await self.redis.zrem(key, lease)
-        except (RedisError, OSError):
+            async with asyncio.timeout(self.write_bound):
+                await self.redis.zrem(key, lease)
+        except AWAY_OR_FAILED:
             pass  # its TTL gives it back
 
 
@@ -703,11 +643,15 @@ def open_store(config: Config) -> Store:
         import redis.asyncio as aioredis
     except ImportError:
         raise SystemExit(f"relay: error: --redis needs the redis library: {install_hint('redis')}") from None
+    # The library's own socket timeout is only a backstop: every wait on a request's path is
+    # bounded by --redis-timeout (RedisStore.ask), the followers' read by its block time plus it.
     common: dict[str, Any] = dict(password=config.redis_password, decode_responses=False, socket_connect_timeout=5,
                                   socket_timeout=max(10.0, config.presence_ttl * 2), client_name="relay")
     # Commands share a bounded pool and queue for a free connection (a burst of a thousand new
-    # streams must wait a moment, not fail); each remote reader's blocking read holds a connection
-    # of its own, from a second pool, so readers can never starve the writer.
+    # streams must wait a moment, not fail).  The followers' one blocking read has a connection
+    # of its own (relay/core/redis_follow.py), so it never holds one the writer needs.
     commands = aioredis.BlockingConnectionPool.from_url(config.redis_url, max_connections=64, timeout=10, **common)
-    readers = aioredis.ConnectionPool.from_url(config.redis_url, max_connections=100_000, **common)
-    return RedisStore(config, aioredis.Redis(connection_pool=commands), aioredis.Redis(connection_pool=readers))
+    readers = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(config.redis_url, max_connections=1,
+                                                                              **common),
+                             single_connection_client=True)
+    return RedisStore(config, aioredis.Redis(connection_pool=commands), readers)

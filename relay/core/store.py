@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from relay.core.generation import Generation
+    from relay.core.registry import Registry
+    from relay.metrics import Metrics
+    from relay.upstream.pool import Pool
 
 
 class StoreUnavailable(Exception):
@@ -33,6 +36,12 @@ class Mirror(Protocol):
 
     async def listened(self) -> bool:
         """Whether a reader on another instance follows the stream now."""
+
+    def leased(self) -> bool:
+        """Whether the producer surely still owns the stream (its lease cannot have lapsed)."""
+
+    async def confirm(self) -> bool:
+        """After the lease may have lapsed: whether the stream is still this producer's (bounded)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +61,16 @@ class Remote:
     kind: str = "chat"
 
 
+class SharedLimits(Protocol):
+    """The shared store's side of the limits (relay/http/ratelimit.py asks; relay/core/redis_store.py answers); None answers: it is away."""
+
+    async def take(self, identity: str, per_minute: int) -> float | None: ...
+
+    async def acquire(self, identity: str, per_client: int) -> tuple[str | None, int] | None: ...
+
+    def release(self, lease: str) -> None: ...
+
+
 class Store:
     """The memory store: nothing leaves the process."""
 
@@ -59,6 +78,21 @@ class Store:
 
     async def start(self) -> None:
         """Connect and check; raise SystemExit with one line when the store cannot be used."""
+
+    def attach(self, registry: Registry, metrics: Metrics | None, pool: Pool) -> None:
+        """The process's generations, metrics and upstreams, for what the store shares of them."""
+
+    def limits(self) -> SharedLimits | None:
+        """Per-client limits that hold across instances, or None: each process counts its own."""
+        return None
+
+    def health(self) -> dict[str, object] | None:
+        """The store's state for /healthz (None: nothing to report)."""
+        return None
+
+    async def signing_secret(self) -> bytes | None:
+        """The events-URL secret every instance shares, or None when each process has its own."""
+        return None
 
     async def close(self) -> None:
         """Write what is queued (bounded) and disconnect."""

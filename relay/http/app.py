@@ -16,7 +16,7 @@ from relay.config import Config
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, responses, static
-from relay.core.redis_store import RedisStore, open_store
+from relay.core.redis_store import open_store
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
 from relay.http.disconnects import Disconnects
 from relay.http.errors import openai_route_errors
@@ -126,10 +126,7 @@ async def _upstream_ctx(app: web.Application, *, clock: Callable[[], float],
         log.info("no default model (--model): every request must name a model, and the page asks its user to pick one")
     store = app[STORE]
     app[REGISTRY] = registry = Registry(config, pool, store, metrics)
-    if isinstance(store, RedisStore):
-        store.registry = registry
-        store.metrics = metrics
-        store.share_health(pool)
+    store.attach(registry, metrics, pool)
     app[PROBE] = ReadinessProbe(pool)
     try:
         yield
@@ -147,11 +144,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = open_store(config)
     await store.start()
     app[STORE] = store
-    if isinstance(store, RedisStore):
-        app[LIMITS].shared = store
-        if config.signing_key is None:
-            # Every instance must verify every other's events URLs: one secret, kept in Redis.
-            app[ACCESS].use_secret(await store.signing_secret())
+    app[LIMITS].shared = store.limits()
+    if config.signing_key is None and (secret := await store.signing_secret()) is not None:
+        # Every instance must verify every other's events URLs: one secret, kept in the store.
+        app[ACCESS].use_secret(secret)
     if config.signing_key is not None:
         app[ACCESS].use_secret(config.signing_key)
     try:

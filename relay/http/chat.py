@@ -20,7 +20,7 @@ from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, METRICS, REGISTRY
 from relay.http.body import BadRequest, read_json
 from relay.http.chat_body import chat_request
-from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event
+from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event, unavailable_event
 from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.params import RequestBounds
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
@@ -231,9 +231,11 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
                 _resumed(request, last_seq, "resume_expired")
             await resp.send_bytes(last_event(stream_id, RESUME_EXPIRED))
         except StoreUnavailable as exc:
-            # The connection ends without a last event: the client reconnects, and while the store
-            # is away that reconnect gets the 503 that names the cause.
-            log.warning("stream %s: a remote reader was cut: %s", stream_id, exc)
+            # An honest end, never a silent cut: a retriable error without an id, so the client's
+            # reconnect resumes from its last real event (a 503 naming the cause while the store
+            # is away, the stream's state once it is back).
+            log.warning("stream %s: a remote reader lost the shared store: %s", stream_id, exc)
+            await resp.send_bytes(unavailable_event(str(exc), config.retry_ms))
 
     return await serve_events(request, resp, stream_id, send)
 

@@ -39,6 +39,10 @@ class ChatWire:
 
     def end(self, ending: Ending, seq: int) -> bytes:
         retry = None
+        if ending.code == "interrupted":
+            # Ended elsewhere while this process was stopped (relay/core/redis_writer.py): its own
+            # readers get the very event readers elsewhere got.
+            return interrupted_event(self._id, self._retry_ms)
         if ending.code == "done":
             event: dict[str, Any] = {"type": "done", "finish_reason": ending.finish_reason, "usage": ending.usage}
         else:
@@ -65,6 +69,16 @@ RESUME_EXPIRED: dict[str, Any] = {
 def last_event(stream_id: str, event: dict[str, Any]) -> bytes:
     """An event for one subscriber only (not in the log), after which it has nothing more to get."""
     return encode(dumps(event), id=event_id(stream_id, None))
+
+
+def unavailable_event(message: str, retry_ms: int) -> bytes:
+    """The end of a reader here of a stream whose copy stopped arriving (the shared store is away).
+
+    It has no id on purpose: the client's last event id stays the last event it really got, so
+    its reconnect (after ``retry``) resumes from there, on whatever state the stream is in then.
+    """
+    return encode(dumps({"type": "error", "code": "store_unavailable", "retriable": True,
+                         "message": f"{message}; reconnect to go on"}), retry=retry_ms)
 
 
 def interrupted_event(stream_id: str, retry_ms: int) -> bytes:

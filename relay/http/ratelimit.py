@@ -12,10 +12,11 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 
 
 from relay.config import Config
+from relay.core.store import SharedLimits
 
 MAX_CLIENTS: Final = 10_000
 
@@ -88,16 +89,6 @@ class StreamSlots:
             else:
                 self._running.pop(identity, None)
         return release
-
-
-class SharedLimits(Protocol):
-    """The shared store's side of the limits (relay/core/redis_store.py); None answers: it is away."""
-
-    async def take(self, identity: str, per_minute: int) -> float | None: ...
-
-    async def acquire(self, identity: str, per_client: int) -> tuple[str | None, int] | None: ...
-
-    def release(self, lease: str) -> None: ...
 
 
 class ClientLimits:

@@ -221,7 +221,11 @@ async def _retrieve_remote(request: web.Request, remote: Remote, after: int | No
         except ResumeExpired:
             await resp.send_bytes(error_event(EXPIRED, after + 1))
         except StoreUnavailable as exc:
-            log.warning("response %s: a remote reader was cut: %s", rid, exc)
+            # An honest end, never a silent cut: OpenAI's error event, retriable, with no sequence
+            # number (a retrieve with the last one the client has resumes from there).
+            log.warning("response %s: a remote reader lost the shared store: %s", rid, exc)
+            await resp.send_bytes(error_event(Ending("store_unavailable", f"{exc}; retrieve again to go on",
+                                                     retriable=True), None))
 
     return await serve_events(request, resp, rid, send)
 

@@ -118,6 +118,11 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
      "events waiting for Redis, all streams together; past it a stream cannot be resumed elsewhere"),
     ("--redis-flush-ms", "redis_flush_ms", float, None,
      "milliseconds the Redis writer gathers events of many streams into one round trip"),
+    ("--redis-timeout", "redis_timeout", float, None,
+     "seconds a request waits for Redis before it is served without it (a resume of another instance's "
+     "stream then gets a retriable 503)"),
+    ("--worker-timeout", "worker_timeout", float, None,
+     "seconds a worker may miss its heartbeat (a stuck event loop) before the supervisor kills and replaces it"),
     ("--metrics-listen", "metrics_listen", str, "RELAY_METRICS_LISTEN",
      "serve Prometheus metrics at /metrics on HOST:PORT (or PORT, on 127.0.0.1), a listener of its own, "
      "never the public port; with --workers the supervisor serves every worker's (needs the metrics extra)"),
@@ -158,7 +163,7 @@ _GROUP_OF: dict[str, str] = {
     **dict.fromkeys(("keepalive", "retry_ms", "resume_grace", "attach_timeout", "stream_ttl", "retention_bytes",
                      "replay_bytes", "send_buffer", "send_timeout", "client_sndbuf"), "streams and resume"),
     **dict.fromkeys(("redis_url", "redis_prefix", "owner_ttl", "presence_ttl", "redis_log_events", "redis_queue",
-                     "redis_flush_ms"), "scale-out"),
+                     "redis_flush_ms", "redis_timeout", "worker_timeout"), "scale-out"),
     "metrics_listen": "observability",
 }
 _METAVARS: dict[str, str] = {

@@ -5,8 +5,14 @@ The supervisor binds the socket (or takes systemd's) and hands it to each worker
 started in its own session (a terminal's Ctrl-C reaches only the supervisor, which forwards
 it once) and told to die with its parent.  Workers speak the sd_notify protocol to the
 supervisor, on one socket each, exactly as they would to systemd; the supervisor alone talks to
-systemd (``NotifyAccess=main``): ``READY=1`` once every worker listens, ``WATCHDOG=1`` only while
-every worker has pinged within its interval, ``STOPPING=1`` on the way out.
+systemd (``NotifyAccess=main``): ``READY=1`` once every worker listens, ``WATCHDOG=1`` while the
+supervisor's own loop runs, ``STOPPING=1`` on the way out.
+
+- Heartbeats: each worker pings the supervisor (``WATCHDOG=1``) at a quarter of
+  ``--worker-timeout``, from its event loop; one silent for the whole timeout is stuck (a
+  blocking call, a livelock, SIGSTOP) and is killed and replaced, as gunicorn's arbiter does,
+  while the others go on serving.  A stuck worker never costs the other workers' streams a
+  restart of the whole service.
 
 - A worker that exits unexpectedly is logged and replaced; one that keeps dying before it is
   ready backs off (0.1 s doubling to 5 s) and after ``CRASH_LIMIT`` in a row the supervisor
@@ -96,6 +102,8 @@ class _Worker:
     started: float = 0.0
     reader: asyncio.Task[None] | None = None
     failures: int = 0
+    #: Killed for missing its heartbeat (replaced as a worker that died after it was ready).
+    stuck: bool = False
     messages: asyncio.Queue[dict[str, str]] = field(default_factory=asyncio.Queue)
 
 
@@ -128,11 +136,12 @@ class Supervisor:
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if self.metrics_dir is not None:
             env.update({"PROMETHEUS_MULTIPROC_DIR": self.metrics_dir, "RELAY_METRICS_SUPERVISED": "1"})
-        if self.watchdog is not None:
-            # The worker pings us at half this; we ping systemd only while every worker does.
-            env["WATCHDOG_USEC"] = str(int(self.watchdog * 2 * 1_000_000))
+        # The worker's heartbeat: sd_notify's WATCHDOG=1 to us, at half this (a quarter of
+        # --worker-timeout), whether or not systemd watches the supervisor.
+        env["WATCHDOG_USEC"] = str(int(self.config.worker_timeout / 2 * 1_000_000))
         worker.started = time.monotonic()
         worker.last_ping = worker.started
+        worker.stuck = False
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", *self.argv, env=env, pass_fds=fds,
             stdin=asyncio.subprocess.DEVNULL, start_new_session=True)
@@ -225,6 +234,7 @@ class Supervisor:
             await self._spawn(worker)
         announced = False
         pinger = asyncio.create_task(self._watchdog(), name="watchdog") if self.watchdog else None
+        heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
         try:
             while True:
                 if not announced and not self.stopping and all(w.ready for w in self.workers):
@@ -266,14 +276,19 @@ class Supervisor:
                 loop.remove_signal_handler(sig)
             if pinger is not None:
                 pinger.cancel()
+            heartbeats.cancel()
             await self._stop_all()
         return 0
 
     async def _replace(self, worker: _Worker, proc: asyncio.subprocess.Process) -> bool:
         ready = worker.ready
         worker.failures = 0 if ready else worker.failures + 1
-        log.error("worker %d (pid %d) exited unexpectedly with status %d; starting another", worker.number,
-                  proc.pid, proc.returncode)
+        if worker.stuck:
+            log.error("worker %d (pid %d) was killed for missing its heartbeat; starting another", worker.number,
+                      proc.pid)
+        else:
+            log.error("worker %d (pid %d) exited unexpectedly with status %d; starting another", worker.number,
+                      proc.pid, proc.returncode)
         if worker.failures >= CRASH_LIMIT:
             log.error("worker %d died %d times in a row before it was ready: giving up", worker.number,
                       worker.failures)
@@ -288,16 +303,35 @@ class Supervisor:
         return True
 
     async def _watchdog(self) -> None:
+        """systemd's watchdog is fed while this loop runs: a stuck worker is replaced (``_heartbeats``),
+        so only a supervisor that stopped itself gets the whole service restarted."""
         assert self.watchdog is not None
         while True:
-            now = time.monotonic()
-            # A worker pings at half its interval (2 x ours): one silent for longer is stuck.
-            if all(now - w.last_ping < self.watchdog * 2 for w in self.workers):
-                systemd.notify("WATCHDOG=1")
-            else:
-                stuck = [w.number for w in self.workers if now - w.last_ping >= self.watchdog * 2]
-                log.error("workers %s stopped answering: withholding the watchdog ping", stuck)
+            systemd.notify("WATCHDOG=1")
             await asyncio.sleep(self.watchdog)
+
+    async def _heartbeats(self) -> None:
+        """Kill a worker whose heartbeat is older than --worker-timeout (its loop is stuck: a
+        blocking call, a livelock, SIGSTOP); the main loop then replaces it like any dead worker.
+        The heartbeat is its own sd_notify ping, so a worker busy but answering is never killed."""
+        timeout = self.config.worker_timeout
+        while True:
+            await asyncio.sleep(min(timeout / 4, 1.0))
+            now = time.monotonic()
+            for worker in self.workers:
+                proc = worker.proc
+                if proc is None or proc.returncode is not None or self.stopping or worker.stuck:
+                    continue
+                # Before it is ready a worker may be starting slowly (imports, Redis): the start
+                # gets a minute at least; a worker that never gets there is replaced too.
+                if now - worker.last_ping >= (timeout if worker.ready else max(timeout, 60.0)):
+                    worker.stuck = True
+                    log.error("worker %d (pid %d) missed its heartbeat for %.3g s (--worker-timeout): killing "
+                              "and replacing it; the other workers go on", worker.number, proc.pid, now - worker.last_ping)
+                    try:
+                        proc.kill()  # SIGKILL: works on a stopped process too
+                    except ProcessLookupError:
+                        pass
 
     async def _stop_all(self) -> None:
         procs = [w.proc for w in self.workers if w.proc is not None]
