@@ -546,6 +546,31 @@ class Bench:
             server.close()
         self.results["redis"] = out
 
+    def faults(self) -> None:
+        """Redis stopped under a live stream with readers on two instances (bench/faults.py): how long
+        requests and readers wait; with --compare-src, the previous main the same way."""
+        from bench import faults
+
+        out: dict[str, Any] = {}
+        for label, src in (("relay", self.args.relay_src), ("previous", self.args.compare_src)):
+            if label == "previous" and src is None:
+                continue
+            server = Redis()
+            extra = ("--redis", server.url, "--rate-limit", "0")
+            a = Relay(self.upstream.port, loop=self.args.relay_loop, src=src, extra=extra)
+            b = Relay(self.upstream.port, loop=self.args.relay_loop, src=src, extra=extra)
+            try:
+                out[label] = r = faults.measure(a.port, b.port, server.proc.pid)
+            finally:
+                a.close()
+                b.close()
+                server.close()
+            print(f"  faults {label:>8}: 201 while Redis is stopped first {r['create_s']['first']} s, p50 "
+                  f"{r['create_s']['p50']} s; resume elsewhere {r['resume_elsewhere_s']} s "
+                  f"({r.get('resume_elsewhere_status')}); reader elsewhere ended after {r['reader_end_s']} s "
+                  f"({r['reader_end']}); local reader flowing: {r['local_reader_flowing']}", flush=True)
+        self.results["faults"] = out
+
     def metrics(self) -> None:
         """CPU per event with --metrics-listen against without, for /chat and /v1: three alternating
         runs on two relays alive side by side (so neither is warmer), medians compared."""
@@ -775,7 +800,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 PHASES = ("cpu", "cpulight", "ttft", "rates", "disconnect", "burst", "silent", "rss", "soak", "concurrency", "failover", "stalled", "redis", "remote",
-          "workers", "metrics")
+          "workers", "metrics", "faults")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -799,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remote-rtt", type=float, default=0.04,
                         help="the round trip the remote phase adds between the relay and its TLS upstream, seconds")
     parser.add_argument("--compare-src", type=Path, default=None,
-                        help="the remote phase also runs the relay package from this directory (e.g. the previous "
+                        help="the remote and faults phases also run the relay package from this directory (e.g. the previous "
                         "main: git archive REV relay | tar -x -C DIR), in the same run")
     parser.add_argument("--only", action="append", choices=PHASES, help="run only these phases (repeatable)")
     parser.add_argument("--label", default="", help="a word for the output file name (e.g. before, after-uvloop)")

@@ -295,8 +295,9 @@ def check_redis_url(url: str) -> None:
     if url == "local":
         return
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError("--redis must be local, or a redis://, rediss:// or unix:// URL")
+    if parts.scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        raise ConfigError("--redis must be local, or a redis://, rediss://, unix:// or (Redis Cluster) "
+                          "redis+cluster:// URL")
     if parts.scheme != "unix" and not parts.hostname:
         raise ConfigError("--redis must name a host: redis://HOST:PORT/DB")
     if parts.scheme == "unix" and not parts.path:

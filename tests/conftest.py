@@ -370,6 +370,25 @@ async def redis() -> AsyncIterator[Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.fixture
+async def redis_cluster() -> AsyncIterator[Any]:
+    """A real Redis Cluster (three masters, a replica each) on loopback ports, every node stopped by its PID."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import redis_server
+
+    require(redis_server.available() and shutil.which("redis-cli") is not None,
+            "redis-server and redis-cli are not installed (apt-get install redis-server)")
+    workdir = Path(tempfile.mkdtemp(prefix="relay-cluster-"))
+    try:
+        async with redis_server.redis_cluster(workdir) as cluster:
+            yield cluster
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 # -- A raw upstream: bytes exactly as a test scripts them -------------------------------------
 
 @asynccontextmanager

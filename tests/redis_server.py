@@ -118,3 +118,81 @@ async def redis_server(workdir: Path, **kwargs: object) -> AsyncIterator[RedisSe
         yield server
     finally:
         await server.stop()
+
+
+class RedisCluster:
+    """A real Redis Cluster: three masters with a replica each, Debian's ``redis-server`` on loopback
+    ports, created with ``redis-cli --cluster create``; every node stopped by its PID at the end."""
+
+    def __init__(self, workdir: Path, masters: int = 3) -> None:
+        self.workdir = workdir
+        self.nodes = [RedisServer(workdir / f"node{i}", unix=False,
+                                  extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                         "--cluster-node-timeout", "1000",
+                                         # its bus on a port of its own (not port + 10000, which
+                                         # may not exist for an ephemeral port)
+                                         "--cluster-port", str(free_port())))
+                      for i in range(masters * 2)]
+        self.masters = masters
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}/0"
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            node.workdir.mkdir(parents=True, exist_ok=True)
+            node.log = node.workdir / "redis.log"
+            await node.start()
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        proc = await asyncio.create_subprocess_exec(
+            cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes), "--cluster-replicas", "1",
+            "--cluster-yes", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {out.decode(errors='replace')[-2000:]}")
+        async with asyncio.timeout(30):
+            while not all(self._ok(n) for n in self.nodes):
+                await asyncio.sleep(0.05)
+
+    @staticmethod
+    def _ok(node: RedisServer) -> bool:
+        """The node sees the cluster whole and, a replica, has synced with its master (a replica
+        that never synced would never be promoted: its data counts as too old)."""
+        try:
+            with socket.create_connection(("127.0.0.1", node.port), timeout=1) as sock:
+                sock.sendall(b"CLUSTER INFO\r\n")
+                if b"cluster_state:ok" not in sock.recv(4096):
+                    return False
+                sock.sendall(b"INFO replication\r\n")
+                info = sock.recv(8192)
+                return b"role:master" in info or b"master_link_status:up" in info
+        except OSError:
+            return False
+
+    async def master_of(self, key: str) -> RedisServer:
+        """The node that serves ``key``'s slot now."""
+        from redis.asyncio.cluster import RedisCluster as Client
+
+        alive = next(n for n in self.nodes if n.proc is not None and n.proc.poll() is None)
+        client = Client(host="127.0.0.1", port=alive.port)
+        try:
+            await client.initialize()
+            node = client.get_node_from_key(key)
+        finally:
+            await client.aclose()
+        return next(n for n in self.nodes if n.port == node.port)
+
+    async def stop(self) -> None:
+        for node in self.nodes:
+            await node.stop()
+
+
+@asynccontextmanager
+async def redis_cluster(workdir: Path) -> AsyncIterator[RedisCluster]:
+    cluster = RedisCluster(workdir)
+    try:
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.stop()

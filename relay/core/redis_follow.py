@@ -66,7 +66,7 @@ class Tail:
 class Followed:
     """One stream followed here: where the read is, its readers, and what the checks found."""
 
-    __slots__ = ("absent_since", "end", "interrupted", "keys", "last", "quiet_since", "tails")
+    __slots__ = ("absent_since", "checked_at", "end", "interrupted", "keys", "last", "quiet_since", "tails", "task")
 
     def __init__(self, keys: list[str], after: bytes | str, interrupted: bytes, end: int | None, now: float) -> None:
         self.keys = keys  # meta, log, owner, seen
@@ -76,14 +76,20 @@ class Followed:
         self.tails: set[Tail] = set()
         self.quiet_since = now
         self.absent_since: float | None = None
+        self.checked_at = 0.0
+        #: Its own read (Redis Cluster only).
+        self.task: asyncio.Task[None] | None = None
 
 
 class Followers:
     """The process's one blocking read over every stream its readers follow."""
 
-    def __init__(self, store: RedisStore, client: Any) -> None:
+    def __init__(self, store: RedisStore, client: Any, *, per_stream: bool = False) -> None:
         self.store = store
         self.client = client  # a single-connection client of its own: its id is what UNBLOCK names
+        #: Redis Cluster: an XREAD cannot span hash slots, so each followed stream has a read of its
+        #: own (still one per stream, not one per reader).
+        self.per_stream = per_stream
         config = store.config
         #: The longest a read blocks, and so the period of the presence and producer checks.
         self.period = config.presence_ttl / 3
@@ -102,12 +108,15 @@ class Followers:
         return len(self._followed)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="redis-followers")
+        if not self.per_stream:
+            self._task = asyncio.create_task(self._run(), name="redis-followers")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task], timeout=2)
+        tasks = [t for t in (self._task, *(f.task for f in self._followed.values())) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
 
     def join(self, keys: list[str], after: bytes | str, interrupted: bytes, end: int | None) -> Tail:
         """Follow the stream whose keys are ``keys`` (meta, log, owner, seen) from after ``after``."""
@@ -115,10 +124,18 @@ class Followers:
         if followed is None:
             followed = self._followed[keys[1]] = Followed(keys, after, interrupted, end,
                                                           asyncio.get_running_loop().time())
+            if self.per_stream:
+                followed.task = asyncio.create_task(self._run_one(followed), name="redis-follow")
+                self.store.keep(followed.task)
+                return self._tail(followed)
             self._version += 1
             self._some.set()
             if self._reading >= 0:
                 self.store.keep(asyncio.get_running_loop().create_task(self._nudge(self._version)))
+        return self._tail(followed)
+
+    @staticmethod
+    def _tail(followed: Followed) -> Tail:
         tail = Tail(followed)
         followed.tails.add(tail)
         return tail
@@ -128,6 +145,35 @@ class Followers:
         followed.tails.discard(tail)
         if not followed.tails and self._followed.get(followed.keys[1]) is followed:
             del self._followed[followed.keys[1]]
+            if followed.task is not None:
+                followed.task.cancel()
+
+    async def _run_one(self, followed: Followed) -> None:
+        """Redis Cluster: one stream's own blocking read, with its checks."""
+        store = self.store
+        loop = asyncio.get_running_loop()
+        key = followed.keys[1]
+        while self._followed.get(key) is followed:
+            try:
+                async with asyncio.timeout(self.period + store.bound):
+                    answer = await self.client.xread({key: followed.last}, count=1000,
+                                                     block=max(1, int(self.period * 1000)))
+                now = loop.time()
+                self._deliver(answer, now)
+                if now - followed.checked_at >= self.period:
+                    followed.checked_at = now
+                    async with asyncio.timeout(store.bound):
+                        await self._check([followed], now)
+            except store.away as exc:
+                store.lost_redis(exc)
+                self._fail(StoreUnavailable(f"the shared store (Redis) stopped answering: {store.reason(exc)}"),
+                           [followed])
+                return
+            except Exception as exc:
+                log.error("Redis: a follower's read failed", exc_info=exc)
+                self._fail(StoreUnavailable("the shared store (Redis) read failed"), [followed])
+                return
+            store.back()
 
     async def _nudge(self, version: int) -> None:
         """End the block in flight until a read that includes the new stream has started."""
@@ -165,7 +211,7 @@ class Followers:
                 if now - self._checked_at >= self.period:
                     self._checked_at = now
                     async with asyncio.timeout(store.bound):
-                        await self._check(now)
+                        await self._check(list(self._followed.values()), now)
             except store.away as exc:
                 self._client_id = None
                 self._reading = -1
@@ -192,10 +238,9 @@ class Followers:
                 tail.entries.extend(entries)
                 tail.wake.set()
 
-    async def _check(self, now: float) -> None:
-        """Every followed stream's presence, and for the quiet ones whether their producer is there."""
+    async def _check(self, followed: list[Followed], now: float) -> None:
+        """Followed streams' presence, and for the quiet ones whether their producer is there."""
         store = self.store
-        followed = list(self._followed.values())
         pipe = store.redis.pipeline(transaction=False)
         asked = []
         for f in followed:
@@ -232,9 +277,10 @@ class Followers:
             for tail in f.tails:
                 tail.wake.set()
 
-    def _fail(self, error: StoreUnavailable) -> None:
-        for followed in self._followed.values():
+    def _fail(self, error: StoreUnavailable, which: list[Followed] | None = None) -> None:
+        for followed in list(self._followed.values()) if which is None else which:
             for tail in followed.tails:
                 tail.error = error
                 tail.wake.set()
-        self._followed.clear()
+            if self._followed.get(followed.keys[1]) is followed:
+                del self._followed[followed.keys[1]]

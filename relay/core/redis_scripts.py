@@ -179,7 +179,8 @@ class Scripts:
 
     @staticmethod
     def missing(exc: BaseException) -> bool:
-        return "NOSCRIPT" in str(exc)
+        """Redis does not have the script (it restarted, or a replica was promoted)."""
+        return type(exc).__name__ == "NoScriptError" or "NOSCRIPT" in str(exc)
 
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha[name], len(keys), *keys, *args)

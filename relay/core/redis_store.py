@@ -76,8 +76,10 @@ MISS_WAIT = 0.04
 try:
     from redis import exceptions as _rexc
 
+    # (and, on Redis Cluster, a failover under way: no master for a slot yet)
     UNAVAILABLE: tuple[type[BaseException], ...] = (_rexc.ConnectionError, _rexc.TimeoutError,
-                                                     _rexc.BusyLoadingError, OSError)
+                                                     _rexc.BusyLoadingError, _rexc.ClusterDownError,
+                                                     _rexc.TryAgainError, _rexc.SlotNotCoveredError, OSError)
     RedisError: type[Exception] = _rexc.RedisError
 except ImportError:  # the optional extra is missing: open_store says so before anything runs
     UNAVAILABLE = (OSError,)
@@ -111,8 +113,10 @@ def _after(pos: int) -> str:
 class RedisStore(Store):
     shared = True
 
-    def __init__(self, config: Config, client: Any, readers: Any = None) -> None:
+    def __init__(self, config: Config, client: Any, readers: Any = None, *, cluster: bool = False) -> None:
         self.config = config
+        #: Redis Cluster (``redis+cluster://``): no keyless commands in pipelines, no multi-slot reads.
+        self.cluster = cluster
         self.redis = client
         #: The followers' one blocking read (a single connection of its own).
         self.readers = readers if readers is not None else client
@@ -130,7 +134,7 @@ class RedisStore(Store):
         self.away = AWAY
         self.scripts = Scripts()
         self.writer = Writer(self, self._fenced)
-        self.followers = Followers(self, self.readers)
+        self.followers = Followers(self, self.readers, per_stream=cluster)
         self._presence_ms = max(1, int(config.presence_ttl * 1000))
         self._owner_ms = max(1, int(config.owner_ttl * 1000))
         self._kept_ms = max(1, int(config.stream_ttl * 1000))
@@ -145,6 +149,8 @@ class RedisStore(Store):
         #: While Redis is away, requests fail at once until this loop time (then one tries).
         self._probe_at = 0.0
         self._unsure_until = 0.0
+        self._lost_logged = -1e9  # loop time the last outage was logged
+        self._back_logged = -1e9
         #: Times Redis was found restarted (its run_id changed) and the copies rewritten.
         self.restarts_seen = 0
         #: Streams followed from Redis for readers of this process (resumes of another's streams).
@@ -236,7 +242,9 @@ class RedisStore(Store):
         for client in {id(self.redis): self.redis, id(self.readers): self.readers}.values():
             try:
                 await asyncio.wait_for(client.aclose(), timeout=2)
-                await asyncio.wait_for(client.connection_pool.disconnect(), timeout=2)
+                pool = getattr(client, "connection_pool", None)  # (a cluster client has one per node)
+                if pool is not None:
+                    await asyncio.wait_for(pool.disconnect(), timeout=2)
             except (RedisError, OSError, TimeoutError):
                 pass
 
@@ -269,9 +277,16 @@ class RedisStore(Store):
         return _reason(exc)
 
     def lost_redis(self, exc: BaseException) -> None:
-        self._probe_at = asyncio.get_running_loop().time() + self.bound
+        now = asyncio.get_running_loop().time()
+        self._probe_at = now + self.bound
         if self.available:
             self.available = False
+            # Once per outage, and at most once a minute when it flaps (a cluster failover: some
+            # nodes answer while one does not).
+            if now - self._lost_logged < 60:
+                log.debug("Redis at %s is unreachable again: %s", self._where, self.reason(exc))
+                return
+            self._lost_logged = now
             log.error("Redis at %s is unreachable (%s): streams go on for their local readers, resumes "
                       "elsewhere get 503 and per-client limits are counted per process until it is back",
                       self._where, self.reason(exc))
@@ -279,12 +294,16 @@ class RedisStore(Store):
     def back(self) -> None:
         if not self.available:
             self.available = True
+            now = asyncio.get_running_loop().time()
             # Until every producer has had a refresher round to write its streams again, a
             # stream not found may only be not yet rewritten.
-            self._unsure_until = asyncio.get_running_loop().time() + self.config.owner_ttl
+            self._unsure_until = now + self.config.owner_ttl
+            self.repair_soon()
+            if self._back_logged >= self._lost_logged:
+                return  # the back of an outage whose loss was not logged either (flapping)
+            self._back_logged = now
             log.warning("Redis at %s is reachable again: limits are shared again and copies that fell "
                         "behind are rewritten", self._where)
-            self.repair_soon()
 
     def repair_soon(self) -> None:
         if self.writer.repair():
@@ -318,22 +337,18 @@ class RedisStore(Store):
                                            [self.instance, copy.fence, self._owner_ms])
                     for lease, key in list(self._leases.items()):
                         self.scripts.queue(pipe, "slot", [key], [lease, self._owner_ms * 2])
-                    pipe.info("server")
-                    results = await pipe.execute(raise_on_error=False)
+                    results = await pipe.execute(raise_on_error=False) if copies or self._leases else []
+                    server = await self.redis.info("server")
             except AWAY as exc:
                 self.count("refresh", None)
                 self.lost_redis(exc)
                 continue
             self.count("refresh", began)
             self.refreshes += 1
-            server = results[-1]
             if any(isinstance(r, Exception) and self.scripts.missing(r) for r in results):
                 self.scripts.lost()
             for copy, result in zip(copies, results):
                 self.writer.renewed(copy, result, at)
-            if isinstance(server, Exception):
-                log.warning("Redis: refreshing leases failed: %s", _reason(server))
-                continue
             run_id = str(server.get("run_id", "")).encode()
             if run_id != self._run_id:
                 log.warning("Redis at %s restarted (its data may be gone): writing the streams held here again",
@@ -432,13 +447,12 @@ class RedisStore(Store):
     async def _share_health(self, name: str, wait: float, message: str) -> None:
         try:
             async with asyncio.timeout(self.write_bound):
-                pipe = self.redis.pipeline(transaction=False)
+                # (two commands, not a pipeline: a cluster pipeline cannot carry PUBLISH)
                 if wait > 0:
-                    pipe.set(self._cooldown_key(name), message, px=max(1, int(wait * 1000)))
+                    await self.redis.set(self._cooldown_key(name), message, px=max(1, int(wait * 1000)))
                 else:
-                    pipe.delete(self._cooldown_key(name))
-                pipe.publish(f"{self.prefix}:upstreams", message)
-                await pipe.execute()
+                    await self.redis.delete(self._cooldown_key(name))
+                await self.redis.publish(f"{self.prefix}:upstreams", message)
         except AWAY_OR_FAILED as exc:
             self.lost_redis(exc)
 
@@ -517,6 +531,9 @@ class RedisStore(Store):
                       interrupted=b"interrupted" in meta, kind=meta.get(b"kind", b"chat").decode())
 
     async def _meta_and_run_id(self, key: str) -> tuple[dict[bytes, bytes], dict[str, Any]]:
+        if self.cluster:
+            # (A keyless INFO has no place in a cluster pipeline; a failover there keeps the data.)
+            return await self.redis.hgetall(key), {"run_id": (self._run_id or b"").decode()}
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(key)
         pipe.info("server")
@@ -650,6 +667,24 @@ def open_store(config: Config) -> Store:
     # Commands share a bounded pool and queue for a free connection (a burst of a thousand new
     # streams must wait a moment, not fail).  The followers' one blocking read has a connection
     # of its own (relay/core/redis_follow.py), so it never holds one the writer needs.
+    scheme, sep, rest = config.redis_url.partition("://")
+    if scheme.endswith("+cluster"):
+        # Redis Cluster: redis-py's cluster client finds every node from the one named, routes
+        # each stream's commands by its hash tag and follows failovers.  A multiplexed XREAD
+        # cannot span slots there, so the followers read one blocking read per stream
+        # (relay/core/redis_follow.py).
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ConstantBackoff
+
+        url = scheme.removesuffix("+cluster") + sep + rest
+        # A failover takes the node timeout and an election: the topology is asked for again every
+        # quarter second until it shows the new master (the library's default backoff after
+        # failed refreshes grows to seconds, which every request would then wait out as 503s).
+        cluster = RedisCluster.from_url(url, **{k: v for k, v in common.items() if k != "client_name"},
+                                        max_connections=256, topology_refresh_min_interval=0.25,
+                                        retry=Retry(ConstantBackoff(0.25), 2))
+        return RedisStore(config, cluster, cluster, cluster=True)
     commands = aioredis.BlockingConnectionPool.from_url(config.redis_url, max_connections=64, timeout=10, **common)
     readers = aioredis.Redis(connection_pool=aioredis.ConnectionPool.from_url(config.redis_url, max_connections=1,
                                                                               **common),

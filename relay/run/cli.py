@@ -105,8 +105,8 @@ _SETTINGS: list[tuple[str, str, Any, str | None, str]] = [
      "seconds an upstream whose credentials or credit were refused (401/402/403) is left alone"),
     ("--redis", "redis_url", str, "RELAY_REDIS_URL",
      "share streams, cancels and limits through Redis: local (a private redis-server the relay starts and "
-     "stops: one machine), or redis://HOST:PORT/DB, rediss:// (TLS) or "
-     "unix:///PATH; the password comes from RELAY_REDIS_PASSWORD, --redis-password-file or the "
+     "stops: one machine), or redis://HOST:PORT/DB, rediss:// (TLS), "
+     "unix:///PATH or redis+cluster://HOST:PORT (Redis Cluster: any node); the password comes from RELAY_REDIS_PASSWORD, --redis-password-file or the "
      "credential redis-password, never from this flag"),
     ("--redis-prefix", "redis_prefix", str, None, "prefix of every Redis key the relay writes"),
     ("--owner-ttl", "owner_ttl", float, None,
