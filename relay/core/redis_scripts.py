@@ -13,70 +13,99 @@ refusal that it must end its own readers the same way.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
-# WRITE: append a batch of one stream's events, idempotently and fenced.
-# KEYS: meta, log, owner.
-# ARGV: 1 instance, 2 fence ("0": create, or take over our own earlier create), 3 owner ms,
-#       4 running ms, 5 kept ms, 6 maxlen, 7 token digest, 8 model, 9 kind, 10 seq of the first
-#       event given, 11 "1" when the last event given is the terminal, 12.. the events.
-# Events already in the log (seq <= its top) are skipped, so a batch can be sent again after a
-# lost answer and a repair can resend everything memory holds.  The log never has a hole: a
-# batch that starts past top + 1 is refused and the stream marked ``lost`` (the rest is gone).
-# Returns {fence, status}: status 0 written, -3 a hole (lost); {-1} fenced out; {-2} no such
-# stream in Redis (restarted empty, or expired): the caller writes it anew with fence "0".
+# WRITE: append batches of events to streams' logs, idempotently and fenced: every stream the
+# writer has news of, in one call (one call per stream on Redis Cluster, where keys of different
+# slots cannot meet in one script).
+# KEYS: per stream, its meta, log and owner.
+# ARGV: 1 instance, 2 owner ms, 3 running ms, 4 kept ms, 5 maxlen; then per stream: its fence ("0":
+#       create, or take over our own earlier create), token digest, model, kind, the seq of its
+#       first event given, "1" when its last event given is the terminal, the number of events
+#       given, and the events.
+# Events already in a log (seq <= its top) are skipped, so a batch can be sent again after a lost
+# answer and a repair can resend everything memory holds.  A log never has a hole: a batch that
+# starts past top + 1 is refused and the stream marked ``lost`` (the rest is gone).
+# Returns per stream two numbers: its fence and 0 (written) or -3 (a hole: lost); or -1 and 0:
+# fenced out; or -2 and 0: no such stream in Redis (restarted empty, or expired): the caller
+# writes it anew with fence "0".  The lease (the owner key) is set when a stream is created here
+# and dropped at its end; the refresher renews it (RENEW).
 WRITE: Final = """
-local fence = redis.call('HGET', KEYS[1], 'fence')
-local mine = ARGV[2]
-if not fence then
-  if mine ~= '0' then return {-2} end
-  redis.call('HSET', KEYS[1], 'owner', ARGV[7], 'model', ARGV[8], 'kind', ARGV[9], 'by', ARGV[1])
-  mine = tostring(redis.call('HINCRBY', KEYS[1], 'fence', 1))
-elseif mine == '0' then
-  if redis.call('HGET', KEYS[1], 'by') ~= ARGV[1] or redis.call('HEXISTS', KEYS[1], 'interrupted') == 1 then
-    return {-1}
-  end
-  mine = fence
-elseif fence ~= mine then
-  return {-1}
-end
-local n = #ARGV - 11
-if redis.call('HEXISTS', KEYS[1], 'end') == 1 then
-  return {tonumber(mine), 0}
-end
-local top = -1
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
-local base = tonumber(ARGV[10])
-if n > 0 and base > top + 1 then
-  redis.call('HSET', KEYS[1], 'lost', '1')
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return {tonumber(mine), -3}
-end
-redis.call('HDEL', KEYS[1], 'lost')
-local ended = false
-for i = 1, n do
-  local seq = base + i - 1
-  if seq > top then
-    if i == n and ARGV[11] == '1' then
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-1', 'd', ARGV[11 + i], 'e', '1')
-      redis.call('HSET', KEYS[1], 'end', seq)
-      ended = true
+local out = {}
+local a = 6
+for s = 0, #KEYS / 3 - 1 do
+  local meta, log, owner = KEYS[3 * s + 1], KEYS[3 * s + 2], KEYS[3 * s + 3]
+  local mine, base, terminal, n = ARGV[a], tonumber(ARGV[a + 4]), ARGV[a + 5] == '1', tonumber(ARGV[a + 6])
+  local first = a + 7
+  a = first + n
+  local fence = redis.call('HGET', meta, 'fence')
+  local status = 0
+  local created = false
+  if not fence then
+    if mine ~= '0' then
+      status = -2
     else
-      redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], seq .. '-1', 'd', ARGV[11 + i])
+      redis.call('HSET', meta, 'owner', ARGV[first - 6], 'model', ARGV[first - 5], 'kind', ARGV[first - 4],
+                 'by', ARGV[1])
+      mine = tostring(redis.call('HINCRBY', meta, 'fence', 1))
+      created = true
+    end
+  elseif mine == '0' then
+    if redis.call('HGET', meta, 'by') ~= ARGV[1] or redis.call('HEXISTS', meta, 'interrupted') == 1 then
+      status = -1
+    else
+      mine = fence
+    end
+  elseif fence ~= mine then
+    status = -1
+  end
+  if status < 0 then
+    out[#out + 1] = status
+    out[#out + 1] = 0
+  elseif redis.call('HEXISTS', meta, 'end') == 1 then
+    out[#out + 1] = tonumber(mine)
+    out[#out + 1] = 0
+  else
+    local top = -1
+    if not created then
+      local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+      if #last > 0 then top = tonumber(string.match(last[1][1], '^(%d+)')) end
+    end
+    if n > 0 and base > top + 1 then
+      redis.call('HSET', meta, 'lost', '1')
+      out[#out + 1] = tonumber(mine)
+      out[#out + 1] = -3
+    else
+      if top >= 0 and redis.call('HEXISTS', meta, 'lost') == 1 then redis.call('HDEL', meta, 'lost') end
+      local ended = false
+      for i = 0, n - 1 do
+        local seq = base + i
+        if seq > top then
+          if i == n - 1 and terminal then
+            redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], seq .. '-1', 'd', ARGV[first + i], 'e', '1')
+            redis.call('HSET', meta, 'end', seq)
+            ended = true
+          else
+            redis.call('XADD', log, 'MAXLEN', '~', ARGV[5], seq .. '-1', 'd', ARGV[first + i])
+          end
+        end
+      end
+      if ended then
+        redis.call('DEL', owner)
+        redis.call('PEXPIRE', meta, ARGV[4])
+        redis.call('PEXPIRE', log, ARGV[4])
+      elseif created or top < 0 then
+        redis.call('SET', owner, ARGV[1], 'PX', ARGV[2])
+        redis.call('PEXPIRE', meta, ARGV[3])
+        if n > 0 then redis.call('PEXPIRE', log, ARGV[3]) end
+      end
+      out[#out + 1] = tonumber(mine)
+      out[#out + 1] = 0
     end
   end
 end
-if ended then
-  redis.call('DEL', KEYS[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-else
-  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  if n > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
-end
-return {tonumber(mine), 0}
+return out
 """
 
 # RENEW: the producer's lease, renewed (and, after a stall, confirmed).
@@ -185,13 +214,47 @@ class Scripts:
     def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
         pipe.evalsha(self.sha[name], len(keys), *keys, *args)
 
-    async def call(self, client: Any, name: str, keys: list[str], args: list[Any]) -> Any:
+    async def call(self, client: Any, name: str, keys: list[str], args: list[Any], *, packed: bool = False) -> Any:
+        """Run a script; ``packed``: the command is packed by hiredis, in C, and sent on a pooled
+        connection of ``client`` (the writer's one command per round trip carries every event of
+        every stream: redis-py's own packing, in Python, per argument, was most of its cost)."""
         if not self.loaded:
             await self.load(client)
         try:
-            return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+            return await self._run(client, name, keys, args, packed)
         except Exception as exc:
             if not self.missing(exc):
                 raise
             await self.load(client)
+            return await self._run(client, name, keys, args, packed)
+
+    async def _run(self, client: Any, name: str, keys: list[str], args: list[Any], packed: bool) -> Any:
+        if not packed or _pack is None:
             return await client.evalsha(self.sha[name], len(keys), *keys, *args)
+        command = _pack(("EVALSHA", self.sha[name], len(keys), *keys, *args))
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(command, check_health=False)
+            return await conn.read_response()
+        except ResponseError:
+            raise  # an error reply: the connection is fine
+        except BaseException:
+            # Cut short (a timeout, a cancel) or broken: its answer may still come, so the
+            # connection cannot serve another command.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+
+try:
+    from redis.exceptions import ResponseError
+except ImportError:  # without the redis extra nothing here runs
+    ResponseError = Exception  # type: ignore[misc,assignment]
+
+_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _pack
+except ImportError:  # redis-py packs it then (the redis extra brings hiredis)
+    _pack = None

@@ -191,29 +191,44 @@ class Writer:
                 finally:
                     self.sending = False
 
-    def _args(self, copy: StreamCopy) -> tuple[list[str], list[Any]]:
+    def _stream_args(self, copy: StreamCopy, keys: list[str], args: list[Any]) -> None:
         gen, store = copy.gen, self.store
-        keys = [store.key(gen.id, "meta"), store.key(gen.id, "log"), store.key(gen.id, "owner")]
-        args: list[Any] = [store.instance, copy.fence, self._owner_ms, self._running_ms, self._kept_ms, self._maxlen,
-                           gen.owner or "", gen.model, gen.kind, copy.base, "1" if copy.last else "0", *copy.events]
-        return keys, args
+        keys += (store.key(gen.id, "meta"), store.key(gen.id, "log"), store.key(gen.id, "owner"))
+        args += (copy.fence, gen.owner or "", gen.model, gen.kind, copy.base, "1" if copy.last else "0",
+                 len(copy.events), *copy.events)
 
     async def _send(self, batch: list[StreamCopy]) -> None:
         store = self.store
-        pipe = store.redis.pipeline(transaction=False)
+        head = [store.instance, self._owner_ms, self._running_ms, self._kept_ms, self._maxlen]
         sent: list[tuple[StreamCopy, int, bool]] = []
+        calls: list[tuple[list[str], list[Any]]] = []
+        if store.cluster:
+            for copy in batch:  # keys of different slots cannot meet in one script there
+                keys: list[str] = []
+                args: list[Any] = list(head)
+                self._stream_args(copy, keys, args)
+                calls.append((keys, args))
+        else:
+            keys, args = [], list(head)
+            for copy in batch:
+                self._stream_args(copy, keys, args)
+            calls.append((keys, args))
         for copy in batch:
-            keys, args = self._args(copy)
-            store.scripts.queue(pipe, "write", keys, args)
             sent.append((copy, len(copy.events), copy.last))
             copy.events = []
         began = time.perf_counter()
         at = self.loop.time()
         try:
             async with asyncio.timeout(store.write_bound):
-                if not store.scripts.loaded:
-                    await store.scripts.load(store.redis)
-                results = await pipe.execute(raise_on_error=False)
+                if len(calls) == 1:
+                    results = [await store.scripts.call(store.redis, "write", *calls[0], packed=not store.cluster)]
+                else:
+                    pipe = store.redis.pipeline(transaction=False)
+                    for keys, args in calls:
+                        store.scripts.queue(pipe, "write", keys, args)
+                    if not store.scripts.loaded:
+                        await store.scripts.load(store.redis)
+                    results = await pipe.execute(raise_on_error=False)
         except store.away as exc:
             store.count("write", None)
             store.lost_redis(exc)
@@ -221,22 +236,30 @@ class Writer:
                 self._stale(copy, "Redis could not be reached")
             await asyncio.sleep(0.1)  # not a busy loop while Redis is away
             return
+        except Exception as exc:  # refused as a whole (a script error, NOSCRIPT twice): rewritten later
+            results = [exc]
         store.count("write", began)
         self.round_trips += 1
         store.back()
-        for (copy, count, last), result in zip(sent, results):
-            self._written(copy, result, count, last, at)
+        flat: list[Any] = []
+        for result in results:
+            if isinstance(result, Exception):
+                flat += [result, None] * (len(sent) if len(results) == 1 else 1)
+            else:
+                flat += result
+        for i, (copy, count, last) in enumerate(sent):
+            self._written(copy, flat[2 * i], flat[2 * i + 1], count, last, at)
 
-    def _written(self, copy: StreamCopy, result: Any, count: int, last: bool, at: float) -> None:
+    def _written(self, copy: StreamCopy, result: Any, written: Any, count: int, last: bool, at: float) -> None:
         gen = copy.gen
         if isinstance(result, Exception):
             if self.store.scripts.missing(result):
                 self.store.scripts.lost()
-            else:
+            elif not copy.stale:
                 log.warning("stream %s: Redis refused a write: %s", gen.id, self.store.reason(result))
             self._stale(copy, "Redis refused a write")
             return
-        status = int(result[0])
+        status = int(result)
         if status == -1:
             # Ended elsewhere as interrupted (our lease lapsed): nothing of ours goes in after
             # that end, and our own readers get the same end.
@@ -251,16 +274,16 @@ class Writer:
             copy.fence = "0"  # gone from Redis (restarted empty): written anew from memory
             self._stale(copy, "Redis no longer has it")
             return
+        if copy.fence == "0":
+            copy.lease_until = at + self.store.config.owner_ttl  # created here: the lease starts
         copy.fence = str(status)
         self._done(copy)
         self.events_written += count
-        if int(result[1]) == -3:
+        if int(written) == -3:
             copy.lost = True
             log.warning("stream %s: its copy in Redis is incomplete (the events it lacks have left memory); "
                         "readers elsewhere are told", gen.id)
-        if not copy.lost:
-            copy.lease_until = at + self.store.config.owner_ttl
-        elif gen.finished:
+        if copy.lost and gen.finished:
             self.owned.pop(gen.id, None)
 
     @staticmethod
@@ -290,7 +313,7 @@ class Writer:
         if status == 1:
             copy.lease_until = at + self.store.config.owner_ttl
         elif status == -1 and not copy.lost:
-            self._written(copy, [-1], 0, False, at)
+            self._written(copy, -1, 0, 0, False, at)
         elif status == -2:
             copy.fence = "0"
             self._stale(copy, "Redis no longer has it")
