@@ -756,6 +756,12 @@ def figures(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         row("redis store: added TTFT p50 @100 vs memory", round(red["ttft100"]["p50"] - mem["ttft100"]["p50"], 2),
             "ms", 1)
         row("redis store: round trips per relayed event", red.get("round_trips_per_event"), "", 0.2)
+    if "faults" in res and "relay" in res["faults"]:
+        f = res["faults"]["relay"]
+        row("redis stopped: 201 on the producer, first request", f["create_s"]["first"], "s", 0.3)
+        row("redis stopped: 201 on the producer, median after", f["create_s"]["p50"], "s", 0.05)
+        row("redis stopped: resume of another instance's stream (503)", f["resume_elsewhere_s"], "s", 0.3)
+        row("redis stopped: a reader elsewhere gets its end", f["reader_end_s"], "s", 2)
     if "metrics" in res:
         for t, r in res["metrics"].items():
             row(f"metrics on: relay {t} CPU per event / off (medians of 3)", r["ratio"], "x", 1.05)

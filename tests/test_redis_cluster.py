@@ -60,10 +60,18 @@ async def test_limits_and_cooldowns_hold_across_instances_on_a_cluster(
         resp = await client.post("/chat", json={"prompt": "x"}, headers={"Accept": "application/json"})
         codes.append(resp.status)
     assert codes == [201, 201, 429]
-    store = store_of(b)
-    await store._share_health("dead-upstream", 30.0, json.dumps(
-        {"from": "elsewhere", "name": "dead-upstream", "wait": 30.0, "why": "HTTP 500", "down": False}))
-    assert await store.redis.pttl("relay:cooldown:dead-upstream") > 0
+    # A cooldown A starts reaches B by the channel and an instance started later by its key.
+    from relay.http.appkeys import UPSTREAMS
+
+    pool_a = a.app[UPSTREAMS]
+    name = pool_a.members[0].name
+    store_of(a).news._publish_health(name, 30.0, "HTTP 500", False)
+    member_b = b.app[UPSTREAMS].members[0]
+    await wait_for(lambda: member_b.health.until > 0, what="B heard A's cooldown")
+    c = await make_relay(redis_url=redis_cluster.url, **SHORT)
+    member_c = c.app[UPSTREAMS].members[0]
+    await wait_for(lambda: member_c.health.until > 0, what="C, started later, read the cooldown's key")
+    assert "another instance" in member_c.health.why
 
 
 async def test_a_master_killed_mid_stream_leaves_readers_every_event_once_and_one_end(

@@ -19,9 +19,10 @@ Cluster slot::
     P:upstreams     pub/sub channel: an upstream's cooldown (or recovery), at once to the others.
 
 Jobs, one module each: the producer's copies, leases and repairs (relay/core/redis_writer.py);
-the readers elsewhere and their one multiplexed read (relay/core/redis_follow.py); the atomic
-steps (relay/core/redis_scripts.py).  This module holds the connection, its health, and the
-small things every instance shares (limits, cancels, cooldowns, where a response lives).
+the readers elsewhere and their one multiplexed read (relay/core/redis_follow.py); cancels,
+cooldowns and response origins (relay/core/redis_news.py); per-client limits
+(relay/core/redis_limits.py); the atomic steps (relay/core/redis_scripts.py).  This module holds
+the connection and its health, the refresher, and the lookups a resume makes.
 
 **Failing soft.** Every wait for Redis on a request's path is bounded by ``--redis-timeout``.
 Past it, Redis counts as away until a round trip succeeds again: requests are served from this
@@ -46,6 +47,8 @@ from urllib.parse import urlsplit
 from relay.config import Config
 from relay.core.generation import ResumeExpired
 from relay.core.redis_follow import Followers
+from relay.core.redis_limits import RedisLimits
+from relay.core.redis_news import News
 from relay.core.redis_scripts import Scripts
 from relay.core.redis_writer import StreamCopy, Writer
 from relay.core.store import Remote, Store, StoreUnavailable
@@ -58,9 +61,6 @@ if TYPE_CHECKING:
     from relay.upstream.pool import Pool
 
 T = TypeVar("T")
-
-#: How long Redis remembers where a response was made (OpenAI keeps stored responses 30 days).
-RESPONSE_ORIGIN_TTL: Final = 30 * 24 * 3600.0
 
 #: What the producer's readers get when a reader elsewhere ended the stream while this process
 #: was stopped or cut off (the same words as relay/http/chat_wire.py's interrupted event).
@@ -132,6 +132,11 @@ class RedisStore(Store):
         #: The bound on one of the writer's pipelines (many streams' events in one round trip).
         self.write_bound = max(1.0, 4 * config.redis_timeout)
         self.away = AWAY
+        self.away_or_failed = AWAY_OR_FAILED
+        self.unavailable = UNAVAILABLE
+        self.failed = RedisError
+        #: What a step that fails soft catches: the bound passed, Redis away, or Redis refusing.
+        self.soft: tuple[type[BaseException], ...] = (StoreUnavailable, RedisError)
         self.scripts = Scripts()
         self.writer = Writer(self, self._fenced)
         self.followers = Followers(self, self.readers, per_stream=cluster)
@@ -141,7 +146,8 @@ class RedisStore(Store):
         #: How long a lookup that misses waits before it looks again: several of the writers'
         #: flush delays and round trips (a busy Redis answers in milliseconds, not microseconds).
         self._miss_wait = MISS_WAIT + 4 * config.redis_flush_ms / 1000
-        self._leases: dict[str, str] = {}  # lease id -> slots key
+        self.news = News(self)
+        self.shared_limits = RedisLimits(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._run_id: bytes | None = None
@@ -166,10 +172,10 @@ class RedisStore(Store):
     def attach(self, registry: Registry, metrics: Metrics | None, pool: Pool) -> None:
         self.registry = registry
         self.metrics = metrics
-        self.share_health(pool)
+        self.news.share(pool)
 
-    def limits(self) -> RedisStore:
-        return self
+    def limits(self) -> RedisLimits:
+        return self.shared_limits
 
     def health(self) -> dict[str, object]:
         return {"kind": "redis", "available": self.available, "round_trips": self.writer.round_trips,
@@ -207,7 +213,7 @@ class RedisStore(Store):
         self._run_id = str(server.get("run_id", "")).encode()
         log.info("sharing streams through Redis at %s (instance %s)", self._where, self.instance)
         loops = ((self.writer.run(), "redis-writer"), (self._refresher(), "redis-refresher"),
-                 (self._news(), "redis-news"))
+                 (self.news.run(), "redis-news"))
         self._loops = [asyncio.create_task(coro, name=name) for coro, name in loops]
         for task in self._loops:
             task.add_done_callback(_died)
@@ -335,9 +341,9 @@ class RedisStore(Store):
                     for copy in copies:
                         self.scripts.queue(pipe, "renew", [self.key(copy.gen.id, "meta"), self.key(copy.gen.id, "owner")],
                                            [self.instance, copy.fence, self._owner_ms])
-                    for lease, key in list(self._leases.items()):
+                    for lease, key in list(self.shared_limits.leases.items()):
                         self.scripts.queue(pipe, "slot", [key], [lease, self._owner_ms * 2])
-                    results = await pipe.execute(raise_on_error=False) if copies or self._leases else []
+                    results = await pipe.execute(raise_on_error=False) if copies or self.shared_limits.leases else []
                     server = await self.redis.info("server")
             except AWAY as exc:
                 self.count("refresh", None)
@@ -378,124 +384,6 @@ class RedisStore(Store):
 
     def _fenced(self, gen: Generation) -> None:
         gen.cancel("interrupted", INTERRUPTED)
-
-    # -- what every instance shares besides streams ----------------------------------------
-
-    def share_health(self, pool: Pool) -> None:
-        """Upstream cooldowns started here reach every instance, and theirs reach this one; so does
-        where each Responses API response was made (its conversation continues there)."""
-        self.pool = pool
-        pool.on_health = self._publish_health
-        pool.on_origin = self._keep_origin
-        pool.find_origin = self._find_origin
-        self.keep(asyncio.get_running_loop().create_task(self._load_cooldowns()))
-
-    def _cooldown_key(self, name: str) -> str:
-        return f"{self.prefix}:cooldown:{name}"
-
-    async def _load_cooldowns(self) -> None:
-        """Cooldowns other instances started before this one: an upstream they know is down is not
-        tried here first (the channel only tells instances that were listening then)."""
-        if self.pool is None:
-            return
-        names = [m.name for m in self.pool.members]
-        try:
-            async with asyncio.timeout(self.write_bound):
-                pipe = self.redis.pipeline(transaction=False)
-                for name in names:
-                    pipe.get(self._cooldown_key(name))
-                    pipe.pttl(self._cooldown_key(name))
-                answers = await pipe.execute()
-        except AWAY_OR_FAILED as exc:
-            log.warning("Redis: could not read the upstream cooldowns: %s", self.reason(exc))
-            return
-        for i, name in enumerate(names):
-            value, ttl = answers[2 * i], answers[2 * i + 1]
-            if value and isinstance(ttl, int) and ttl > 0:
-                try:
-                    news = json.loads(value)
-                    self.pool.heard(name, ttl / 1000, str(news["why"]), bool(news["down"]))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("Redis: ignoring a malformed cooldown of upstream %s", name)
-
-    def _keep_origin(self, response_id: str, upstream: str, upstream_id: str) -> None:
-        self.keep(asyncio.get_running_loop().create_task(self._set_origin(response_id, f"{upstream}\n{upstream_id}")))
-
-    async def _set_origin(self, response_id: str, value: str) -> None:
-        try:
-            async with asyncio.timeout(self.write_bound):
-                await self.redis.set(f"{self.prefix}:origin:{response_id}", value, px=int(RESPONSE_ORIGIN_TTL * 1000))
-        except AWAY_OR_FAILED as exc:
-            self.lost_redis(exc)
-
-    async def _find_origin(self, response_id: str) -> tuple[str, str] | None:
-        """Where another instance made a response; None when unknown, or when Redis cannot say
-        (the request is then routed as any other: failing soft)."""
-        try:
-            value = await self.ask(self.redis.get(f"{self.prefix}:origin:{response_id}"))
-        except (StoreUnavailable, RedisError):
-            return None
-        if not value:
-            return None
-        upstream, _, upstream_id = value.decode().partition("\n")
-        return upstream, upstream_id
-
-    def _publish_health(self, name: str, wait: float, why: str, down: bool) -> None:
-        message = json.dumps({"from": self.instance, "name": name, "wait": wait, "why": why, "down": down})
-        self.keep(asyncio.get_running_loop().create_task(self._share_health(name, wait, message)))
-
-    async def _share_health(self, name: str, wait: float, message: str) -> None:
-        try:
-            async with asyncio.timeout(self.write_bound):
-                # (two commands, not a pipeline: a cluster pipeline cannot carry PUBLISH)
-                if wait > 0:
-                    await self.redis.set(self._cooldown_key(name), message, px=max(1, int(wait * 1000)))
-                else:
-                    await self.redis.delete(self._cooldown_key(name))
-                await self.redis.publish(f"{self.prefix}:upstreams", message)
-        except AWAY_OR_FAILED as exc:
-            self.lost_redis(exc)
-
-    async def _news(self) -> None:
-        """Cancels (a stream id) and upstream health (JSON), from every instance."""
-        cancels, health = f"{self.prefix}:cancel", f"{self.prefix}:upstreams"
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(cancels, health)
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5.0)
-                    if message is None or message.get("type") != "message":
-                        continue
-                    data = message.get("data")
-                    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else str(data)
-                    channel = message.get("channel")
-                    if (channel.decode() if isinstance(channel, bytes) else channel) == health:
-                        self._heard(text)
-                        continue
-                    gen = self.registry.get(text) if self.registry is not None else None
-                    if gen is not None:
-                        gen.cancel("cancelled", "the stream was stopped by a client")
-            except UNAVAILABLE as exc:
-                self.lost_redis(exc)
-                await asyncio.sleep(0.5)
-            except RedisError as exc:
-                log.warning("Redis: the cancel channel failed: %s", _reason(exc))
-                await asyncio.sleep(0.5)
-            finally:
-                try:
-                    await asyncio.wait_for(pubsub.aclose(), timeout=1)
-                except (RedisError, OSError, TimeoutError):
-                    pass
-
-    def _heard(self, text: str) -> None:
-        try:
-            news = json.loads(text)
-            if news["from"] == self.instance or self.pool is None:
-                return
-            self.pool.heard(str(news["name"]), float(news["wait"]), str(news["why"]), bool(news["down"]))
-        except (ValueError, KeyError, TypeError):
-            log.warning("Redis: ignoring a malformed upstream-health message")
 
     # -- readers elsewhere ---------------------------------------------------------------
 
@@ -603,42 +491,6 @@ class RedisStore(Store):
         except RedisError as exc:
             raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
 
-    # -- limits across instances ---------------------------------------------------------
-
-    async def take(self, identity: str, per_minute: int) -> float | None:
-        """Seconds to wait before the client's next request (0: go ahead); None: Redis is away."""
-        try:
-            wait = await self.ask(self.scripts.call(self.redis, "take", [f"{self.prefix}:{{rate:{identity}}}"],
-                                                    [per_minute]))
-        except (StoreUnavailable, RedisError):
-            return None
-        return float(wait)
-
-    async def acquire(self, identity: str, per_client: int) -> tuple[str | None, int] | None:
-        """(a lease, slots held) or (None, slots held) when refused; None: Redis is away."""
-        key = f"{self.prefix}:{{slots:{identity}}}"
-        lease = secrets.token_hex(8)
-        try:
-            held = int(await self.ask(self.scripts.call(self.redis, "acquire", [key],
-                                                        [per_client, lease, self._owner_ms * 2])))
-        except (StoreUnavailable, RedisError):
-            return None
-        if held < 0:
-            return None, -held
-        self._leases[lease] = key
-        return lease, held
-
-    def release(self, lease: str) -> None:
-        key = self._leases.pop(lease, None)
-        if key is not None:
-            self.keep(asyncio.get_running_loop().create_task(self._release(key, lease)))
-
-    async def _release(self, key: str, lease: str) -> None:
-        try:
-            async with asyncio.timeout(self.write_bound):
-                await self.redis.zrem(key, lease)
-        except AWAY_OR_FAILED:
-            pass  # its TTL gives it back
 
 
 def _died(task: asyncio.Task[None]) -> None:
