@@ -263,3 +263,24 @@ async def test_a_conversation_continues_on_the_upstream_that_made_its_last_respo
     other = next(f for f, _ in two_upstreams if f.name != home)
     assert other.count == 0 and fake.count == 11
     assert fake.previous[-1] == f"resp_{home}10"  # the upstream's own id for it, not the relay's
+
+
+async def test_a_conversations_api_conversation_stays_on_the_upstream_that_answered_in_it(
+        aiohttp_client: Any, two_upstreams: list[tuple[NamedUpstream, str]]) -> None:
+    from relay.http.app import make_app
+
+    relay = await aiohttp_client(make_app(pool_config(two_upstreams)))
+    async with sdk_for(relay) as sdk:
+        first = await sdk.responses.create(model="m", input="hi", conversation="conv_abc")
+        home = first.output_text
+        for i in range(8):  # equal weights: without affinity some of these would go to the other one
+            conversation: Any = "conv_abc" if i % 2 else {"id": "conv_abc"}  # both forms the API takes
+            if i % 3 == 0:
+                events = [ev async for ev in await sdk.responses.create(model="m", input="more", stream=True,
+                                                                        conversation=conversation)]
+                text = events[-1].response.output_text
+            else:
+                text = (await sdk.responses.create(model="m", input="more", conversation=conversation)).output_text
+            assert text == home
+    other = next(f for f, _ in two_upstreams if f.name != home)
+    assert other.count == 0

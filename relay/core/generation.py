@@ -53,6 +53,8 @@ class Ending:
     usage: dict[str, Any] | None = None
     #: The upstream's failure, when it was one (its status, body and headers, for the views).
     error: UpstreamError | None = None
+    #: The upstream's own terminal error event went out as it sent it: the view adds no end of its own.
+    relayed: bool = False
 
 
 class Wire(Protocol):
@@ -465,6 +467,10 @@ class Generation:
                 await asyncio.shield(self._held[1])  # what was held goes out (or the stream was ended)
         finally:
             resp.close()
+        failure = resp.failure
+        if failure is not None:
+            return Ending(failure.code, failure.message, failure.retriable, finish_reason=resp.finish_reason,
+                          usage=resp.usage, error=failure, relayed=True)
         return Ending("done", finish_reason=resp.finish_reason, usage=resp.usage)
 
     def _take(self, chunks: list[Chunk]) -> None:

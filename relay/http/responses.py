@@ -37,6 +37,7 @@ from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.openai import complete_answer, stream_answer
 from relay.http.params import RequestBounds
 from relay.http.responses_body import responses_request
+from relay.upstream.pool import conversation_of
 from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.upstream import UpstreamError
@@ -72,12 +73,18 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             raise BadRequest(why, "model")
         upstream = None
         previous = req.body.get("previous_response_id")
+        conversation = conversation_of(req.body)
         if isinstance(previous, str):
             # The conversation lives on the upstream that made that response, under its id there
             # (a background response's id is the relay's own).
             origin = await pool.origin_of(previous)
             if origin is not None:
                 upstream, req.body["previous_response_id"] = origin
+        elif conversation is not None:
+            # A Conversations API object lives on the upstream that answered in it before.
+            origin = await pool.origin_of(conversation)
+            if origin is not None:
+                upstream = origin[0]
         wire = ResponsesWire(PREFIX if req.background else None, upstream)
         gen = await start_generation(request, kind="responses", model=req.model, body=req.body, wire=wire,
                                      resumable=req.background, streaming=req.stream or req.background,

@@ -95,11 +95,12 @@ class ResponsesWire:
                 if isinstance(obj.get("response"), dict):
                     latest = obj["response"]
                 elif obj.get("type") == "error":
-                    failure = obj
+                    # (the documented flat fields, or the error object nested as the API sends it)
+                    failure = obj["error"] if isinstance(obj.get("error"), dict) else obj
         return latest, failure, False
 
     def end(self, ending: Ending, seq: int) -> bytes | None:
-        if ending.code == "done":
+        if ending.code == "done" or ending.relayed:
             return END if self._background is not None else None
         return error_event(ending, self._seq + 1)
 

@@ -124,7 +124,7 @@ class Member:
 class Route:
     """One request's way through the pool: the upstreams left to try and what each attempt did."""
 
-    __slots__ = ("alias", "api", "attempts", "body", "deadline", "member", "model", "order", "tried")
+    __slots__ = ("alias", "api", "attempts", "body", "conversation", "deadline", "member", "model", "order", "tried")
 
     def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str],
                  api: str = "chat", alias: str | None = None) -> None:
@@ -132,6 +132,8 @@ class Route:
         #: The relay's own id for this answer (a background response), remembered with the upstream's.
         self.alias = alias
         self.body = body
+        #: The Conversations API object the request adds to (it lives on the upstream that answers).
+        self.conversation = conversation_of(body) if api == "responses" else None
         self.model = str(body.get("model", ""))
         self.order = order
         self.deadline = deadline
@@ -165,6 +167,11 @@ class PooledResponse:
     @property
     def usage(self) -> dict[str, Any] | None:
         return self._resp.usage
+
+    @property
+    def failure(self) -> UpstreamError | None:
+        """The upstream's own error event, already relayed (Responses API)."""
+        return self._resp.failure
 
     @property
     def upstream(self) -> str:
@@ -219,6 +226,16 @@ class PooledResponse:
                 self._pool.remember(response_id, member.name, response_id)
                 if self._route.alias is not None:
                     self._pool.remember(self._route.alias, member.name, response_id)
+            if self._route.conversation is not None:
+                self._pool.remember(self._route.conversation, member.name, self._route.conversation)
+
+
+def conversation_of(body: dict[str, Any]) -> str | None:
+    """The id of the conversation a Responses request adds to (``"conv_…"`` or ``{"id": "conv_…"}``)."""
+    conversation = body.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    return conversation if isinstance(conversation, str) and conversation else None
 
 
 def _no_such_route(exc: UpstreamError) -> bool:
@@ -350,6 +367,8 @@ class Pool:
             route.member.stats.add_usage(result.obj.get("usage"))
             if api == "responses" and isinstance(result.obj.get("id"), str):
                 self.remember(result.obj["id"], route.member.name, result.obj["id"])
+            if route.conversation is not None:
+                self.remember(route.conversation, route.member.name, route.conversation)
         return result
 
     async def _attempt(self, route: Route, failure: UpstreamError | None,

@@ -99,7 +99,7 @@ class UpstreamResponse:
     """One streamed answer.  ``run(on_chunks)`` hands each batch of chunks to ``on_chunks`` as it
     arrives and returns at the end of the answer, or raises its UpstreamError."""
 
-    __slots__ = ("_api", "_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
+    __slots__ = ("_api", "_clean", "_decoder", "_ended", "failure", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
                  "_loop", "_paused_at", "_reading", "_redact", "_resp", "_resume", "_timer", "_total_deadline",
                  "_total_timeout", "finish_reason", "headers", "request_id", "response_id", "status", "usage")
 
@@ -119,6 +119,8 @@ class UpstreamResponse:
         #: bytes that never make an event do not keep a stream alive.
         self._last_delta: float | None = None
         self._ended = False
+        #: The upstream's own error event (Responses API), relayed as sent: how the answer failed.
+        self.failure: UpstreamError | None = None
         #: The answer ended as the protocol says: its connection may serve the next one.
         self._clean = False
         self._loop = asyncio.get_running_loop()
@@ -312,17 +314,30 @@ class UpstreamResponse:
             obj = self._object(data)
             kind = obj.get("type") if isinstance(obj.get("type"), str) else event.event
             if kind == "error" or event.event == "error":
-                # {"type": "error", "code", "message", "param", "sequence_number"}: OpenAI's error
-                # event, whose fields are the error object's own.
+                # OpenAI's error event ({"type": "error", "code", "message", "param"} as documented,
+                # or with the error object nested under "error" as the API sends it now): the
+                # upstream's own honest ending, relayed as sent (an SDK raises on it exactly as
+                # it would reading the upstream), with the ``response.failed`` that may follow.
                 err = {k: v for k, v in obj.items() if k not in ("type", "sequence_number")}
-                raise error_from_body({"error": err.get("error", err)}, status=None, request_id=self.request_id,
-                                      midstream=True, redact=self._redact)
+                self.failure = error_from_body({"error": err.get("error", err)}, status=None,
+                                               request_id=self.request_id, midstream=True, redact=self._redact)
+                self.finish_reason = "failed"  # so the stream may end here
+                self._last_delta = self._loop.time()
+                # An error's words may quote a piece of the key (an auth failure does): every
+                # piece blanked, not only whole keys as in the other events.
+                quoted = self._redact(data)
+                chunks.append(Chunk(quoted, obj if quoted == data else self._object(quoted), False,
+                                    event.event if event.event != "message" else None))
+                continue
             delta = kind in RESPONSES_DELTAS
             if self.response_id is None:
                 response = obj.get("response")
                 if isinstance(response, dict) and isinstance(response.get("id"), str):
                     self.response_id = response["id"]
-            chunks.append(Chunk(data, obj, delta, event.event or kind))
+            # Framed again as it came: with its ``event:`` line, or (OpenRouter and others send
+            # data lines only) without one; the decoder's "message" is the spec's default, not a
+            # line the upstream sent (no Responses event is named "message").
+            chunks.append(Chunk(data, obj, delta, event.event if event.event != "message" else None))
             if kind in RESPONSES_ENDS:
                 self.finish_reason = kind.removeprefix("response.")
                 response = obj.get("response")

@@ -11,7 +11,9 @@ its commit, and how exact it is:
   keep one event's data per line), or an error body's JSON as parsed (a cassette's
   ``parsed_body``: the same JSON value, not necessarily the same bytes).
 
-The hand-made cases (tests/wire/reconstructed/) are not written by this script.
+The hand-made cases (tests/wire/reconstructed/) are not written by this script.  The Responses
+API's recordings go to tests/wire/responses/recorded/ (the Vercel AI SDK's ``payloads`` framed
+with ``event:`` lines, as OpenAI frames them).
 """
 
 from __future__ import annotations
@@ -154,6 +156,78 @@ def from_chunks(checkout: Path, out: Path) -> int:
     return written
 
 
+# The Responses API (tests/wire/responses/recorded/, replayed by tests/test_wire_responses.py).
+RESPONSES_CASSETTES = {  # provider -> pydantic-ai cassettes whose /v1/responses answers are streamed
+    "openai": ["test_openai_responses/test_openai_responses_stream",
+               "test_openai_responses/test_openai_responses_streaming_usage",
+               "test_openai_responses/test_openai_responses_model_web_search_tool_stream",
+               "test_openai_responses/test_openai_responses_phase_streamed_on_part_start",
+               "test_openai_responses/test_openai_responses_moderation_stream",
+               "test_openai_responses/test_background_mode_streaming_vcr",
+               "test_openai/test_openai_instructions_with_responses_logprobs_streaming"],
+    "deepseek": ["test_deepseek_responses/test_deepseek_responses[text_stream]",
+                 "test_deepseek_responses/test_deepseek_responses[function_tool_stream]"],
+    "openrouter": ["test_openai_responses/test_openai_responses_raw_cot_stream_openrouter"],
+}
+RESPONSES_CHUNKS = {  # provider -> the Vercel AI SDK's Responses fixtures (one event's data per line)
+    "openai": [f"packages/openai/src/responses/__fixtures__/{name}.chunks.txt" for name in (
+        "openai-error.1", "openai-custom-tool.1", "openai-phase.1", "openai-reasoning-encrypted-content.1",
+        "openai-web-search-tool.1", "openai-code-interpreter-tool.1", "openai-file-search-tool.1",
+        "openai-mcp-tool.1", "openai-local-shell-tool.1", "openai-apply-patch-tool.1", "openai-tool-search.1",
+        "parallel-tool-call-wrapper.1")],
+    "github-copilot": ["packages/openai/src/responses/__fixtures__/github-copilot-id-rotation.1.chunks.txt"],
+}
+
+
+def responses_from_cassettes(checkout: Path, out: Path) -> int:
+    repo, commit = PYDANTIC_AI
+    written = 0
+    for provider, names in RESPONSES_CASSETTES.items():
+        for name in names:
+            path = f"tests/models/cassettes/{name}.yaml"
+            doc = yaml.safe_load(show(checkout, commit, path))
+            for i, interaction in enumerate(doc["interactions"]):
+                if not interaction["request"]["uri"].split("?")[0].endswith("/responses"):
+                    continue
+                resp = interaction["response"]
+                headers = headers_of(resp.get("headers", {}))
+                body = resp.get("body", {}).get("string")
+                if not headers.get("content-type", "").startswith("text/event-stream") or not body:
+                    continue
+                if len(body.encode()) > MAX_BODY:
+                    continue
+                stem = name.split("/", 1)[1].replace("[", "-").replace("]", "")
+                write(out / provider / f"{stem}.json", {
+                    "provider": provider, "source": f"https://github.com/{repo}/blob/{commit}/{path}",
+                    "interaction": i, "fidelity": "bytes", "status": resp["status"]["code"], "headers": headers,
+                    "body": body})
+                written += 1
+                break
+    return written
+
+
+def responses_from_chunks(checkout: Path, out: Path) -> int:
+    """Framed as OpenAI frames them: ``event: <type>`` and ``data: <json>``, a blank line after."""
+    repo, commit = VERCEL_AI
+    written = 0
+    for provider, paths in RESPONSES_CHUNKS.items():
+        for path in paths:
+            lines = [line for line in show(checkout, commit, path).splitlines() if line.strip()]
+            try:
+                body = "".join(f"event: {json.loads(line)['type']}\ndata: {line}\n\n" for line in lines)
+            except ValueError:
+                print(f"skipped {path}: a line is not one JSON value")
+                continue
+            if len(body.encode()) > MAX_BODY or body.count("event: response.created") != 1:
+                continue  # (too long to replay byte by byte, or several answers of a multi-step test)
+            write(out / provider / (Path(path).name.removesuffix(".chunks.txt") + ".json"), {
+                "provider": provider, "source": f"https://github.com/{repo}/blob/{commit}/{path}",
+                "fidelity": "payloads", "status": 200, "headers": {"content-type": "text/event-stream"},
+                "body": body})
+            written += 1
+    return written
+
+
 def write(path: Path, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -165,6 +239,9 @@ def main() -> None:
     out = Path(__file__).parent / "recorded"
     count = from_cassettes(Path(sys.argv[1]), out) + from_chunks(Path(sys.argv[2]), out)
     print(f"{count} recordings written under {out}")
+    out = Path(__file__).parent / "responses" / "recorded"
+    count = responses_from_cassettes(Path(sys.argv[1]), out) + responses_from_chunks(Path(sys.argv[2]), out)
+    print(f"{count} Responses API recordings written under {out}")
 
 
 if __name__ == "__main__":
