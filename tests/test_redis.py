@@ -535,6 +535,9 @@ async def test_a_background_response_is_read_and_followed_on_the_other_instance(
         assert events[-1].type == "response.completed" and events[-1].response.id == created.id
         done = await on_b.responses.retrieve(created.id)
         assert done.status == "completed" and done.output_text == "Hello there"
+        # Its input too, listed on the other instance.
+        items = (await on_b.responses.input_items.list(created.id)).data
+        assert [(i.role, i.content[0].text) for i in items] == [("user", "hi")]  # type: ignore[union-attr]
     assert len(fake.bodies) == 1  # one upstream answer, read on both instances
 
 

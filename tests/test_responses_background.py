@@ -284,3 +284,32 @@ async def test_a_conversations_api_conversation_stays_on_the_upstream_that_answe
             assert text == home
     other = next(f for f, _ in two_upstreams if f.name != home)
     assert other.count == 0
+
+
+async def test_a_background_response_s_input_items_are_listed_as_openai_pages_them(
+        make_relay: Any, gated: tuple[GatedUpstream, str]) -> None:
+    fake, url = gated
+    relay = await make_relay(upstream=url)
+    given = [{"role": "developer", "content": "be brief"},
+             {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}], "id": "msg_mine"},
+             {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "and?"}]
+    async with sdk_for(relay) as sdk:
+        created = await sdk.responses.create(model="fake-model", input=given, background=True)
+        listed = await sdk.responses.input_items.list(created.id)
+        items = [item.to_dict() for item in listed.data]
+        # Newest first, each a typed message with content parts, every one with an id.
+        assert [(i["role"], i["content"][0]["type"], i["content"][0]["text"]) for i in items] == [
+            ("user", "input_text", "and?"), ("assistant", "output_text", "hello"), ("user", "input_text", "hi"),
+            ("developer", "input_text", "be brief")]
+        assert items[2]["id"] == "msg_mine" and all(i["type"] == "message" and i["id"] for i in items)
+        page = await sdk.responses.input_items.list(created.id, order="asc", limit=2)
+        assert [i.id for i in page.data] == [items[3]["id"], items[2]["id"]] and page.has_more
+        after = await sdk.responses.input_items.list(created.id, order="asc", after=page.data[-1].id)
+        assert [i.id for i in after.data] == [items[1]["id"], items[0]["id"]] and not after.has_more
+        plain = await sdk.responses.create(model="fake-model", input="just text", background=True)
+        one = (await sdk.responses.input_items.list(plain.id)).data
+        assert [(i.role, i.content[0].text) for i in one] == [("user", "just text")]  # type: ignore[union-attr]
+        with pytest.raises(openai.BadRequestError):
+            await sdk.responses.input_items.list(created.id, limit=500)
+    fake.go.set()

@@ -385,6 +385,25 @@ class RedisStore(Store):
     def _fenced(self, gen: Generation) -> None:
         gen.cancel("interrupted", INTERRUPTED)
 
+    def keep_input(self, stream_id: str, data: bytes) -> None:
+        ttl = int((self.config.attach_timeout + self.config.total_timeout + self.config.stream_ttl) * 1000)
+        self.keep(asyncio.get_running_loop().create_task(self._keep_input(self.key(stream_id, "input"), data, ttl)))
+
+    async def _keep_input(self, key: str, data: bytes, ttl: int) -> None:
+        try:
+            async with asyncio.timeout(self.write_bound):
+                await self.redis.set(key, data, px=ttl)
+        except AWAY_OR_FAILED as exc:
+            log.warning("Redis: a background response's input was not kept (%s); other instances cannot list it",
+                        self.reason(exc))
+
+    async def input_of(self, stream_id: str) -> bytes | None:
+        try:
+            value: bytes | None = await self.ask(self.redis.get(self.key(stream_id, "input")))
+        except RedisError as exc:
+            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
+        return value
+
     # -- readers elsewhere ---------------------------------------------------------------
 
     async def listened(self, stream_id: str) -> bool:

@@ -122,3 +122,10 @@ class Store:
 
     async def cancel(self, stream_id: str) -> None:
         """Ask whichever instance produces the stream to stop it."""
+
+    def keep_input(self, stream_id: str, data: bytes) -> None:
+        """Keep a background response's input (JSON) beside its copy, for readers elsewhere (never waits)."""
+
+    async def input_of(self, stream_id: str) -> bytes | None:
+        """A background response's input kept by ``keep_input`` on any instance; None when unknown."""
+        raise StoreUnavailable("no shared store is configured")

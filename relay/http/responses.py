@@ -36,6 +36,7 @@ from relay.http.body import BadRequest, read_json
 from relay.http.errors import error_response, json_response, request_refusal
 from relay.http.openai import complete_answer, stream_answer
 from relay.http.params import RequestBounds
+from relay.http.responses_body import input_items as input_items_of
 from relay.http.responses_body import responses_request
 from relay.upstream.pool import conversation_of
 from relay.http.responses_wire import ResponsesWire, error_event
@@ -86,6 +87,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             if origin is not None:
                 upstream = origin[0]
         wire = ResponsesWire(PREFIX if req.background else None, upstream)
+        if req.background:
+            wire.input_items = input_items_of(req.body)
         gen = await start_generation(request, kind="responses", model=req.model, body=req.body, wire=wire,
                                      resumable=req.background, streaming=req.stream or req.background,
                                      background=req.background)
@@ -97,6 +100,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     del req  # its body: not held by this frame for the whole answer
     if background:
         wire.set_id(PREFIX + gen.id)  # before its producer runs: no event has been encoded yet
+        if request.app[REGISTRY].store.shared:
+            request.app[REGISTRY].store.keep_input(gen.id, json.dumps(wire.input_items).encode())
         if not stream:
             # OpenAI's answer to a background request: the response, queued, at once.
             await request.app[REGISTRY].store.ready(gen.id)
@@ -291,10 +296,44 @@ async def delete_response(request: web.Request) -> web.StreamResponse:
 
 
 async def input_items(request: web.Request) -> web.StreamResponse:
-    if _background(request) is not None:
-        return error_response(404, "the input items of a background response the relay keeps are not served",
-                              code="not_found")
-    return await _forward(request, "/input_items")
+    found = await _find(request)
+    if found is None:
+        return await _forward(request, "/input_items")
+    if isinstance(found, web.Response):
+        return found
+    if isinstance(found, Remote):
+        try:
+            kept = await request.app[REGISTRY].store.input_of(found.id)
+        except StoreUnavailable as exc:
+            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+        if kept is None:
+            return error_response(404, "this background response's input is no longer kept", code="not_found")
+        items: list[dict[str, Any]] = json.loads(kept)
+    else:
+        wire = found.wire
+        items = wire.input_items if isinstance(wire, ResponsesWire) else []
+    return _page(request, items)
+
+
+def _page(request: web.Request, items: list[dict[str, Any]]) -> web.Response:
+    """One page of input items, as OpenAI pages them: ``order`` (desc: newest first), ``after`` an
+    item id, ``limit`` 1 to 100 (20)."""
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        return error_response(400, "'order' must be asc or desc", param="order", refusal="invalid")
+    limit_text = request.query.get("limit", "20")
+    if not limit_text.isascii() or not limit_text.isdigit() or not 1 <= int(limit_text) <= 100:
+        return error_response(400, "'limit' must be a number from 1 to 100", param="limit", refusal="invalid")
+    ordered = items if order == "asc" else items[::-1]
+    after = request.query.get("after")
+    if after is not None:
+        ids = [item.get("id") for item in ordered]
+        if after not in ids:
+            return error_response(400, f"no input item {after!r} in this response", param="after", refusal="invalid")
+        ordered = ordered[ids.index(after) + 1:]
+    page = ordered[:int(limit_text)]
+    return json_response({"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                          "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > len(page)})
 
 
 async def cancel_response(request: web.Request) -> web.StreamResponse:

@@ -66,3 +66,27 @@ def responses_request(body: Any, *, default_model: str | None, models: tuple[str
     elif ceiling is not None:
         out["max_output_tokens"] = ceiling
     return ResponsesRequest(model=model, body=out, stream=bool(stream), background=bool(background))
+
+
+def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A request's ``input`` as the input items OpenAI lists for it (``/input_items``): a string is
+    one user message; a message given in the short form (``role`` and ``content``) gets its
+    ``type`` and its text as a content part; every item gets an id if it has none."""
+    import secrets
+
+    data = body.get("input")
+    raw: list[Any] = [{"role": "user", "content": data}] if isinstance(data, str) else list(data or [])
+    items: list[dict[str, Any]] = []
+    for entry in raw:
+        if not isinstance(entry, dict):
+            continue
+        item = dict(entry)
+        if "type" not in item and "role" in item:
+            item["type"] = "message"
+        if item.get("type") == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        if not isinstance(item.get("id"), str):
+            item["id"] = f"msg_{secrets.token_hex(16)}"
+        items.append(item)
+    return items

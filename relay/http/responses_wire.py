@@ -30,7 +30,7 @@ END: Final = b":end\n"
 
 
 class ResponsesWire:
-    __slots__ = ("_background", "_seq", "_upstream", "snapshot")
+    __slots__ = ("_background", "_seq", "_upstream", "input_items", "snapshot")
     api = "responses"
 
     def __init__(self, background_id: str | None = None, upstream: str | None = None) -> None:
@@ -41,6 +41,8 @@ class ResponsesWire:
         self._background = background_id
         #: The latest response object the events carried (background responses).
         self.snapshot: dict[str, Any] | None = None
+        #: A background response's input, as ``/input_items`` lists it.
+        self.input_items: list[dict[str, Any]] = []
 
     @property
     def last_sequence(self) -> int:
