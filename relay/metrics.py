@@ -134,6 +134,8 @@ class Metrics:
             "refresh (owner keys and leases).", ["op"], buckets=REDIS_BUCKETS, registry=r)
         self.redis_errors = Counter("relay_redis_errors", "Redis round trips that failed, by operation.", ["op"],
                                     registry=r)
+        self.handler_errors = Counter("relay_handler_errors", "Requests whose handler failed: a bug of the relay's "
+                                      "(each logged at ERROR with its traceback).", registry=r)
 
     def model_label(self, model: str) -> str:
         """``model`` if it is a configured name, else ``other``: a client cannot add series."""

@@ -78,8 +78,11 @@ async def test_the_phone_drawer_dims_the_chat_and_closes_on_a_tap_outside(
 
 async def test_a_long_answers_render_cost_per_frame_does_not_grow_with_its_length(
         bp: BrowserPage, make_relay: RelayFactory, upstream: FakeUpstream) -> None:
-    """Nodes added to the answer per frame while it streams: the last frames of a 600-paragraph
-    answer touch as few nodes as the first ones (re-rendering everything would add ~600)."""
+    """Nodes added to the answer while it streams, frame by frame: all the streaming frames of a
+    600-paragraph answer together add about as many nodes as the answer has (each frame renders
+    what is new and its last block again); re-rendering everything each frame would add the
+    answer so far in every frame, several times the answer's size over ten frames or more.  (A
+    count of nodes, not of time: a loaded machine batches more per frame, and that is fine.)"""
     parts = [f"Paragraph {i} with **bold** and `code` and a [link](https://example.com/{i}).\n\n"
              for i in range(600)]
     upstream.behaviour = tokens(parts, delay=0.002)
@@ -100,10 +103,10 @@ async def test_a_long_answers_render_cost_per_frame_does_not_grow_with_its_lengt
     frames: list[int] = await bp.page.evaluate("window.__frames")
     assert len(frames) >= 10, frames
     streaming = frames[:-1]  # the last frame is the final full render, once
-    head, tail = streaming[:len(streaming) // 4], streaming[-(len(streaming) // 4):]
-    assert max(tail) <= max(60, 2 * max(head)), (head, tail)
     paragraphs = await bp.answer().locator(".content > p").count()
     assert paragraphs == 600
+    nodes = 1 + await bp.answer().locator(".content *").count()
+    assert sum(streaming) <= 2 * nodes, (sum(streaming), nodes, len(streaming))
     assert await bp.answer_text() == "".join(parts)
 
 

@@ -12,6 +12,7 @@ Cluster slot::
                     longer holds the rest).
     P:{ID}:owner    the producer's lease: set with a short TTL and renewed; gone = producer gone.
     P:{ID}:seen     a reader on another instance, set with a short TTL and refreshed (presence).
+    P:{ID}:input    a background response's input items (JSON), for ``/input_items`` anywhere.
     P:{rate:WHO}    a client's token bucket;  P:{slots:WHO}: its running generations (leases).
     P:cooldown:NAME an upstream's cooldown seen by some instance, expiring with it (a new
                     instance starts knowing it);  P:origin:ID: where a response was made.

@@ -18,6 +18,7 @@ from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, responses, static
 from relay.core.redis_store import open_store
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
+from relay.http.crashes import handler_crashes
 from relay.http.disconnects import Disconnects
 from relay.http.errors import openai_route_errors
 from relay.http.metrics_listener import make_metrics, metrics_ctx
@@ -49,6 +50,7 @@ def make_app(config: Config, *, clock: Callable[[], float] = time.monotonic,
     app[CONFIG] = config
     app[METRICS] = make_metrics(config)
     app[DISCONNECTS] = Disconnects()
+    app.middlewares.append(handler_crashes)  # the outermost: a crash anywhere inside is logged as ours
     guard.install(app)  # Host, Origin, tokens, rate limit, nosniff: relay/http/guard.py
     app.middlewares.append(openai_route_errors)  # inside the guard: a refused request stays refused
     app.cleanup_ctx.append(_store_ctx)

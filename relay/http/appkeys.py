@@ -36,3 +36,6 @@ STORE: web.AppKey[Store] = web.AppKey("store")
 METRICS: web.AppKey[Metrics | None] = web.AppKey("metrics")
 #: What each streaming handler does when its client's connection is lost (relay/http/disconnects.py).
 DISCONNECTS: web.AppKey[Disconnects] = web.AppKey("disconnects")
+#: The SSE response a view opened for a request, where relay/http/crashes.py ends it should the
+#: handler fail (a request key: per request, not per application).
+STREAM: web.RequestKey[web.StreamResponse] = web.RequestKey("stream", web.StreamResponse)

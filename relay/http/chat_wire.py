@@ -71,6 +71,12 @@ def last_event(stream_id: str, event: dict[str, Any]) -> bytes:
     return encode(dumps(event), id=event_id(stream_id, None))
 
 
+def internal_event(message: str, retry_ms: int) -> bytes:
+    """The last event of a response whose handler failed (relay/http/crashes.py): no id, retriable."""
+    return encode(dumps({"type": "error", "code": "internal", "retriable": True, "message": message}),
+                  retry=retry_ms)
+
+
 def unavailable_event(message: str, retry_ms: int) -> bytes:
     """The end of a reader here of a stream whose copy stopped arriving (the shared store is away).
 

@@ -1,10 +1,12 @@
 """aiohttp's server log, with a client's malformed request turned into one concise line.
 
 aiohttp logs every request it cannot parse at ERROR with a full traceback, whatever the log
-level: 100 requests of 60 bytes wrote 55 KB.  A malformed request is the client's error, not
-the relay's, so here it is one line at INFO naming the client and the problem, at most once per
-client per ``interval`` (with a count of what was folded into it), so an attacker cannot fill the
-disk or the journal.  Anything else aiohttp logs (a handler's own failure: our bug) is untouched.
+level: 100 requests of 60 bytes wrote 55 KB.  A malformed request (aiohttp's parser raised an
+``HttpProcessingError``) is the client's error, not the relay's, so here it is one line at INFO
+naming the client and the problem, at most once per client per ``interval`` (with a count of what
+was folded into it), so an attacker cannot fill the disk or the journal.  aiohttp logs a
+handler's own failure with the same words: that is our bug, logged at ERROR with its traceback
+and request by relay/http/crashes.py (so not again here), and anything else keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
+
+from aiohttp.http_exceptions import HttpProcessingError
+
+from relay.http.crashes import logged
 
 log = logging.getLogger("relay.http")
 
@@ -57,8 +63,13 @@ class ClientErrorLog(logging.LoggerAdapter[logging.Logger]):
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         if isinstance(msg, str) and msg.startswith("Error handling request"):
-            self.malformed(str(args[0]) if args else "unknown", exc_info)
-            return
+            exc = exc_info if isinstance(exc_info, BaseException) else None
+            if isinstance(exc, HttpProcessingError):
+                self.malformed(str(args[0]) if args else "unknown", exc)
+                return
+            if logged(exc):
+                return  # a handler's crash, logged already with its request (relay/http/crashes.py)
+            # Anything else under the same words is not the client's doing: our bug, in full.
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
 
     def malformed(self, client: str, exc: Any) -> None:

@@ -30,7 +30,7 @@ from aiohttp.http import StreamWriter
 from aiohttp_sse import EventSourceResponse
 
 from relay.core.generation import Generation, ResumeExpired, Subscriber
-from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS
+from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS, STREAM
 from relay.http.keepalive import Entry, Keepalives
 from relay.sse import comment
 
@@ -248,8 +248,10 @@ class EventStream(EventSourceResponse):
 def event_stream(request: web.Request, headers: Mapping[str, str] | None = None) -> EventStream:
     """An EventStream with the app's settings (keepalive, send bounds) and metrics."""
     config = request.app[CONFIG]
-    return EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout, sndbuf=config.client_sndbuf,
+    resp = EventStream(keepalive=config.keepalive, send_timeout=config.send_timeout, sndbuf=config.client_sndbuf,
                        send_buffer=config.send_buffer, headers=headers, metrics=request.app.get(METRICS))
+    request[STREAM] = resp  # where relay/http/crashes.py ends it should the handler fail
+    return resp
 
 
 async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
