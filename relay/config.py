@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -409,7 +408,3 @@ def from_mapping(values: Mapping[str, Any]) -> Config:
     except TypeError as exc:
         raise ConfigError(f"invalid settings: {exc}") from None
 
-
-def env_default(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
-    value = environ.get(name)
-    return value if value else None

@@ -13,7 +13,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.http.appkeys import CONFIG
-from relay.upstream.errors import read_bounded
+from relay.bodies import read_bounded
 
 #: The slowest a body may arrive beyond --body-timeout: the deadline grows by the time
 #: --max-body takes at this rate, so a large allowed body on a slow link still fits.

@@ -140,7 +140,6 @@ async def stream_answer(request: web.Request, config: Config, gen: Generation, s
             out.stop_streaming()
     if out is None or not out.prepared:
         return web.Response(status=499)  # the client left before the headers went out; nobody reads this
-    await out.wait()
     return out
 
 

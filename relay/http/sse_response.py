@@ -71,9 +71,6 @@ class EventStream(EventSourceResponse):
         self._keepalive: Entry | None = None
         #: The most bytes this response ever had queued in the transport (for the slow-client log).
         self.peak_queued = 0
-        # The library's default separator is CRLF; plain LF is what every decoder handles best
-        # and is a byte shorter per line.
-        self._sep = "\n"
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
@@ -231,15 +228,6 @@ class EventStream(EventSourceResponse):
             self._keepalive.cancel()
             self._keepalive = None
 
-    async def wait(self) -> None:
-        """Nothing to wait for: there is no ping task (aiohttp-sse's wait() awaited it)."""
-        if not self.prepared:
-            raise RuntimeError("Response is not started")
-
-    def is_connected(self) -> bool:
-        transport = self._transport()
-        return self._keepalive is not None and transport is not None and not transport.is_closing()
-
     async def write_eof(self, data: bytes = b"") -> None:
         self._unschedule()
         await super().write_eof(data)
@@ -315,6 +303,4 @@ async def serve_events(request: web.Request, resp: EventStream, stream_id: str, 
             done()
         if resp.prepared:
             resp.stop_streaming()
-    if resp.prepared:
-        await resp.wait()
     return resp

@@ -398,9 +398,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     from relay.logformat import setup_logging
+    from relay.run import worker as worker_side
     from relay.run import workers
 
-    worker = workers.worker_number()
+    worker = worker_side.worker_number()
     local = None
     if config.redis_url == "local":
         from relay.run.local_redis import URL_ENV, LocalRedis

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from relay.http.client_errors import OncePerClient
+from relay.logthrottle import OncePerClient
 from relay.jsoncodec import dumps
 
 if TYPE_CHECKING:

@@ -21,12 +21,13 @@ from typing import Any
 from aiohttp import web
 
 from relay.extras import install_hint
-from relay.config import Config, is_loopback
+from relay.config import Config
 from relay.core.registry import Registry
 from relay.http.app import make_app
 from relay.http.appkeys import ACCESS, DISCONNECTS, METRICS, REGISTRY
 from relay.http.client_errors import ClientErrorLog
-from relay.run import systemd, workers
+from relay.run import systemd, worker as workers
+from relay.run.worker import refuse_open_sockets
 from relay.openfiles import open_files, raise_open_files
 from relay.run.connections import ConnectionLimits, auto_total
 from relay.run.deadlines import HeaderDeadline
@@ -127,17 +128,6 @@ def reload(app: web.Application, where: str) -> None:
     systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
     app[ACCESS].reload()
     systemd.notify(f"READY=1\nSTATUS=listening on {where}")
-
-
-def refuse_open_sockets(config: Config, sockets: Sequence[socket.socket]) -> None:
-    """The --host check of config.py, for sockets systemd hands us (their address is not --host)."""
-    if config.tokens_file is not None or config.allow_anonymous:
-        return
-    for sock in sockets:
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_loopback(sock.getsockname()[0]):
-            raise SystemExit(f"relay: error: refusing to serve the inherited socket on {sock.getsockname()[0]} "
-                             "without access control: give --tokens-file FILE, or --allow-anonymous if something "
-                             "else guards the relay")
 
 
 async def shutdown(runner: web.AppRunner, drain_timeout: float, hurry: asyncio.Event) -> None:

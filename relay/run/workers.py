@@ -48,49 +48,12 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.run import systemd
+from relay.run.worker import SUPERVISOR_ENV, WORKER_ENV, WORKER_FD_ENV, refuse_open_sockets
 
 log = logging.getLogger("relay.workers")
 
 CRASH_LIMIT: Final = 5
 BACKOFF_MAX: Final = 5.0
-#: Environment a worker gets: its number, the listening socket's fd, the supervisor's pid.
-WORKER_ENV: Final = "RELAY_WORKER"
-WORKER_FD_ENV: Final = "RELAY_WORKER_FD"
-SUPERVISOR_ENV: Final = "RELAY_SUPERVISOR_PID"
-PR_SET_PDEATHSIG: Final = 1
-
-
-def worker_number(environ: dict[str, str] | os._Environ[str] = os.environ) -> str | None:
-    """This process's worker number when a supervisor started it, else None."""
-    return environ.get(WORKER_ENV) or None
-
-
-def worker_socket(environ: os._Environ[str] = os.environ) -> list[socket.socket]:
-    """The listening sockets the supervisor handed down (and the promise to die with it)."""
-    fds = environ.pop(WORKER_FD_ENV, "")
-    parent = environ.pop(SUPERVISOR_ENV, "")
-    if not fds:
-        return []
-    _die_with_parent(int(parent) if parent.isdigit() else None)
-    sockets = []
-    for fd in fds.split(","):
-        os.set_inheritable(int(fd), False)
-        sockets.append(socket.socket(fileno=int(fd)))
-    return sockets
-
-
-def _die_with_parent(parent: int | None) -> None:
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if parent is not None and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor died before we could ask
-
-
 @dataclass
 class _Worker:
     number: int
@@ -370,8 +333,6 @@ def listen(config: Config) -> list[socket.socket]:
 def supervise(config: Config, argv: Sequence[str]) -> int:
     """Run ``config.workers`` workers until SIGTERM; the exit status."""
     sockets = listen(config)
-    from relay.run.server import refuse_open_sockets
-
     refuse_open_sockets(config, sockets)
     log.info("starting %d workers", config.workers)
     return asyncio.run(Supervisor(config, argv, sockets).run())

@@ -22,7 +22,8 @@ import aiohttp
 from relay import __version__
 from relay.config import Config
 from relay.jsoncodec import dumps
-from relay.upstream.errors import UpstreamError, error_from_body, error_from_response, read_bounded
+from relay.bodies import read_bounded
+from relay.upstream.errors import UpstreamError, error_from_body, error_from_response
 from relay.upstream.metadata import Redactor, request_id_of
 from relay.upstream.response import CHAT, RESPONSES, Chunk, Target, UpstreamResponse
 from relay.upstream.session import Reach

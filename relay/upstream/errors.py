@@ -78,19 +78,6 @@ class UpstreamError(Exception):
         self.timeout = timeout
 
 
-async def read_bounded(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """Up to ``limit`` bytes of a body, to its end (``read(n)`` alone stops at the first packet)."""
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        data = await content.read(limit - size)
-        if not data:
-            break
-        parts.append(data)
-        size += len(data)
-    return b"".join(parts)
-
-
 async def error_from_response(status: int, reason: str, headers: Mapping[str, str],
                               read: Callable[[int], Awaitable[bytes]], *, redact: Redactor,
                               deadline: float) -> UpstreamError:
