@@ -1,7 +1,7 @@
 """The keepalive schedule (relay/http/keepalive.py): one per loop instead of a ping task per
 stream; never early, a stream's writes push it back, a finished stream leaves it, and the
-schedule itself goes once it is empty.  Also pins what EventStream.prepare still takes from
-aiohttp-sse now that it skips the library's prepare: TCP_USER_TIMEOUT on the client socket.
+schedule itself goes once it is empty.  Also pins the TCP_USER_TIMEOUT EventStream.prepare sets
+on the client socket (and restores when the stream ends).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ async def test_an_open_stream_costs_no_task_of_its_own_for_keepalives(make_relay
     # connection and request tasks (pooled connections reused, so at most five each).
     assert names["Generation._produce"] == 20
     assert len(asyncio.all_tasks()) - base <= 5 * 20, names
-    # The user timeout aiohttp-sse sets (the kernel gives up on a peer that acknowledges nothing).
+    # The user timeout EventStream sets (the kernel gives up on a peer that acknowledges nothing).
     server = relay.server.runner.server
     timeouts = [h.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
                 for h in server.connections if h.transport is not None]

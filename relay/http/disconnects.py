@@ -9,9 +9,9 @@ registers what to do when its client goes (detach its subscriber: the generation
 shuts its upstream socket within the same callback), and the server's ``connection_lost`` hook
 runs it first.
 
-The hook wraps the ``web.Server`` instance's own ``connection_lost`` (as relay/run/deadlines.py
-and relay/run/connections.py do), so it is active where ``relay.run.server.start`` serves the
-app; elsewhere (a test client) the handler's cancellation does the same, a step later.
+The hook is installed on the ``web.Server`` instance with the others, in one order, by
+relay/aiohttp_internals.py, so it is active where ``relay.run.server.start`` serves the app;
+elsewhere (a test client) the handler's cancellation does the same, a step later.
 """
 
 from __future__ import annotations
@@ -41,17 +41,11 @@ class Disconnects:
     def unwatch(self, request: web.BaseRequest) -> None:
         self._on_lost.pop(request.protocol, None)
 
-    def install(self, server: web.Server) -> None:
-        """Run the callbacks from ``server``'s connection hook, before aiohttp cancels the handler."""
-        lost = server.connection_lost
-
-        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            callback = self._on_lost.pop(handler, None)
-            if callback is not None:
-                try:
-                    callback()
-                except Exception:  # aiohttp's own clean-up below must run whatever happens here
-                    log.exception("leaving a stream whose client has gone failed")
-            lost(handler, exc)
-
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+    def lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        """A lost connection (relay/aiohttp_internals.py's hook, before aiohttp cancels the handler)."""
+        callback = self._on_lost.pop(handler, None)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:  # aiohttp's own clean-up after this must run whatever happens here
+                log.exception("leaving a stream whose client has gone failed")

@@ -1,19 +1,19 @@
-"""The SSE response: aiohttp-sse's EventSourceResponse with our keepalive and a bounded buffer.
+"""The SSE response: aiohttp's StreamResponse with the SSE headers, our keepalive and a bounded buffer.
 
-aiohttp-sse gives the headers (``X-Accel-Buffering: no`` for nginx among them), the
-TCP_USER_TIMEOUT that makes the kernel give up on a peer that stopped acknowledging, and the
-abort of a stalled transport.  Two things it does differently from what we need:
+Why not aiohttp-sse's ``EventSourceResponse`` (which it was built on until its every use had
+gone): its ``prepare`` starts a ping task per response, where one schedule per event loop writes
+every keepalive (relay/http/keepalive.py); its ping writes ``": ping\\r\\n\\r\\n"`` on a fixed
+clock, and a comment followed by a blank line becomes an empty message in decoders that dispatch
+on a blank line once an ``id`` was seen (the openai SDK, httpx-sse,
+@microsoft/fetch-event-source), where ours is one comment line after ``keepalive`` seconds of
+silence; its ``send`` encodes one event from strings, where the relay writes events already
+encoded, many at once.  What was left of it (four headers, TCP_USER_TIMEOUT, an abort) was
+reached through its private helpers; it is a few lines here, with the socket API.
 
-1. Its ping writes ``": ping\\r\\n\\r\\n"`` on a fixed clock.  A comment followed by a blank
-   line becomes an empty message in decoders that dispatch on a blank line once an ``id`` was
-   seen (the openai SDK, httpx-sse, @microsoft/fetch-event-source).  Our ``_ping`` writes a
-   single comment line, and only after ``keepalive`` seconds of silence.
-2. A stalled client must not grow memory: bytes queued for it never pass ``send_buffer``;
-   when the client takes nothing for ``send_timeout`` the connection is aborted.
-
-The keepalive is written by the loop's one keepalive schedule (relay/http/keepalive.py), not
-by a ping task per response, and never while a send is under way, so it can never land inside
-an event.
+- A stalled client must not grow memory: bytes queued for it never pass ``send_buffer``; when
+  the client takes nothing for ``send_timeout`` the connection is aborted.  TCP_USER_TIMEOUT
+  makes the kernel give up on a peer that stopped acknowledging as soon (Linux).
+- The keepalive is never written while a send is under way, so it can never land inside an event.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import StreamWriter
-from aiohttp_sse import EventSourceResponse
+
+from relay.aiohttp_internals import write_now
 
 from relay.core.generation import Generation, ResumeExpired, Subscriber
 from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS, STREAM
@@ -47,17 +48,30 @@ KEEPALIVE = comment("keepalive")
 PAUSE_BYTES = 16 * 1024
 #: Chunked transfer framing around each write: hex length, CRLF, CRLF.
 _CHUNK_OVERHEAD = 16
+_TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", None)  # (Linux only)
+#: What makes a response an event stream, for browsers, SDKs and proxies (nginx reads the last).
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive",
+               "X-Accel-Buffering": "no"}
 
 
 class SlowClient(Exception):
     """The client did not take its bytes within the send timeout; the connection was aborted."""
 
 
-class EventStream(EventSourceResponse):
+class EventStream(web.StreamResponse):
     def __init__(self, *, keepalive: float, send_timeout: float, send_buffer: int, sndbuf: int = 0,
                  headers: Mapping[str, str] | None = None, metrics: Metrics | None = None) -> None:
-        super().__init__(headers=headers, allow_all_methods=True, send_timeout=send_timeout,
-                         ping_interval=keepalive)
+        super().__init__()
+        if headers is not None:
+            self.headers.extend(headers)
+        self.headers.update(SSE_HEADERS)
+        self._interval = keepalive
+        self._send_timeout = send_timeout
+        self._request: web.BaseRequest | None = None
+        self._writer: AbstractStreamWriter | None = None
+        self._ended = False
+        #: The client socket whose TCP_USER_TIMEOUT was set, and what it was before (restored at the end).
+        self._user_timeout: tuple[socket.socket, int] | None = None
         # Writes go out in pieces of at most half the bound and wait while more than half is
         # queued, so what is queued never passes the bound (see send_bytes).
         self._high = max(send_buffer // 2, 2 * _CHUNK_OVERHEAD)
@@ -76,13 +90,12 @@ class EventStream(EventSourceResponse):
         if self.prepared:
             return await super().prepare(request)
         self._last_write = self._loop.time()
-        # EventSourceResponse.prepare, but for its ping task: the library's TCP_USER_TIMEOUT (pinned
-        # by tests/test_keepalive.py), the headers, chunked encoding; the keepalive is scheduled.
-        self._set_tcp_user_timeout(request)
-        writer = await web.StreamResponse.prepare(self, request)
-        self.enable_chunked_encoding()
-        self._keepalive = Keepalives.of(self._loop).add(self, self._last_write + self._ping_interval)
+        self._request = request
         transport = request.transport
+        self._set_user_timeout(transport)
+        writer = self._writer = await super().prepare(request)
+        self.enable_chunked_encoding()  # (as before: HTTP/1.1 is chunked by then; HTTP/1.0 is not refused)
+        self._keepalive = Keepalives.of(self._loop).add(self, self._last_write + self._interval)
         if transport is not None:
             # Above the mark the protocol pauses; drain() waits until it is resumed (a quarter of it).
             transport.set_write_buffer_limits(high=self._pause)
@@ -97,8 +110,39 @@ class EventStream(EventSourceResponse):
                     pass
         return writer
 
+    def _set_user_timeout(self, transport: asyncio.BaseTransport | None) -> None:
+        """Ask the kernel to abort the connection when what was sent stays unacknowledged for
+        ``send_timeout``: a hung peer is found at the first unacknowledged write (a keepalive),
+        not when enough has queued for the send bound (days, for a slow stream)."""
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if _TCP_USER_TIMEOUT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        try:
+            before = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, int(self._send_timeout * 1000))
+        except OSError:
+            return
+        self._user_timeout = (sock, before)
+
+    def _restore_user_timeout(self) -> None:
+        """A kept-alive connection's next response is not an event stream: its timeout as it was."""
+        if self._user_timeout is None or _TCP_USER_TIMEOUT is None:
+            return
+        sock, before = self._user_timeout
+        self._user_timeout = None
+        if sock.fileno() >= 0:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT, before)
+            except OSError:
+                pass
+
     def _transport(self) -> asyncio.Transport | None:
-        return self._req.transport if self._req is not None else None
+        return self._request.transport if self._request is not None else None
+
+    @property
+    def request(self) -> web.BaseRequest | None:
+        """The request this response answers, once prepared."""
+        return self._request
 
     async def send_bytes(self, data: bytes) -> None:
         """Write already-encoded events; abort the connection if the client stops reading.
@@ -120,8 +164,8 @@ class EventStream(EventSourceResponse):
                 piece = view[offset:offset + self._piece]
                 async with asyncio.timeout(self._send_timeout):
                     while transport.get_write_buffer_size() > self._high:
-                        assert self._payload_writer is not None
-                        await self._payload_writer.drain()
+                        assert self._writer is not None
+                        await self._writer.drain()
                     if transport.is_closing():
                         raise ConnectionResetError("the client connection is closed")
                     self.peak_queued = max(self.peak_queued,
@@ -150,22 +194,18 @@ class EventStream(EventSourceResponse):
             if self.prepared:
                 raise ConnectionResetError("the client connection is closed")
             return False
-        writer = self._payload_writer
-        if self._sending or self._eof_sent or not isinstance(writer, StreamWriter) or len(data) > self._piece:
+        writer = self._writer
+        if self._sending or self._ended or not isinstance(writer, StreamWriter) or len(data) > self._piece:
             return False
         queued = transport.get_write_buffer_size()
         if queued > self._pause:
             return False
-        step = writer.write(data, drain=False)
-        try:
-            step.send(None)
-        except StopIteration:
-            if queued + len(data) + _CHUNK_OVERHEAD > self.peak_queued:
-                self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
-            self._last_write = self._loop.time()
-            return True
-        step.close()
-        return False
+        if not write_now(writer, data):
+            return False
+        if queued + len(data) + _CHUNK_OVERHEAD > self.peak_queued:
+            self.peak_queued = queued + len(data) + _CHUNK_OVERHEAD
+        self._last_write = self._loop.time()
+        return True
 
     async def drained(self) -> None:
         """Return once what is queued for the client is back under the pause mark.
@@ -180,9 +220,9 @@ class EventStream(EventSourceResponse):
                 while transport.get_write_buffer_size() > self._pause:
                     if transport.is_closing():
                         raise ConnectionResetError("the client connection is closed")
-                    assert self._payload_writer is not None
+                    assert self._writer is not None
                     before = transport.get_write_buffer_size()
-                    await self._payload_writer.drain()
+                    await self._writer.drain()
                     if transport.get_write_buffer_size() >= before:
                         # drain() waits only while the protocol is paused; a transport whose
                         # buffer sits above the mark unpaused (TLS counts differently) is polled.
@@ -191,7 +231,10 @@ class EventStream(EventSourceResponse):
             raise self._cut() from None
 
     def _cut(self) -> SlowClient:
-        self._abort_transport()
+        # A stalled peer never drains the write buffer, so a graceful close would wait forever.
+        transport = self._transport()
+        if transport is not None:
+            transport.abort()
         if self.metrics is not None:
             self.metrics.cut.labels("send_timeout").inc()
         return SlowClient(f"the client stopped reading; aborted with {self.peak_queued} bytes queued")
@@ -200,22 +243,22 @@ class EventStream(EventSourceResponse):
         """The keepalive schedule's call: write the keepalive after ``keepalive`` seconds of
         silence; when it is next due, or None once the stream is over."""
         transport = self._transport()
-        if self._keepalive is None or self._eof_sent or transport is None or transport.is_closing():
+        if self._keepalive is None or self._ended or transport is None or transport.is_closing():
             return None
-        due = self._last_write + self._ping_interval
+        due = self._last_write + self._interval
         if due > now:
             return due  # written to since: due later
         self._last_write = now
         if self._sending or transport.get_write_buffer_size():
             # Bytes are still on their way (or the client is not reading): not silence.
-            return now + self._ping_interval
+            return now + self._interval
         try:
             sent = self.try_send(KEEPALIVE)
         except ConnectionResetError:
             return None
         if sent and self.metrics is not None:
             self.metrics.keepalives.inc()
-        return now + self._ping_interval
+        return now + self._interval
 
     def stop_streaming(self) -> None:
         """No more keepalives (the handler is ending the response)."""
@@ -230,7 +273,9 @@ class EventStream(EventSourceResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         self._unschedule()
+        self._ended = True
         await super().write_eof(data)
+        self._restore_user_timeout()
 
 
 def event_stream(request: web.Request, headers: Mapping[str, str] | None = None) -> EventStream:
@@ -249,7 +294,7 @@ async def follow(resp: EventStream, gen: Generation, sub: Subscriber) -> bool:
     away raises ``ConnectionResetError`` (or ``SlowClient``) out of here; its subscriber leaves
     the generation already when the connection is lost (relay/http/disconnects.py).
     """
-    request = resp._req
+    request = resp.request
     if not isinstance(request, web.Request) or (watch := request.app.get(DISCONNECTS)) is None:
         return await _follow(resp, gen, sub)
     watch.watch(request, lambda: gen.detach(sub))

@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from relay.logthrottle import OncePerClient
@@ -57,34 +56,26 @@ class ConnectionLimits:
         self._lines = OncePerClient()
         self.refused = 0
 
-    def install(self, server: web.Server) -> None:
-        """Count the server's connections (wrapping its own connection hooks)."""
-        made, lost = server.connection_made, server.connection_lost
+    def made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        """A new connection (relay/aiohttp_internals.py's hook): counted, or refused past a limit."""
+        addr = peer_address(transport.get_extra_info("peername"))
+        if len(self._addr_of) >= self.total:
+            self._refuse(transport, addr, "503 Service Unavailable", "the relay is at its limit of "
+                         f"{self.total} connections; try again shortly", "too_many_connections", "total")
+        elif not self._is_exempt(addr) and self._by_addr[addr] >= self.per_client:
+            self._refuse(transport, addr, "429 Too Many Requests", "this client has "
+                         f"{self.per_client} connections open already (--max-connections-per-client)",
+                         "too_many_connections", "per_client")
+        else:
+            self._addr_of[handler] = addr
+            self._by_addr[addr] += 1
 
-        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            made(handler, transport)
-            addr = peer_address(transport.get_extra_info("peername"))
-            if len(self._addr_of) >= self.total:
-                self._refuse(transport, addr, "503 Service Unavailable", "the relay is at its limit of "
-                             f"{self.total} connections; try again shortly", "too_many_connections", "total")
-            elif not self._is_exempt(addr) and self._by_addr[addr] >= self.per_client:
-                self._refuse(transport, addr, "429 Too Many Requests", "this client has "
-                             f"{self.per_client} connections open already (--max-connections-per-client)",
-                             "too_many_connections", "per_client")
-            else:
-                self._addr_of[handler] = addr
-                self._by_addr[addr] += 1
-
-        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            lost(handler, exc)
-            addr = self._addr_of.pop(handler, None)
-            if addr is not None:
-                self._by_addr[addr] -= 1
-                if self._by_addr[addr] <= 0:
-                    del self._by_addr[addr]
-
-        server.connection_made = connection_made  # type: ignore[method-assign]
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+    def lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        addr = self._addr_of.pop(handler, None)
+        if addr is not None:
+            self._by_addr[addr] -= 1
+            if self._by_addr[addr] <= 0:
+                del self._by_addr[addr]
 
     @property
     def open(self) -> int:

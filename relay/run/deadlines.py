@@ -9,9 +9,9 @@ connection races the client's next request).  The deadline ends when the head is
 client's misses are logged at most once a minute, with how many were folded into the line.
 
 aiohttp exposes none of this, so the deadline watches the connection's request parser (a thin
-wrapper on ``RequestHandler._parser``) and reads whether the connection waits for its next
-request (``_waiter``, ``_messages``) and when aiohttp's keep-alive closes it
-(``_next_keepalive_close_time``); tests/test_connections.py pins each.
+wrapper on it) and reads whether the connection waits for its next request and when aiohttp's
+keep-alive closes it: aiohttp's private members, all through relay/aiohttp_internals.py (which
+says why each); tests/test_connections.py pins the behaviour.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from relay.aiohttp_internals import keepalive_close_time, replace_request_parser, request_parser, waits_for_a_request
 from relay.logthrottle import OncePerClient
 from relay.jsoncodec import dumps
 from relay.run.connections import peer_address
@@ -69,12 +69,6 @@ class _HeadWatch:
         return getattr(self._parser, name)
 
 
-def _waits_for_a_request(handler: RequestHandler) -> bool:
-    """Between requests: aiohttp awaits the next message and none is queued (no response is running)."""
-    waiter = getattr(handler, "_waiter", None)
-    return waiter is not None and not waiter.done() and not getattr(handler, "_messages", True)
-
-
 class HeaderDeadline:
     def __init__(self, timeout: float, metrics: Metrics | None = None, *, keepalive_idle: float = math.inf) -> None:
         self.timeout = timeout
@@ -92,26 +86,15 @@ class HeaderDeadline:
         self._answer = (f"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
-    def install(self, server: web.Server) -> None:
-        """Arm the deadline for every new connection of ``server`` and watch its later heads."""
-        made, lost = server.connection_made, server.connection_lost
-        loop = asyncio.get_running_loop()
+    def made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        """A new connection (relay/aiohttp_internals.py's hook): its first head is due from now."""
+        if transport.is_closing():  # (refused by the connection limits: already closed)
+            return
+        self._arm(handler, transport, asyncio.get_running_loop().time())
+        replace_request_parser(handler, _HeadWatch(request_parser(handler), self, handler, transport))
 
-        def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:
-            made(handler, transport)
-            if transport.is_closing():  # (refused by the connection limits: already closed)
-                return
-            self._arm(handler, transport, loop.time())
-            parser = getattr(handler, "_parser", None)
-            if parser is not None:
-                setattr(handler, "_parser", _HeadWatch(parser, self, handler, transport))  # (not its declared type)
-
-        def connection_lost(handler: RequestHandler, exc: BaseException | None = None) -> None:
-            lost(handler, exc)
-            self._cancel(handler)
-
-        server.connection_made = connection_made  # type: ignore[method-assign]
-        server.connection_lost = connection_lost  # type: ignore[method-assign]
+    def lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self._cancel(handler)
 
     def _head_begun(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         if handler not in self._timers:  # (the first head is timed from the connection's start)
@@ -129,7 +112,7 @@ class HeaderDeadline:
 
     def _silent_close(self, handler: RequestHandler, started: float) -> float:
         """Just before aiohttp's keep-alive closes the connection, which it does silently, head or no head."""
-        close = getattr(handler, "_next_keepalive_close_time", 0.0) or math.inf  # (0: not armed yet)
+        close = keepalive_close_time(handler) or math.inf  # (0: not armed yet)
         return min(close, started + self._keepalive_idle) - _BEFORE_KEEPALIVE_CLOSE
 
     def _cancel(self, handler: RequestHandler) -> None:
@@ -139,7 +122,7 @@ class HeaderDeadline:
 
     def _expire(self, handler: RequestHandler, transport: asyncio.Transport, started: float) -> None:
         self._timers.pop(handler, None)
-        if transport.is_closing() or not _waits_for_a_request(handler):
+        if transport.is_closing() or not waits_for_a_request(handler):
             return  # (or a head pipelined behind a response still running: aiohttp times it from that answer)
         # Waiting for a request, aiohttp has moved its close past the last answer: it is this head's.
         when = min(started + self.timeout, self._silent_close(handler, started))

@@ -21,6 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from relay.extras import install_hint
+from relay.aiohttp_internals import install_connection_hooks
 from relay.config import Config
 from relay.core.registry import Registry
 from relay.http.app import make_app
@@ -54,12 +55,15 @@ async def start(config: Config, sockets: Sequence[socket.socket] = ()) -> tuple[
     metrics = app[METRICS]
     await runner.setup()
     assert runner.server is not None
-    HeaderDeadline(config.header_timeout, metrics, keepalive_idle=config.keepalive_idle).install(runner.server)
+    deadline = HeaderDeadline(config.header_timeout, metrics, keepalive_idle=config.keepalive_idle)
     _, open_limit = open_files()
     total = config.max_connections or auto_total(open_limit)
-    ConnectionLimits(per_client=config.max_connections_per_client, total=total,
-                     exempt=config.trust_proxy, metrics=metrics).install(runner.server)
-    app[DISCONNECTS].install(runner.server)  # last, so it runs first: a stream is left before the rest
+    limits = ConnectionLimits(per_client=config.max_connections_per_client, total=total,
+                              exempt=config.trust_proxy, metrics=metrics)
+    # The one order (relay/aiohttp_internals.py): limits refuse before the deadline arms; a lost
+    # connection leaves its stream before aiohttp cancels its handler.
+    install_connection_hooks(runner.server, made=(limits.made, deadline.made), before_lost=(app[DISCONNECTS].lost,),
+                             after_lost=(deadline.lost, limits.lost))
     sites: list[web.BaseSite] = [web.SockSite(runner, sock) for sock in sockets]
     if not sites:
         sites.append(web.TCPSite(runner, config.host, config.port, backlog=config.backlog, reuse_address=True))

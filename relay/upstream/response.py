@@ -44,6 +44,8 @@ DRAIN_SECONDS: Final = 2.0
 #: A read at least this large is taken as part of a burst (a steady stream's pieces are an
 #: event or a few, hundreds of bytes): the readers run before the next read.
 BURST: Final = 8 * 1024
+#: The most of one read handed over at once (see ``run``).
+SLICE: Final = 64 * 1024
 
 #: Clean ends still reading their body's last bytes (a task must be referenced until done).
 _draining: set[asyncio.Task[None]] = set()
@@ -141,7 +143,6 @@ class UpstreamResponse:
     async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
         """Deliver the answer's chunks to ``on_chunks`` until its end; UpstreamError for a failure."""
         content = self._resp.content
-        decoder = self._decoder
         self._reading = True
         self._arm(self._deadline())
         try:
@@ -165,22 +166,20 @@ class UpstreamResponse:
                                             retriable=True, request_id=self.request_id, failover=True)
                     self._clean = True
                     return
-                try:
-                    events = decoder.feed(data)
-                except EventTooLarge as exc:
-                    raise UpstreamError("upstream_error", f"the upstream sent an oversized event: {exc}",
-                                        retriable=False, request_id=self.request_id) from None
-                chunks: list[Chunk] = []
-                failure: UpstreamError | None = None
-                try:
-                    self._parse(events, chunks)
-                except UpstreamError as exc:
-                    failure = exc  # after the chunks before it in the same read, which are delivered
-                if chunks:
-                    on_chunks(chunks)
-                    del chunks  # not held through the next read (idle streams' memory)
-                if failure is not None:
-                    raise failure
+                for start in range(0, len(data), SLICE):
+                    if start:
+                        # One read can be megabytes (an older aiohttp inflates a compressed body
+                        # whole): it is handed over a slice at a time, each after the readers
+                        # have taken the last (or made room), so the backpressure holds in it too.
+                        if self._resume is not None:
+                            await self._resume
+                        else:
+                            await asyncio.sleep(0)
+                        if self._ended:
+                            break
+                    self._deliver(data[start:start + SLICE] if len(data) > SLICE else data, on_chunks)
+                if self._ended:
+                    break
                 if len(data) >= BURST and self._resume is None:
                     # A burst (or a compressed body inflating as reads make room): more is likely
                     # buffered, and readany() would hand it over without letting the readers run.
@@ -198,6 +197,25 @@ class UpstreamResponse:
             self._ended = True
             self._reading = False
             self._stop()
+
+    def _deliver(self, data: bytes, on_chunks: Callable[[list[Chunk]], None]) -> None:
+        """Decode, parse and hand over what ``data`` completes."""
+        try:
+            events = self._decoder.feed(data)
+        except EventTooLarge as exc:
+            raise UpstreamError("upstream_error", f"the upstream sent an oversized event: {exc}",
+                                retriable=False, request_id=self.request_id) from None
+        chunks: list[Chunk] = []
+        failure: UpstreamError | None = None
+        try:
+            self._parse(events, chunks)
+        except UpstreamError as exc:
+            failure = exc  # after the chunks before it in the same read, which are delivered
+        if chunks:
+            on_chunks(chunks)
+            del chunks  # not held through the next read (idle streams' memory)
+        if failure is not None:
+            raise failure
 
     # -- backpressure ----------------------------------------------------------------------
 
