@@ -1,8 +1,9 @@
 """A generation: one answer of the model, whichever endpoint asked for it.
 
-One producer task pulls the upstream and appends encoded events to a log bounded in bytes;
-any number of subscribers (HTTP responses) read the log from their own position and wait on
-one pulse per batch.  That meeting point makes a reconnect cheap (replay what was missed, then
+One producer task pulls the upstream and appends encoded events to a log bounded in bytes
+(relay/core/eventlog.py); any number of subscribers (HTTP responses, relay/core/fanout.py) read
+the log from their own position and are handed, or woken for, each batch.  This class is the
+producer and its lifecycle: what decides when to read, to pause, to stop, and how it ended.  That meeting point makes a reconnect cheap (replay what was missed, then
 follow) and a disconnect precise: when the last subscriber leaves and nobody comes back within
 the grace, the producer is cancelled and the upstream connection closed.
 
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.config import Config
+from relay.core.eventlog import EventLog, ResumeExpired
+from relay.core.fanout import Fanout, Subscriber
 from relay.core.ids import new_stream_id
 from relay.core.logline import answered_upstream, log_finished, token_counts
 from relay.core.store import Mirror
@@ -36,10 +39,6 @@ log = logging.getLogger("relay.generation")
 
 #: Presence checks in flight (a task must be referenced until it is done).
 _checks: set[asyncio.Task[None]] = set()
-
-
-class ResumeExpired(Exception):
-    """The position asked for has already left the bounded log."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,26 +80,6 @@ class Wire(Protocol):
         """The last event."""
 
 
-class Subscriber:
-    """One connected client: the sequence number of the next event it needs, and how to wake it.
-
-    ``sink``, when given, takes bytes synchronously if it can without waiting (True), refuses
-    (False), or raises ``ConnectionError`` when the client has gone.  While the subscriber waits,
-    the producer hands each batch straight to its sink instead of waking it: the client's bytes go
-    out in the producer's own step, with no task switch per batch (most batches are one event).
-    A refusal, or the end, wakes it as usual.
-    """
-
-    __slots__ = ("blocked", "pos", "sink", "waiter")
-
-    def __init__(self, pos: int, sink: Callable[[bytes], bool] | None = None) -> None:
-        self.pos = pos
-        self.sink = sink
-        self.waiter: asyncio.Future[None] | None = None
-        #: Its client's send buffer is full: its handler waits for the client to drain it.
-        self.blocked = False
-
-
 class Generation:
     """One answer: its producer task, its event log and its subscribers.
 
@@ -111,10 +90,10 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_alone_floor", "_base", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
-                 "_config", "_deltas", "_events", "_first_delta", "_gap", "_grace", "_held", "_keep", "_label", "_last_delta",
+    __slots__ = ("_alone_floor", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
+                 "_config", "_deltas", "_first_delta", "_gap", "_grace", "_held", "_keep", "_label", "_last_delta",
                  "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
-                 "attempts", "client", "ending", "finished", "id", "kind", "log_bytes", "mirror", "model", "next_seq",
+                 "attempts", "client", "ending", "finished", "id", "kind", "log", "mirror", "model",
                  "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
@@ -140,17 +119,16 @@ class Generation:
         #: Runs to its end whether or not anyone listens (a background response): never stopped for
         #: nobody, never paused for a full log with no reader (the oldest events go instead).
         self.background = background
-        self._events: list[bytes] = []
-        self._base = 0  # sequence number of _events[0]
-        self.log_bytes = 0
-        self.next_seq = 0
+        #: Its events (relay/core/eventlog.py): what every reader reads from its own position.
+        self.log = EventLog()
         #: The upstream answered 2xx (headers in): from here its failures are in-stream, not a status.
         self.opened = False
         self.request_id: str | None = None
         self.answer: Completion | None = None
         self.finished = False
         self.ending: Ending | None = None
-        self._subscribers: set[Subscriber] = set()
+        #: Its readers (relay/core/fanout.py), each at its own position in the log.
+        self._subscribers = Fanout(asyncio.get_running_loop())
         self._loop = asyncio.get_running_loop()
         self._started = self._loop.time()
         self._first_delta: float | None = None
@@ -201,17 +179,25 @@ class Generation:
 
     # -- the log -------------------------------------------------------------------------
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number of its next event (all of its events so far, counted)."""
+        return self.log.next_seq
+
+    @property
+    def log_bytes(self) -> int:
+        """The bytes its log holds now."""
+        return self.log.nbytes
+
     def _append(self, data: bytes, last: bool = False) -> None:
-        self._events.append(data)
+        seq = self.log.append(data)
         if self.mirror is not None:
-            self.mirror.append(self.next_seq, data, last)
-        self.next_seq += 1
-        self.log_bytes += len(data)
+            self.mirror.append(seq, data, last)
         self._bytes += len(data)
 
     def logged(self) -> tuple[int, list[bytes]]:
         """The sequence number of the first event still in memory, and the events from there."""
-        return self._base, list(self._events)
+        return self.log.snapshot()
 
     def _trim(self) -> None:
         """Keep the log within its bound, but never drop what an attached client has yet to read.
@@ -221,43 +207,17 @@ class Generation:
         so memory stays bounded even before its send timeout aborts it.
         """
         keep = self._keep
-        if self.log_bytes <= keep:
+        log = self.log
+        if log.nbytes <= keep:
             return
-        alone = self._alone_floor if self.resumable and not self.finished else self.next_seq
-        floor = min((sub.pos for sub in self._subscribers), default=alone)
-        hard = self.log_bytes > 4 * self._config.replay_bytes
-        target = keep * 3 // 4  # drop down to three quarters so eviction is amortised
-        events = self._events
-        drop = 0
-        while (drop < len(events) - 1 and self.log_bytes > target
-               and (hard or self._base + drop < floor)):
-            self.log_bytes -= len(events[drop])
-            drop += 1
-        if drop:
-            del events[:drop]
-            self._base += drop
+        alone = self._alone_floor if self.resumable and not self.finished else log.next_seq
+        floor = self._subscribers.floor(alone)
+        # Down to three quarters, so eviction is amortised.
+        log.trim(keep * 3 // 4, floor, hard=log.nbytes > 4 * self._config.replay_bytes)
 
     def _publish(self) -> None:
         self._trim()
-        # One wake-up per batch for every waiting subscriber, unless its sink took the batch.
-        gone = None
-        for sub in self._subscribers:
-            waiter = sub.waiter
-            if waiter is None:
-                continue
-            if sub.sink is not None and not self.finished and self._base <= sub.pos < self.next_seq:
-                try:
-                    if sub.sink(self._since(sub.pos)):
-                        sub.pos = self.next_seq
-                        continue
-                    # Refused: its client is not keeping up.  It counts as blocked from now, not
-                    # from when its handler next runs, or the producer reads on meanwhile.
-                    sub.blocked = True
-                except ConnectionError:
-                    gone = [*(gone or ()), sub]
-            sub.waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        gone = self._subscribers.publish(self.log, self.finished)
         for sub in gone or ():
             # Its client has gone: leave now rather than when its handler next runs, so the last
             # one leaving closes the upstream in this very step.
@@ -265,12 +225,7 @@ class Generation:
 
     async def changed(self, sub: Subscriber) -> None:
         """Wait for the next batch of events (unless the sink took it), the upstream's answer, or the end."""
-        waiter = sub.waiter = self._loop.create_future()
-        try:
-            await waiter
-        finally:
-            if sub.waiter is waiter:
-                sub.waiter = None
+        await self._subscribers.changed(sub)
 
     def read(self, sub: Subscriber) -> bytes:
         """Everything the subscriber has not yet read, joined; advances its position.
@@ -280,19 +235,10 @@ class Generation:
         """
         if sub.blocked:
             self.unblock(sub)
-        pos = sub.pos
-        if pos < self._base:
-            raise ResumeExpired
-        if pos >= self.next_seq:
-            return b""
-        sub.pos = self.next_seq
-        return self._since(pos)
-
-    def _since(self, pos: int) -> bytes:
-        start = pos - self._base
-        if start == len(self._events) - 1:
-            return self._events[start]
-        return b"".join(self._events[start:])
+        data = self.log.read(sub.pos)
+        if data:
+            sub.pos = self.log.next_seq
+        return data
 
     # -- subscribers and cancellation ------------------------------------------------------
 
@@ -348,12 +294,8 @@ class Generation:
         self._wake()
 
     def _stalled(self) -> bool:
-        subs = self._subscribers
-        if subs:
-            for sub in subs:
-                if not sub.blocked:
-                    return False
-            return True
+        if self._subscribers:
+            return self._subscribers.all_blocked()
         return self.resumable and self.log_bytes >= self._keep and not self.remote and not self.background
 
     def _wake(self) -> None:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from relay.config import Config
-from relay.core.generation import ResumeExpired
+from relay.core.eventlog import ResumeExpired
 from relay.core.redis_follow import Followers
 from relay.core.redis_limits import RedisLimits
 from relay.core.redis_news import News

@@ -12,7 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from relay.config import Config
-from relay.core.generation import Generation, ResumeExpired
+from relay.core.eventlog import ResumeExpired
+from relay.core.generation import Generation
 from relay.core.store import StoreUnavailable
 from relay.core.ids import parse_event_id
 from relay.http import access

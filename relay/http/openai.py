@@ -33,7 +33,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.config import Config
-from relay.core.generation import Generation, Subscriber
+from relay.core.fanout import Subscriber
+from relay.core.generation import Generation
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import CATALOG, CONFIG
 from relay.http.body import BadRequest, read_json

@@ -27,7 +27,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from relay.core.generation import Ending, Generation, ResumeExpired
+from relay.core.eventlog import ResumeExpired
+from relay.core.generation import Ending, Generation
 from relay.core.store import Remote, StoreUnavailable
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation

@@ -30,7 +30,9 @@ from aiohttp.http import StreamWriter
 
 from relay.aiohttp_internals import write_now
 
-from relay.core.generation import Generation, ResumeExpired, Subscriber
+from relay.core.eventlog import ResumeExpired
+from relay.core.fanout import Subscriber
+from relay.core.generation import Generation
 from relay.http.appkeys import CONFIG, DISCONNECTS, METRICS, STREAM
 from relay.http.keepalive import Entry, Keepalives
 from relay.sse import comment
