@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from relay.upstream_config import (
+from relay.upstream.config import (
     ConfigError,
     UpstreamSpec,
     check_header,

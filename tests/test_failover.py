@@ -20,7 +20,7 @@ from aiohttp import web
 from conftest import FakeUpstream, SSEClient, chunk, sse, text_of, tokens
 from relay.config import Config, ConfigError
 from relay.http.app import make_app
-from relay.upstream_config import UpstreamSpec, parse_upstreams
+from relay.upstream.config import UpstreamSpec, parse_upstreams
 
 KEYS = {"a": "sk-key-of-a-0000", "b": "sk-key-of-b-1111", "c": "sk-key-of-c-2222"}
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]

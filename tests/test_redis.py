@@ -392,7 +392,7 @@ async def test_an_upstream_cooldown_seen_by_one_instance_is_honoured_by_the_othe
         redis: Any, aiohttp_client: Any, upstream: FakeUpstream) -> None:
     from relay.http.app import make_app
     from relay.http.appkeys import UPSTREAMS
-    from relay.upstream_config import UpstreamSpec
+    from relay.upstream.config import UpstreamSpec
     from redis_server import free_port
 
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens: the connect is refused
@@ -577,7 +577,7 @@ async def test_a_conversation_made_on_one_instance_continues_on_its_upstream_fro
         redis: Any, make_relay: Any, aiohttp_server: Any) -> None:
     from test_responses import sdk_for
     from test_responses_background import NamedUpstream
-    from relay.upstream_config import parse_upstreams
+    from relay.upstream.config import parse_upstreams
 
     two = []
     for name in ("a", "b"):

@@ -131,7 +131,7 @@ async def test_an_upstream_cooldown_is_known_to_an_instance_that_starts_later(
     from relay.config import Config
     from relay.http.app import make_app
     from relay.http.appkeys import UPSTREAMS
-    from relay.upstream_config import UpstreamSpec
+    from relay.upstream.config import UpstreamSpec
 
     dead = f"http://127.0.0.1:{free_port()}/v1"
     specs = (UpstreamSpec(name="dead", url=dead, models=(("m", "m"),), priority=0),

@@ -323,7 +323,7 @@ async def test_an_upstream_without_the_responses_api_is_never_sent_one(
         aiohttp_client: Any, upstream: FakeUpstream) -> None:
     from relay.config import Config
     from relay.http.app import make_app
-    from relay.upstream_config import parse_upstreams
+    from relay.upstream.config import parse_upstreams
 
     calls: list[str] = []
     async with responses_server(_recording(calls)) as url:

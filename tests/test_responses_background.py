@@ -227,7 +227,7 @@ async def two_upstreams(aiohttp_server: Any) -> list[tuple[NamedUpstream, str]]:
 
 def pool_config(two: list[tuple[NamedUpstream, str]], **settings: Any) -> Any:
     from relay.config import Config
-    from relay.upstream_config import parse_upstreams
+    from relay.upstream.config import parse_upstreams
 
     specs = parse_upstreams([{"name": fake.name, "url": url, "models": ["m"]} for fake, url in two], {})
     return Config(upstreams=specs, model="m", rate_limit=0, **settings)

@@ -280,7 +280,7 @@ async def test_a_client_certificate_per_upstream_for_a_server_that_requires_one(
 
     from relay.config import Config
     from relay.http.app import make_app
-    from relay.upstream_config import parse_upstreams
+    from relay.upstream.config import parse_upstreams
 
     ca, cert, key = make_certificates(tmp_path)
     fake = FakeUpstream()

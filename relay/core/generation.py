@@ -27,7 +27,9 @@ from relay.core.fanout import Fanout, Subscriber
 from relay.core.ids import new_stream_id
 from relay.core.logline import answered_upstream, log_finished, token_counts
 from relay.core.store import Mirror
-from relay.upstream import Chunk, Completion, UpstreamError
+from relay.upstream.client import Completion
+from relay.upstream.errors import UpstreamError
+from relay.upstream.response import Chunk
 from relay.upstream.pool import Pool, PooledResponse
 
 if TYPE_CHECKING:

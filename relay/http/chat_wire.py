@@ -13,7 +13,7 @@ from relay.core.generation import Ending
 from relay.core.ids import event_id
 from relay.jsoncodec import dumps
 from relay.sse import encode
-from relay.upstream import Chunk
+from relay.upstream.response import Chunk
 
 
 class ChatWire:

@@ -26,7 +26,7 @@ from aiohttp import web
 from relay.http.appkeys import PROBE, REGISTRY, UPSTREAMS
 from relay.http.errors import json_response
 from relay.openfiles import open_files
-from relay.upstream import UpstreamClient
+from relay.upstream.client import UpstreamClient
 from relay.upstream.pool import Pool
 
 PROBE_TTL: Final = 5.0

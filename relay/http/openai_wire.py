@@ -16,7 +16,8 @@ from relay.core.generation import Ending
 from relay.http.errors import json_response
 from relay.jsoncodec import dumps
 from relay.sse import encode
-from relay.upstream import Chunk, UpstreamError
+from relay.upstream.errors import UpstreamError
+from relay.upstream.response import Chunk
 
 DONE: Final = encode("[DONE]")
 

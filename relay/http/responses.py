@@ -42,7 +42,7 @@ from relay.http.responses_body import responses_request
 from relay.upstream.pool import conversation_of
 from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
-from relay.upstream import UpstreamError
+from relay.upstream.errors import UpstreamError
 
 log = logging.getLogger("relay.http")
 

@@ -24,7 +24,7 @@ from relay.config import (
     parse_pairs,
     read_api_key,
 )
-from relay.upstream_config import parse_upstreams, read_key_file, read_proxy_auth
+from relay.upstream.config import parse_upstreams, read_key_file, read_proxy_auth
 
 log = logging.getLogger("relay")
 

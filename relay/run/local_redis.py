@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Final
 
-from relay.upstream_config import ConfigError
+from relay.upstream.config import ConfigError
 
 #: The environment variable through which workers (and the supervisor's own process) learn the URL.
 URL_ENV: Final = "RELAY_LOCAL_REDIS_URL"

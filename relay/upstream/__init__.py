@@ -1,6 +1,6 @@
-"""The model API: the client (request, timeouts, decoding into chunks) and its one exception."""
+"""The model APIs: their configuration (config.py), one client each (client.py, response.py,
+session.py), the pool that picks and fails over (pool.py) and the one exception (errors.py).
 
-from relay.upstream.client import Chunk, Completion, UpstreamClient, UpstreamResponse
-from relay.upstream.errors import UpstreamError
-
-__all__ = ["Chunk", "Completion", "UpstreamClient", "UpstreamError", "UpstreamResponse"]
+Nothing is imported here, so that relay/config.py can read the ``[[upstreams]]`` entries
+(relay/upstream/config.py) without loading the client, which reads the settings.
+"""

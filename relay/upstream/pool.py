@@ -36,7 +36,7 @@ from relay.upstream.client import Chunk, Completion, Target, UpstreamClient, Ups
 from relay.upstream.errors import DOWN_STATUSES, UpstreamError
 from relay.upstream.metadata import Redactor
 from relay.upstream.session import reach_of
-from relay.upstream_config import UpstreamSpec
+from relay.upstream.config import UpstreamSpec
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics

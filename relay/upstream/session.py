@@ -18,7 +18,7 @@ from typing import Final
 import aiohttp
 
 from relay.config import Config
-from relay.upstream_config import UpstreamSpec
+from relay.upstream.config import UpstreamSpec
 
 #: Bytes an answer buffers before aiohttp stops reading its socket (its own default is 64 KiB):
 #: a paused answer (every reader full) costs this much and no more parsing or decompression;
