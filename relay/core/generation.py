@@ -88,13 +88,13 @@ class Generation:
     ``resumable`` generations (``/chat``) keep ``replay_bytes`` of log for reconnects, wait out
     the resume grace when their last client leaves and are kept after they finish; the others
     (``/v1``, OpenAI's semantics) keep only what their client has yet to read and stop the
-    moment it leaves.  ``streaming=False`` asks the upstream for one JSON answer (``answer``).
+    moment it leaves.  ``streaming=False`` asks the upstream for one JSON answer (``completion``).
     """
 
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
                  "_config", "_deltas", "_first_delta", "_gap", "_grace", "_held", "_keep", "_label", "_last_delta",
-                 "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "answer",
+                 "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "completion",
                  "attempts", "client", "ending", "finished", "id", "kind", "log", "mirror", "model",
                  "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
 
@@ -126,7 +126,7 @@ class Generation:
         #: The upstream answered 2xx (headers in): from here its failures are in-stream, not a status.
         self.opened = False
         self.request_id: str | None = None
-        self.answer: Completion | None = None
+        self.completion: Completion | None = None
         self.finished = False
         self.ending: Ending | None = None
         #: Its readers (relay/core/fanout.py), each at its own position in the log.
@@ -482,7 +482,7 @@ class Generation:
     async def _complete(self) -> Ending:
         answer = await self._upstream.complete(self._body, self.attempts, self.wire.api, upstream=self.wire.upstream)
         self._body = {}
-        self.answer = answer
+        self.completion = answer
         self._first_token(self._loop.time(), answered_upstream(self.attempts))
         choices = answer.obj.get("choices")
         self._deltas = len(choices) if isinstance(choices, list) else 0

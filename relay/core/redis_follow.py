@@ -226,8 +226,8 @@ class Followers:
                 continue
             store.back()
 
-    def _deliver(self, answer: Any, now: float) -> None:
-        for key, entries in answer or ():
+    def _deliver(self, reply: Any, now: float) -> None:
+        for key, entries in reply or ():
             followed = self._followed.get(key.decode() if isinstance(key, bytes) else key)
             if followed is None or not entries:
                 continue

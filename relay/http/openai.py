@@ -74,8 +74,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     # generation without a grace is cancelled the moment its last client has gone.
     sub = gen.attach(0)
     if stream:
-        return await stream_answer(request, config, gen, sub)
-    return await complete_answer(gen, sub)
+        return await send_stream(request, config, gen, sub)
+    return await send_completion(gen, sub)
 
 
 def field_policy(config: Config, allowed: tuple[str, ...]) -> FieldPolicy:
@@ -88,7 +88,7 @@ async def _answered(gen: Generation, sub: Subscriber) -> None:
         await gen.changed(sub)
 
 
-async def complete_answer(gen: Generation, sub: Subscriber) -> web.StreamResponse:
+async def send_completion(gen: Generation, sub: Subscriber) -> web.StreamResponse:
     """Non-streaming: the upstream's own JSON answer, passed through as sent (chat completions and
     the Responses API alike)."""
     try:
@@ -97,15 +97,15 @@ async def complete_answer(gen: Generation, sub: Subscriber) -> web.StreamRespons
     finally:
         gen.detach(sub)
     assert gen.ending is not None
-    if gen.answer is None:
+    if gen.completion is None:
         return failure_response(gen.ending)
-    headers = {"x-request-id": gen.answer.request_id} if gen.answer.request_id else {}
+    headers = {"x-request-id": gen.completion.request_id} if gen.completion.request_id else {}
     if len(gen.attempts) > 1:
         headers["x-relay-attempts"] = str(len(gen.attempts))
-    return web.Response(body=gen.answer.raw, content_type="application/json", headers=headers or None)
+    return web.Response(body=gen.completion.raw, content_type="application/json", headers=headers or None)
 
 
-async def stream_answer(request: web.Request, config: Config, gen: Generation, sub: Subscriber, *,
+async def send_stream(request: web.Request, config: Config, gen: Generation, sub: Subscriber, *,
                         lagged: Callable[[Generation], bytes] = lambda _gen: LAGGED) -> web.StreamResponse:
     """Streaming, with the status line held until the upstream answers (or the first keepalive is
     due): chat completions and the Responses API alike; ``lagged`` ends a reader that fell behind."""

@@ -35,7 +35,7 @@ from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY, UPSTREAMS
 from relay.http.body import BadRequest, read_json
 from relay.http.errors import error_response, json_response, request_refusal
-from relay.http.openai import complete_answer, stream_answer
+from relay.http.openai import send_completion, send_stream
 from relay.http.params import RequestBounds
 from relay.http.responses_body import input_items as input_items_of
 from relay.http.responses_body import responses_request
@@ -109,8 +109,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             return json_response(snapshot(gen))
     sub = gen.attach(0)  # attached before anything can wait
     if stream:
-        return await stream_answer(request, config, gen, sub, lagged=_lagged)
-    return await complete_answer(gen, sub)
+        return await send_stream(request, config, gen, sub, lagged=_lagged)
+    return await send_completion(gen, sub)
 
 
 def shown(rid: str, latest: dict[str, Any] | None, *, ended: bool, failed: tuple[Any, Any] | None,

@@ -52,12 +52,14 @@ ORIGINS_KEPT: Final = 100_000
 MODELS_TTL: Final = 60.0
 MODELS_TIMEOUT: Final = 5.0
 
-class _Answer(Protocol):
+class _Reply(Protocol):
+    """What an upstream attempt returns (a stream opened, or a whole completion): its status."""
+
     @property
     def status(self) -> int: ...
 
 
-T = TypeVar("T", bound=_Answer)
+T = TypeVar("T", bound=_Reply)
 
 
 @dataclass(slots=True)
