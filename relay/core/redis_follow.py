@@ -93,8 +93,6 @@ class Followers:
         config = store.config
         #: The longest a read blocks, and so the period of the presence and producer checks.
         self.period = config.presence_ttl / 3
-        self._presence_ms = max(1, int(config.presence_ttl * 1000))
-        self._kept_ms = max(1, int(config.stream_ttl * 1000))
         self._followed: dict[str, Followed] = {}  # by log key
         self._some = asyncio.Event()
         self._version = 0  # bumped by every new stream
@@ -244,10 +242,10 @@ class Followers:
         pipe = store.redis.pipeline(transaction=False)
         asked = []
         for f in followed:
-            pipe.set(f.keys[3], b"1", px=self._presence_ms)
+            pipe.set(f.keys[3], b"1", px=store.presence_ms)
             if f.end is None and now - f.quiet_since >= self.period:
                 commit = f.absent_since is not None and now - f.absent_since >= store.config.owner_ttl
-                store.scripts.queue(pipe, "interrupt", f.keys[:3], [f.interrupted, self._kept_ms, "1" if commit else "0"])
+                store.scripts.queue(pipe, "interrupt", f.keys[:3], [f.interrupted, store.kept_ms, "1" if commit else "0"])
                 asked.append(f)
         if not store.scripts.loaded:
             await store.scripts.load(store.redis)

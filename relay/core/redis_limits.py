@@ -41,7 +41,7 @@ class RedisLimits:
         lease = secrets.token_hex(8)
         try:
             held = int(await self.store.ask(self.store.scripts.call(self.store.redis, "acquire", [key],
-                                                        [per_client, lease, self.store._owner_ms * 2])))
+                                                        [per_client, lease, self.store.owner_ms * 2])))
         except self.store.soft:
             return None
         if held < 0:

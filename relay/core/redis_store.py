@@ -125,7 +125,6 @@ class RedisStore(Store):
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._where = where(config.redis_url or "")
         self.registry: Registry | None = None
-        self.pool: Pool | None = None
         #: Round-trip times and errors, when metrics are on (relay/metrics.py).
         self.metrics: Metrics | None = None
         #: The bound on any wait for Redis on a request's path (--redis-timeout).
@@ -138,12 +137,15 @@ class RedisStore(Store):
         self.failed = RedisError
         #: What a step that fails soft catches: the bound passed, Redis away, or Redis refusing.
         self.soft: tuple[type[BaseException], ...] = (StoreUnavailable, RedisError)
+        # The key lifetimes, in Redis's milliseconds, for every part of the store: the producer's
+        # lease, a reader's presence, a stream's keys while it runs and once it has finished.
+        self.owner_ms = max(1, int(config.owner_ttl * 1000))
+        self.presence_ms = max(1, int(config.presence_ttl * 1000))
+        self.running_ms = int((config.attach_timeout + config.total_timeout + config.stream_ttl) * 1000)
+        self.kept_ms = max(1, int(config.stream_ttl * 1000))
         self.scripts = Scripts()
         self.writer = Writer(self, self._fenced)
         self.followers = Followers(self, self.readers, per_stream=cluster)
-        self._presence_ms = max(1, int(config.presence_ttl * 1000))
-        self._owner_ms = max(1, int(config.owner_ttl * 1000))
-        self._kept_ms = max(1, int(config.stream_ttl * 1000))
         #: How long a lookup that misses waits before it looks again: several of the writers'
         #: flush delays and round trips (a busy Redis answers in milliseconds, not microseconds).
         self._miss_wait = MISS_WAIT + 4 * config.redis_flush_ms / 1000
@@ -340,10 +342,9 @@ class RedisStore(Store):
                         await self.scripts.load(self.redis)
                     pipe = self.redis.pipeline(transaction=False)
                     for copy in copies:
-                        self.scripts.queue(pipe, "renew", [self.key(copy.gen.id, "meta"), self.key(copy.gen.id, "owner")],
-                                           [self.instance, copy.fence, self._owner_ms])
+                        self.scripts.queue(pipe, "renew", *self.writer.renewal(copy))
                     for lease, key in list(self.shared_limits.leases.items()):
-                        self.scripts.queue(pipe, "slot", [key], [lease, self._owner_ms * 2])
+                        self.scripts.queue(pipe, "slot", [key], [lease, self.owner_ms * 2])
                     results = await pipe.execute(raise_on_error=False) if copies or self.shared_limits.leases else []
                     server = await self.redis.info("server")
             except AWAY as exc:
@@ -387,8 +388,8 @@ class RedisStore(Store):
         gen.cancel("interrupted", INTERRUPTED)
 
     def keep_input(self, stream_id: str, data: bytes) -> None:
-        ttl = int((self.config.attach_timeout + self.config.total_timeout + self.config.stream_ttl) * 1000)
-        self.keep(asyncio.get_running_loop().create_task(self._keep_input(self.key(stream_id, "input"), data, ttl)))
+        self.keep(asyncio.get_running_loop().create_task(self._keep_input(self.key(stream_id, "input"), data,
+                                                                          self.running_ms)))
 
     async def _keep_input(self, key: str, data: bytes, ttl: int) -> None:
         try:
@@ -465,7 +466,7 @@ class RedisStore(Store):
         try:
             async def start() -> list[Any]:
                 pipe = self.redis.pipeline(transaction=False)
-                pipe.set(keys[3], b"1", px=self._presence_ms)
+                pipe.set(keys[3], b"1", px=self.presence_ms)
                 pipe.xrange(logkey, "-", "+", count=1)
                 pipe.xrange(logkey, f"{pos}-1" if pos > 0 else "-", "+")
                 result: list[Any] = await pipe.execute()

@@ -95,9 +95,6 @@ class Writer:
         self.sending = False
         self.round_trips = 0
         self.events_written = 0
-        self._owner_ms = max(1, int(config.owner_ttl * 1000))
-        self._running_ms = int((config.attach_timeout + config.total_timeout + config.stream_ttl) * 1000)
-        self._kept_ms = max(1, int(config.stream_ttl * 1000))
         self._maxlen = str(config.redis_log_events)
 
     def idle(self) -> bool:
@@ -152,16 +149,25 @@ class Writer:
                 copy.fence = "0"
                 self._stale(copy, "Redis restarted")
 
-    def repair(self) -> int:
-        """Queue every stale copy again from memory (Redis answers again); the number queued."""
-        count = 0
+    def prune(self) -> None:
+        """Let go of the finished copies no repair needs any more: past ``--stream-ttl`` (Redis has
+        let them expire too), or written whole and no longer kept by this process."""
         now = self.loop.time()
         ttl = self.store.config.stream_ttl
+        registry = self.store.registry
+        for copy in list(self.owned.values()):
+            if copy.ended_at is None:
+                continue
+            if now - copy.ended_at > ttl or (not copy.stale and registry is not None
+                                               and registry.get(copy.gen.id) is not copy.gen):
+                del self.owned[copy.gen.id]
+
+    def repair(self) -> int:
+        """Queue every stale copy again from memory (Redis answers again); the number queued."""
+        self.prune()
+        count = 0
         for copy in list(self.owned.values()):
             if not copy.stale:
-                continue
-            if copy.ended_at is not None and now - copy.ended_at > ttl:
-                self.owned.pop(copy.gen.id, None)  # it would have expired from Redis by now
                 continue
             copy.stale = False
             base, events = copy.gen.logged()
@@ -199,7 +205,7 @@ class Writer:
 
     async def _send(self, batch: list[StreamCopy]) -> None:
         store = self.store
-        head = [store.instance, self._owner_ms, self._running_ms, self._kept_ms, self._maxlen]
+        head = [store.instance, store.owner_ms, store.running_ms, store.kept_ms, self._maxlen]
         sent: list[tuple[StreamCopy, int, bool]] = []
         calls: list[tuple[list[str], list[Any]]] = []
         if store.cluster:
@@ -216,6 +222,7 @@ class Writer:
         for copy in batch:
             sent.append((copy, len(copy.events), copy.last))
             copy.events = []
+        results: list[Any]
         began = time.perf_counter()
         at = self.loop.time()
         try:
@@ -237,18 +244,21 @@ class Writer:
             await asyncio.sleep(0.1)  # not a busy loop while Redis is away
             return
         except Exception as exc:  # refused as a whole (a script error, NOSCRIPT twice): rewritten later
-            results = [exc]
+            results = [exc] * len(calls)
         store.count("write", began)
         self.round_trips += 1
         store.back()
-        flat: list[Any] = []
-        for result in results:
+        # Each call answers two numbers per stream it carried (its fence and whether written), or
+        # fails for all of them.
+        answers: list[tuple[Any, Any]] = []
+        for (keys, _), result in zip(calls, results):
+            streams = len(keys) // 3
             if isinstance(result, Exception):
-                flat += [result, None] * (len(sent) if len(results) == 1 else 1)
+                answers += [(result, None)] * streams
             else:
-                flat += result
-        for i, (copy, count, last) in enumerate(sent):
-            self._written(copy, flat[2 * i], flat[2 * i + 1], count, last, at)
+                answers += [(result[2 * i], result[2 * i + 1]) for i in range(streams)]
+        for (copy, count, last), (fence, written) in zip(sent, answers):
+            self._written(copy, fence, written, count, last, at)
 
     def _written(self, copy: StreamCopy, result: Any, written: Any, count: int, last: bool, at: float) -> None:
         gen = copy.gen
@@ -261,18 +271,10 @@ class Writer:
             return
         status = int(result)
         if status == -1:
-            # Ended elsewhere as interrupted (our lease lapsed): nothing of ours goes in after
-            # that end, and our own readers get the same end.
-            copy.lost = True
-            self.owned.pop(gen.id, None)
-            self._done(copy)
-            log.warning("stream %s: ended elsewhere as interrupted while this process was away; its readers "
-                        "here get the same end", gen.id)
-            self._on_fenced(gen)
+            self._fenced(copy)
             return
         if status == -2:
-            copy.fence = "0"  # gone from Redis (restarted empty): written anew from memory
-            self._stale(copy, "Redis no longer has it")
+            self._gone(copy)
             return
         if copy.fence == "0":
             copy.lease_until = at + self.store.config.owner_ttl  # created here: the lease starts
@@ -286,6 +288,21 @@ class Writer:
         if copy.lost and gen.finished:
             self.owned.pop(gen.id, None)
 
+    def _fenced(self, copy: StreamCopy) -> None:
+        """Ended elsewhere as interrupted (our lease lapsed): nothing of ours goes in after that
+        end, and our own readers get the same end."""
+        copy.lost = True
+        self.owned.pop(copy.gen.id, None)
+        self._done(copy)
+        log.warning("stream %s: ended elsewhere as interrupted while this process was away; its readers "
+                    "here get the same end", copy.gen.id)
+        self._on_fenced(copy.gen)
+
+    def _gone(self, copy: StreamCopy) -> None:
+        """Redis no longer has it (restarted empty): written anew from memory."""
+        copy.fence = "0"
+        self._stale(copy, "Redis no longer has it")
+
     @staticmethod
     def _done(copy: StreamCopy) -> None:
         if not copy.written.done():
@@ -294,16 +311,15 @@ class Writer:
     # -- the lease -----------------------------------------------------------------------
 
     def renewals(self) -> list[StreamCopy]:
-        """The copies whose lease the refresher renews this round (and the finished ones it no
-        longer needs to keep for a repair let go)."""
-        now = self.loop.time()
-        ttl = self.store.config.stream_ttl
-        registry = self.store.registry
-        for copy in list(self.owned.values()):
-            if copy.ended_at is not None and not copy.stale and (
-                    now - copy.ended_at > ttl or (registry is not None and registry.get(copy.gen.id) is not copy.gen)):
-                del self.owned[copy.gen.id]  # expired from Redis too, or its log left memory
+        """The copies whose lease the refresher renews this round."""
+        self.prune()
         return [c for c in self.owned.values() if c.fence != "0" and not c.stale and not c.gen.finished]
+
+    def renewal(self, copy: StreamCopy) -> tuple[list[str], list[Any]]:
+        """The ``RENEW`` script's keys and arguments for one copy's lease."""
+        store = self.store
+        return ([store.key(copy.gen.id, "meta"), store.key(copy.gen.id, "owner")],
+                [store.instance, copy.fence, store.owner_ms])
 
     def renewed(self, copy: StreamCopy, result: Any, at: float) -> None:
         """The refresher's (or a confirmation's) answer for one lease."""
@@ -313,27 +329,21 @@ class Writer:
         if status == 1:
             copy.lease_until = at + self.store.config.owner_ttl
         elif status == -1 and not copy.lost:
-            self._written(copy, -1, 0, 0, False, at)
+            self._fenced(copy)
         elif status == -2:
-            copy.fence = "0"
-            self._stale(copy, "Redis no longer has it")
+            self._gone(copy)
 
     async def confirm(self, copy: StreamCopy) -> bool:
         store = self.store
         at = self.loop.time()
         try:
             async with asyncio.timeout(store.bound):
-                result = await store.scripts.call(store.redis, "renew", [store.key(copy.gen.id, "meta"),
-                                                                        store.key(copy.gen.id, "owner")],
-                                                  [store.instance, copy.fence, self._owner_ms])
+                result = await store.scripts.call(store.redis, "renew", *self.renewal(copy))
         except store.away as exc:
             store.lost_redis(exc)
             return True  # nobody can end it elsewhere while Redis is away: go on for our readers
         store.back()
-        if int(result) == -1:
-            self.renewed(copy, result, at)
-            return False
         self.renewed(copy, result, at)
         if int(result) == -2:
-            self.store.repair_soon()
-        return True
+            store.repair_soon()
+        return int(result) != -1
