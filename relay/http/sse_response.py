@@ -29,7 +29,6 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import StreamWriter
 
 from relay.aiohttp_internals import write_now
-
 from relay.core.eventlog import ResumeExpired
 from relay.core.fanout import Subscriber
 from relay.core.generation import Generation
@@ -94,15 +93,19 @@ class EventStream(web.StreamResponse):
         self._last_write = self._loop.time()
         self._request = request
         transport = request.transport
-        self._set_user_timeout(transport)
+        # The client's TCP socket (None on a unix socket): both socket options below are TCP's.
+        sock: socket.socket | None = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
+            sock = None
+        if sock is not None:
+            self._set_user_timeout(sock)
         writer = self._writer = await super().prepare(request)
         self.enable_chunked_encoding()  # (as before: HTTP/1.1 is chunked by then; HTTP/1.0 is not refused)
         self._keepalive = Keepalives.of(self._loop).add(self, self._last_write + self._interval)
         if transport is not None:
             # Above the mark the protocol pauses; drain() waits until it is resumed (a quarter of it).
             transport.set_write_buffer_limits(high=self._pause)
-            sock = transport.get_extra_info("socket")
-            if self._sndbuf and sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            if self._sndbuf and sock is not None:
                 # A fixed kernel send buffer (--client-sndbuf): left to autotuning, the kernel takes
                 # megabytes for a reader that never reads (loopback, a proxy), all produced for
                 # nobody before backpressure can see the reader is stalled.
@@ -112,12 +115,11 @@ class EventStream(web.StreamResponse):
                     pass
         return writer
 
-    def _set_user_timeout(self, transport: asyncio.BaseTransport | None) -> None:
+    def _set_user_timeout(self, sock: socket.socket) -> None:
         """Ask the kernel to abort the connection when what was sent stays unacknowledged for
         ``send_timeout``: a hung peer is found at the first unacknowledged write (a keepalive),
         not when enough has queued for the send bound (days, for a slow stream)."""
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if _TCP_USER_TIMEOUT is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        if _TCP_USER_TIMEOUT is None:
             return
         try:
             before = sock.getsockopt(socket.IPPROTO_TCP, _TCP_USER_TIMEOUT)
