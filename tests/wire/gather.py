@@ -19,6 +19,7 @@ with ``event:`` lines, as OpenAI frames them).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import subprocess
 import sys
 from pathlib import Path
@@ -135,13 +136,24 @@ def from_cassettes(checkout: Path, out: Path) -> int:
     return written
 
 
-def from_chunks(checkout: Path, out: Path) -> int:
+def chat_body(lines: list[str]) -> str | None:
+    """Chat completions: ``data: <json>`` and a blank line each, and the closing ``[DONE]``."""
+    return "".join(f"data: {line}\n\n" for line in lines) + "data: [DONE]\n\n"
+
+
+def from_chunks(checkout: Path, out: Path, table: dict[str, list[str]] | None = None,
+                frame: Callable[[list[str]], str | None] = chat_body) -> int:
+    """The Vercel AI SDK's fixtures in ``table``, each line one event's data, framed by ``frame``
+    (None: left out, named on the output)."""
     repo, commit = VERCEL_AI
     written = 0
-    for provider, paths in CHUNKS.items():
+    for provider, paths in (CHUNKS if table is None else table).items():
         for path in paths:
             lines = [line for line in show(checkout, commit, path).splitlines() if line.strip()]
-            body = "".join(f"data: {line}\n\n" for line in lines) + "data: [DONE]\n\n"
+            body = frame(lines)
+            if body is None:
+                print(f"left out {path}: not the events of one answer")
+                continue
             if len(body.encode()) > MAX_BODY:
                 continue
             write(out / provider / (Path(path).name.removesuffix(".chunks.txt") + ".json"), {
@@ -206,26 +218,16 @@ def responses_from_cassettes(checkout: Path, out: Path) -> int:
     return written
 
 
-def responses_from_chunks(checkout: Path, out: Path) -> int:
-    """Framed as OpenAI frames them: ``event: <type>`` and ``data: <json>``, a blank line after."""
-    repo, commit = VERCEL_AI
-    written = 0
-    for provider, paths in RESPONSES_CHUNKS.items():
-        for path in paths:
-            lines = [line for line in show(checkout, commit, path).splitlines() if line.strip()]
-            try:
-                body = "".join(f"event: {json.loads(line)['type']}\ndata: {line}\n\n" for line in lines)
-            except ValueError:
-                print(f"skipped {path}: a line is not one JSON value")
-                continue
-            if len(body.encode()) > MAX_BODY or body.count("event: response.created") != 1:
-                continue  # (too long to replay byte by byte, or several answers of a multi-step test)
-            write(out / provider / (Path(path).name.removesuffix(".chunks.txt") + ".json"), {
-                "provider": provider, "source": f"https://github.com/{repo}/blob/{commit}/{path}",
-                "fidelity": "payloads", "status": 200, "headers": {"content-type": "text/event-stream"},
-                "body": body})
-            written += 1
-    return written
+def responses_body(lines: list[str]) -> str | None:
+    """The Responses API, framed as OpenAI frames it: ``event: <type>`` and ``data: <json>``, a
+    blank line after; None for a fixture that is not one answer's events."""
+    try:
+        body = "".join(f"event: {json.loads(line)['type']}\ndata: {line}\n\n" for line in lines)
+    except ValueError:
+        return None  # (a line that is not one JSON value)
+    if body.count("event: response.created") != 1:
+        return None  # (several answers of a multi-step test)
+    return body
 
 
 def write(path: Path, record: dict[str, Any]) -> None:
@@ -240,7 +242,7 @@ def main() -> None:
     count = from_cassettes(Path(sys.argv[1]), out) + from_chunks(Path(sys.argv[2]), out)
     print(f"{count} recordings written under {out}")
     out = Path(__file__).parent / "responses" / "recorded"
-    count = responses_from_cassettes(Path(sys.argv[1]), out) + responses_from_chunks(Path(sys.argv[2]), out)
+    count = responses_from_cassettes(Path(sys.argv[1]), out) + from_chunks(Path(sys.argv[2]), out, RESPONSES_CHUNKS, responses_body)
     print(f"{count} Responses API recordings written under {out}")
 
 
