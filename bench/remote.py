@@ -127,7 +127,7 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_remote(*, rtt: float, quick: bool, nginx_bin: str | None, relay_loop: str | None,
-               compare_src: Path | None) -> dict[str, Any]:
+               compare_src: Path | None, relay_src: Path | None = None) -> dict[str, Any]:
     scenarios = QUICK_SCENARIOS if quick else SCENARIOS
     out: dict[str, Any] = {"rtt_ms": rtt * 1000, "scenarios": {}}
     with tempfile.TemporaryDirectory(prefix="bench-remote-") as tmp:
@@ -135,7 +135,7 @@ def run_remote(*, rtt: float, quick: bool, nginx_bin: str | None, relay_loop: st
         try:
             direct_tls = ssl.create_default_context(cafile=str(remote.ca))
             upstream_url = f"https://127.0.0.1:{remote.port}/v1"
-            targets: list[tuple[str, Any]] = [("direct", None), ("relay", None)]
+            targets: list[tuple[str, Any]] = [("direct", None), ("relay", relay_src)]
             if compare_src is not None:
                 targets.append(("relay-before", compare_src))
             if nginx_bin is not None:

@@ -601,7 +601,8 @@ class Bench:
         from bench.remote import run_remote
 
         self.results["remote"] = run_remote(rtt=self.args.remote_rtt, quick=self.args.quick, nginx_bin=self.nginx_bin,
-                                            relay_loop=self.args.relay_loop, compare_src=self.args.compare_src)
+                                            relay_loop=self.args.relay_loop, compare_src=self.args.compare_src,
+                                            relay_src=self.args.relay_src)
 
     def workers(self) -> None:
         """--workers 1 against --workers N (both with Redis): sustained events/s (p99 delay under
