@@ -12,8 +12,6 @@ import asyncio
 import secrets
 from typing import TYPE_CHECKING
 
-from relay.core.store import StoreUnavailable
-
 if TYPE_CHECKING:
     from relay.core.redis_store import RedisStore
 

@@ -14,8 +14,6 @@ import json
 import logging
 from typing import TYPE_CHECKING, Final
 
-from relay.core.store import StoreUnavailable
-
 if TYPE_CHECKING:
     from relay.core.redis_store import RedisStore
     from relay.upstream.pool import Pool

@@ -35,7 +35,6 @@ here served from memory) and only a resume of another instance's stream gets a r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import secrets
