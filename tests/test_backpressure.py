@@ -147,7 +147,7 @@ async def test_a_stalled_reader_costs_a_few_hundred_kilobytes_not_megabytes_befo
                 if gen.paused and gen.next_seq == held:
                     break
                 await asyncio.sleep(0.01)
-        assert gen._bytes < 512 * 1024
+        assert gen.tally.bytes < 512 * 1024
     finally:
         s.close()
 

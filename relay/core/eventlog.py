@@ -1,8 +1,11 @@
 """A generation's event log: its encoded events in order, bounded in bytes, read from a position.
 
 Every reader of a generation (its HTTP responses, a reconnect) reads here from its own
-position; the generation decides what may be dropped (``trim``: never what an attached reader
-has yet to read, unless it lags past the hard bound) and the log only keeps the accounts.
+position.  The log keeps ``keep`` bytes for reconnects; past that it drops its oldest events,
+but never what a reader still needs (the ``floor`` its generation names) unless the log has
+grown past four times the replay log (``cap``): a burst larger than the log must not cost a live
+reader its events, and a reader lagging by more than that loses them (its next read is
+``ResumeExpired``), so memory stays bounded even before its send timeout aborts it.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ class ResumeExpired(Exception):
 
 class EventLog:
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_events", "base", "nbytes", "next_seq")
+    __slots__ = ("_cap", "_events", "base", "keep", "nbytes", "next_seq")
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int, replay_bytes: int) -> None:
+        #: The bytes it keeps for reconnects (0: only what its readers have yet to read).
+        self.keep = keep
+        self._cap = 4 * replay_bytes
         self._events: list[bytes] = []
         #: The sequence number of the first event still here.
         self.base = 0
@@ -57,9 +63,13 @@ class EventLog:
         """The sequence number of the first event still here, and the events from there."""
         return self.base, list(self._events)
 
-    def trim(self, target: int, floor: int, hard: bool) -> None:
-        """Drop the oldest events down to ``target`` bytes, but none at or after ``floor`` unless
-        ``hard``, and never the last one."""
+    def bound(self, floor: int) -> None:
+        """Back within its bound, keeping every event from ``floor`` on unless past the cap."""
+        if self.nbytes <= self.keep:
+            return
+        # Down to three quarters, so eviction is amortised; never the last event.
+        target = self.keep * 3 // 4
+        hard = self.nbytes > self._cap
         events = self._events
         drop = 0
         nbytes = self.nbytes

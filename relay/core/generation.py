@@ -3,14 +3,15 @@
 One producer task pulls the upstream and appends encoded events to a log bounded in bytes
 (relay/core/eventlog.py); any number of subscribers (HTTP responses, relay/core/fanout.py) read
 the log from their own position and are handed, or woken for, each batch.  This class is the
-producer and its lifecycle: what decides when to read, to pause, to stop, and how it ended.  That meeting point makes a reconnect cheap (replay what was missed, then
-follow) and a disconnect precise: when the last subscriber leaves and nobody comes back within
-the grace, the producer is cancelled and the upstream connection closed.
+producer and the meeting point: what decides when to read, to pause, to stop, and how it ended.
+That makes a reconnect cheap (replay what was missed, then follow) and a disconnect precise: when
+the last subscriber leaves and nobody comes back within the grace (relay/core/vigil.py), the
+producer is cancelled and the upstream connection closed.
 
 What the events look like is the view's business, not the core's: each generation is given a
-``Wire`` (``/chat``'s typed events, ``/v1``'s pass-through chunks) that turns upstream chunks and
-the ending into bytes.  Everything else (the cap, the drain, the delta count, the log line,
-cancellation) is the same for every endpoint, because it is this one class.
+``Wire`` (relay/core/wire.py) that turns upstream chunks and the ending into bytes.  Everything
+else (the cap, the drain, the counts and the log line in relay/core/tally.py, cancellation) is
+the same for every endpoint, because it is this one class.
 """
 
 from __future__ import annotations
@@ -18,68 +19,27 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
-from relay.core.eventlog import EventLog, ResumeExpired
+from relay.core.eventlog import EventLog
+from relay.core.hold import Hold
 from relay.core.fanout import Fanout, Subscriber
 from relay.core.ids import new_stream_id
-from relay.core.logline import answered_upstream, log_finished, token_counts
-from relay.core.store import Mirror
+from relay.core.logline import answered_upstream
+from relay.core.tally import Tally
+from relay.core.vigil import Vigil
+from relay.core.wire import Ending, Wire
 from relay.upstream.client import Completion
 from relay.upstream.errors import UpstreamError
 from relay.upstream.response import Chunk
 from relay.upstream.pool import Pool, PooledResponse
 
 if TYPE_CHECKING:
-    from prometheus_client import Histogram
-
+    from relay.core.store import Mirror
     from relay.metrics import Metrics
 
 log = logging.getLogger("relay.generation")
-
-#: Presence checks in flight (a task must be referenced until it is done).
-_checks: set[asyncio.Task[None]] = set()
-
-
-@dataclass(frozen=True, slots=True)
-class Ending:
-    """How a generation ended: ``code`` is ``done`` or one of the ``/chat`` error codes."""
-
-    code: str
-    message: str = ""
-    retriable: bool = False
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    #: The upstream's failure, when it was one (its status, body and headers, for the views).
-    error: UpstreamError | None = None
-    #: The upstream's own terminal error event went out as it sent it: the view adds no end of its own.
-    relayed: bool = False
-
-
-class Wire(Protocol):
-    """One view's wire format: the bytes of each event, given its position in the log, and the
-    upstream API whose events it carries (``chat`` completions or ``responses``)."""
-
-    api: str
-
-    @property
-    def upstream(self) -> str | None:
-        """The upstream to ask (a conversation continuing where it lives), or None: the pool's choice."""
-
-    @property
-    def alias(self) -> str | None:
-        """The relay's own id for the answer (a background response), remembered with the upstream's."""
-
-    def start(self, stream_id: str) -> bytes | None:
-        """The first event, before the upstream has said anything (or None)."""
-
-    def chunk(self, chunk: Chunk, seq: int) -> bytes | None:
-        """One upstream chunk as an event at ``seq`` (None: nothing for this view)."""
-
-    def end(self, ending: Ending, seq: int) -> bytes | None:
-        """The last event."""
 
 
 class Generation:
@@ -92,11 +52,11 @@ class Generation:
     """
 
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_alone_floor", "_body", "_bytes", "_cancel_code", "_cancel_message", "_committed",
-                 "_config", "_deltas", "_first_delta", "_gap", "_grace", "_held", "_keep", "_label", "_last_delta",
-                 "_loop", "_metrics", "_on_finished", "background", "_resp", "_started", "_subscribers", "_timer", "_upstream", "completion",
-                 "attempts", "client", "ending", "finished", "id", "kind", "log", "mirror", "model",
-                 "opened", "owner", "paused", "remote", "request_id", "resumable", "streaming", "task", "wire")
+    __slots__ = ("_alone_floor", "_body", "_cancel_code", "_cancel_message", "_committed", "_grace",
+                 "_held", "_loop", "_metrics", "_on_finished", "_resp", "_subscribers", "_upstream",
+                 "_vigil", "attempts", "background", "client", "completion", "ending", "finished", "id", "kind",
+                 "log", "mirror", "model", "opened", "owner", "paused", "remote", "request_id", "resumable",
+                 "streaming", "task", "tally", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
@@ -111,18 +71,16 @@ class Generation:
         self.owner: str | None = None
         #: The client's address, for the log line (never a metrics label).
         self.client: str | None = None
-        self._config = config
         self._upstream = upstream
         self.wire = wire
         self._body = body
         self._on_finished = on_finished
-        self._keep = config.replay_bytes if resumable else 0
         self._grace = config.resume_grace if resumable else 0.0
         #: Runs to its end whether or not anyone listens (a background response): never stopped for
         #: nobody, never paused for a full log with no reader (the oldest events go instead).
         self.background = background
         #: Its events (relay/core/eventlog.py): what every reader reads from its own position.
-        self.log = EventLog()
+        self.log = EventLog(config.replay_bytes if resumable else 0, config.replay_bytes)
         #: The upstream answered 2xx (headers in): from here its failures are in-stream, not a status.
         self.opened = False
         self.request_id: str | None = None
@@ -132,13 +90,12 @@ class Generation:
         #: Its readers (relay/core/fanout.py), each at its own position in the log.
         self._subscribers = Fanout(asyncio.get_running_loop())
         self._loop = asyncio.get_running_loop()
-        self._started = self._loop.time()
-        self._first_delta: float | None = None
-        self._deltas = 0
-        self._bytes = 0
+        #: Its timings and counts, for its metrics and log line (relay/core/tally.py).
+        self.tally = Tally(kind, model, metrics, self._loop)
+        #: What stops it when nobody listens (relay/core/vigil.py).
+        self._vigil = Vigil(self._loop)
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
-        self._timer: asyncio.TimerHandle | None = None
         self._resp: PooledResponse | None = None
         self.task: asyncio.Task[None] | None = None
         #: ``upstream:outcome`` for every upstream tried, in order (relay/upstream/pool.py).
@@ -147,26 +104,16 @@ class Generation:
         self.paused = False
         #: Something of the answer is in the log: no other upstream may take over now.
         self._committed = False
-        self._last_delta = 0.0
         #: With no subscriber attached: where the last one left off (0 before the first came), so
         #: the log keeps what a reconnect resumes from while the producer reads ahead of it.
         self._alone_floor = 0
         #: Its copy in the shared store (relay/core/store.py); None with the memory store.
         self.mirror: Mirror | None = None
-        #: Chunks read while the store's lease may have lapsed, held until it is confirmed, and
-        #: the confirmation (``_hold``).
-        self._held: tuple[list[Chunk], asyncio.Task[None]] | None = None
+        #: What it read while the store's lease may have lapsed (relay/core/hold.py).
+        self._held: Hold | None = None
         #: A reader on another instance follows it (its log there, not this one, serves that reader).
         self.remote = False
         self._metrics = metrics
-        self._gap: Histogram | None = None
-        self._label = model
-        if metrics is not None:
-            self._label = metrics.model_label(model)
-            # The one per-chunk measurement: its labelled child is looked up once, here.
-            self._gap = metrics.chunk_gap.labels(kind, self._label)
-            metrics.started.labels(kind, self._label).inc()
-            metrics.live_streams.labels(kind).inc()
 
     def start(self, wait_for_subscriber: float | None = None) -> None:
         """Write the first event and start the producer; with ``wait_for_subscriber``, cancel it
@@ -177,7 +124,7 @@ class Generation:
         self.task = asyncio.create_task(self._produce(), name=f"{self.kind}-{self.id}")
         self.task.add_done_callback(self._producer_done)
         if wait_for_subscriber is not None:
-            self._arm(wait_for_subscriber, "nobody attached to the stream in time")
+            self._vigil.arm(self, wait_for_subscriber, "nobody attached to the stream in time")
 
     # -- the log -------------------------------------------------------------------------
 
@@ -195,27 +142,18 @@ class Generation:
         seq = self.log.append(data)
         if self.mirror is not None:
             self.mirror.append(seq, data, last)
-        self._bytes += len(data)
+        self.tally.bytes += len(data)
 
     def logged(self) -> tuple[int, list[bytes]]:
         """The sequence number of the first event still in memory, and the events from there."""
         return self.log.snapshot()
 
     def _trim(self) -> None:
-        """Keep the log within its bound, but never drop what an attached client has yet to read.
-
-        A burst larger than the log must not cost a live reader its events; a reader that lags
-        by more than four replay logs' worth loses them (its next read is ``ResumeExpired``),
-        so memory stays bounded even before its send timeout aborts it.
-        """
-        keep = self._keep
+        """Keep the log within its bound, but never drop what an attached client has yet to read."""
         log = self.log
-        if log.nbytes <= keep:
-            return
-        alone = self._alone_floor if self.resumable and not self.finished else log.next_seq
-        floor = self._subscribers.floor(alone)
-        # Down to three quarters, so eviction is amortised.
-        log.trim(keep * 3 // 4, floor, hard=log.nbytes > 4 * self._config.replay_bytes)
+        if log.nbytes > log.keep:
+            alone = self._alone_floor if self.resumable and not self.finished else log.next_seq
+            log.bound(self._subscribers.floor(alone))
 
     def _publish(self) -> None:
         self._trim()
@@ -258,7 +196,7 @@ class Generation:
         self._subscribers.add(sub)
         if self._metrics is not None:
             self._metrics.live_subscribers.labels(self.kind).inc()
-        self._disarm()
+        self._vigil.disarm()
         self._wake()
         return sub
 
@@ -276,9 +214,9 @@ class Generation:
         self._wake()
         if not self._subscribers and not self.finished and not self.background:
             if self._grace <= 0:
-                self._unheard("every client disconnected")
+                self.unheard("every client disconnected")
             else:
-                self._arm(self._grace, "every client disconnected and none came back within the resume grace")
+                self._vigil.arm(self, self._grace, "every client disconnected and none came back within the resume grace")
 
     # -- backpressure ----------------------------------------------------------------------
     # The producer reads the upstream only while someone can take what it reads: when every
@@ -298,7 +236,7 @@ class Generation:
     def _stalled(self) -> bool:
         if self._subscribers:
             return self._subscribers.all_blocked()
-        return self.resumable and self.log_bytes >= self._keep and not self.remote and not self.background
+        return self.resumable and self.log.nbytes >= self.log.keep and not self.remote and not self.background
 
     def _wake(self) -> None:
         """Something changed for the readers: read the upstream again if it was paused for them."""
@@ -312,43 +250,19 @@ class Generation:
             self.paused = True
             self._resp.pause()
 
-    def _arm(self, delay: float, why: str) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(delay, self._expire, why)
+    # -- nobody listening (relay/core/vigil.py) --------------------------------------------
 
-    def _expire(self, why: str) -> None:
-        """Nobody here reads it: stop, unless a reader on another instance does (shared store)."""
-        self._timer = None
-        if self.mirror is None or self.finished:
-            self._unheard(why)
-            return
-        mirror = self.mirror
-        task = self._loop.create_task(self._expire_unless_listened(mirror, why))
-        _checks.add(task)
-        task.add_done_callback(_checks.discard)
+    def heard_elsewhere(self) -> None:
+        """A reader on another instance follows it (its log there serves that reader): read on."""
+        self.remote = True
+        self._wake()
 
-    async def _expire_unless_listened(self, mirror: Mirror, why: str) -> None:
-        listened = await mirror.listened()
-        if self.finished or self._subscribers or self._timer is not None:
-            return  # someone came back here meanwhile
-        if listened:
-            self.remote = True
-            self._wake()
-            self._arm(mirror.recheck, why)
-        else:
-            self._unheard(why)
-
-    def _unheard(self, why: str) -> None:
+    def unheard(self, why: str) -> None:
         """Nobody listens: stop, and count the upstream closed for nobody and what no client got."""
         if self._metrics is not None and not self.finished and self.task is not None:
             self._metrics.unheard.labels(self.kind).inc()
             self._metrics.unrelayed.labels(self.kind).inc(max(0, self.next_seq - self._alone_floor))
         self.cancel("cancelled", why)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def cancel(self, code: str = "cancelled", message: str = "the stream was stopped by a client") -> None:
         """Stop the generation now; the upstream connection is closed at once."""
@@ -408,7 +322,7 @@ class Generation:
         try:
             await resp.run(self._take)
             if self._held is not None:
-                await asyncio.shield(self._held[1])  # what was held goes out (or the stream was ended)
+                await asyncio.shield(self._held.task)  # what was held goes out (or the stream was ended)
         finally:
             resp.close()
         failure = resp.failure
@@ -424,22 +338,16 @@ class Generation:
         assert resp is not None
         mirror = self.mirror
         if mirror is not None and (self._held is not None or not mirror.leased()):
-            self._hold(mirror, chunks)
+            if self._held is None:
+                self._held = Hold(mirror, self._loop, self._released)
+            self._held.add(chunks)
+            self._pause()
             return
         wire = self.wire
-        gap = self._gap
+        tally = self.tally
         for chunk in chunks:
             if chunk.delta:
-                if gap is not None:
-                    now = self._loop.time()
-                    if self._first_delta is None:
-                        self._first_token(now, resp.upstream)
-                    else:
-                        gap.observe(now - self._last_delta)
-                    self._last_delta = now
-                elif self._first_delta is None:
-                    self._first_delta = self._loop.time()
-                self._deltas += 1
+                tally.delta(resp.upstream)
             data = wire.chunk(chunk, self.next_seq)
             if data is not None:
                 self._append(data)
@@ -451,42 +359,24 @@ class Generation:
         if not self.finished and self._stalled():
             self._pause()
 
-    def _hold(self, mirror: Mirror, chunks: list[Chunk]) -> None:
-        """The store's lease may have lapsed (this process was stopped, or its loop held, past it):
-        a reader elsewhere may already have ended the stream.  Nothing more goes to the readers
-        until the store says the stream is still ours; if it is not, the generation ends with the
-        same ``interrupted`` the others got (the store cancels it), and what was held is dropped."""
-        if self._held is None:
-            task = self._loop.create_task(self._confirm(mirror))
-            _checks.add(task)
-            task.add_done_callback(_checks.discard)
-            self._held = ([], task)
-        self._held[0].extend(chunks)
-        self._pause()
-
-    async def _confirm(self, mirror: Mirror) -> None:
-        ours = await mirror.confirm()
-        held = self._held
+    def _released(self, held: list[Chunk] | None) -> None:
+        """The store answered after a hold: what was held goes out, unless the stream is no longer ours."""
         self._held = None
-        if self.finished or not ours or held is None:
+        if self.finished or held is None:
             return
-        if held[0]:
-            self._take(held[0])
+        if held:
+            self._take(held)
         self._wake()
-
-    def _first_token(self, now: float, upstream: str) -> None:
-        self._first_delta = now
-        if self._metrics is not None:
-            self._metrics.ttft.labels(self.kind, self._label, upstream).observe(now - self._started)
 
     async def _complete(self) -> Ending:
         answer = await self._upstream.complete(self._body, self.attempts, self.wire.api, upstream=self.wire.upstream)
         self._body = {}
         self.completion = answer
-        self._first_token(self._loop.time(), answered_upstream(self.attempts))
+        tally = self.tally
+        tally.first_token(self._loop.time(), answered_upstream(self.attempts))
         choices = answer.obj.get("choices")
-        self._deltas = len(choices) if isinstance(choices, list) else 0
-        self._bytes += len(answer.raw)
+        tally.deltas = len(choices) if isinstance(choices, list) else 0
+        tally.bytes += len(answer.raw)
         usage = answer.obj.get("usage")
         self._answered(answer.request_id)
         return Ending("done", usage=usage if isinstance(usage, dict) else None)
@@ -494,7 +384,7 @@ class Generation:
     def _finish(self, ending: Ending) -> None:
         if self.finished:
             return
-        self._disarm()
+        self._vigil.disarm()
         data = self.wire.end(ending, self.next_seq)
         if data is not None:
             self._append(data, last=True)
@@ -503,20 +393,5 @@ class Generation:
         self._publish()
         self._on_finished(self)
         usage = ending.usage if ending.usage is not None else (self._resp.usage if self._resp is not None else None)
-        now = self._loop.time()
-        if self._metrics is not None:
-            self._count_finish(ending.code, now, usage)
-        log_finished(log, self.kind, self.id, self.model, ending.code, started=self._started,
-                     first_delta=self._first_delta, now=now, deltas=self._deltas,
-                     nbytes=self._bytes, usage=usage, attempts=self.attempts, client=self.client,
-                     status=200 if self.opened else (ending.error.status if ending.error is not None else None))
-
-    def _count_finish(self, outcome: str, now: float, usage: dict[str, Any] | None) -> None:
-        metrics = self._metrics
-        assert metrics is not None
-        upstream = answered_upstream(self.attempts)
-        metrics.finished.labels(self.kind, self._label, upstream, outcome).inc()
-        metrics.live_streams.labels(self.kind).dec()
-        metrics.duration.labels(self.kind, self._label, outcome).observe(now - self._started)
-        for kind, count in token_counts(usage):
-            metrics.tokens.labels(self._label, upstream, kind).inc(count)
+        status = 200 if self.opened else (ending.error.status if ending.error is not None else None)
+        self.tally.finish(self.id, ending.code, usage, self.attempts, self.client, status)

@@ -14,7 +14,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
-from relay.core.generation import Generation, Wire
+from relay.core.generation import Generation
+from relay.core.wire import Wire
 from relay.core.store import Store
 from relay.upstream.pool import Pool
 

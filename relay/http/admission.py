@@ -11,7 +11,8 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.core.generation import Generation, Wire
+from relay.core.generation import Generation
+from relay.core.wire import Wire
 from relay.core.registry import StreamLimit
 from relay.http import access
 from relay.http.appkeys import ACCESS, LIMITS, REGISTRY

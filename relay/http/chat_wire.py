@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.core.generation import Ending
+from relay.core.wire import Ending
 from relay.core.ids import event_id
 from relay.jsoncodec import dumps
 from relay.sse import encode

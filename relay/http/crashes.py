@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from relay.core.generation import Ending
+from relay.core.wire import Ending
 from relay.http.appkeys import CONFIG, METRICS, STREAM
 from relay.http.chat_wire import internal_event
 from relay.http.errors import error_response

@@ -12,7 +12,7 @@ from typing import Final
 
 from aiohttp import web
 
-from relay.core.generation import Ending
+from relay.core.wire import Ending
 from relay.http.errors import json_response
 from relay.jsoncodec import dumps
 from relay.sse import encode

@@ -28,7 +28,8 @@ from typing import Any, Final
 from aiohttp import web
 
 from relay.core.eventlog import ResumeExpired
-from relay.core.generation import Ending, Generation
+from relay.core.generation import Generation
+from relay.core.wire import Ending
 from relay.core.store import Remote, StoreUnavailable
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from relay.core.generation import Ending
+from relay.core.wire import Ending
 from relay.jsoncodec import dumps
 from relay.upstream.response import Chunk
 
