@@ -22,8 +22,9 @@ Cluster slot::
 Jobs, one module each: the producer's copies, leases and repairs (relay/core/redis_writer.py);
 the readers elsewhere and their one multiplexed read (relay/core/redis_follow.py); cancels,
 cooldowns and response origins (relay/core/redis_news.py); per-client limits
-(relay/core/redis_limits.py); the atomic steps (relay/core/redis_scripts.py).  This module holds
-the connection and its health, the refresher, and the lookups a resume makes.
+(relay/core/redis_limits.py); the lookups and reads a resume makes (relay/core/redis_reads.py);
+the atomic steps (relay/core/redis_scripts.py).  This module holds the connection and its
+health, and the refresher.
 
 **Failing soft.** Every wait for Redis on a request's path is bounded by ``--redis-timeout``.
 Past it, Redis counts as away until a round trip succeeds again: requests are served from this
@@ -40,15 +41,15 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Any, Final, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
 
 from relay.config import Config
-from relay.core.eventlog import ResumeExpired
 from relay.core.redis_follow import Followers
+from relay.core.redis_health import AWAY, AWAY_OR_FAILED, RedisError, RedisHealth, reason
 from relay.core.redis_limits import RedisLimits
 from relay.core.redis_news import News
+from relay.core.redis_reads import Reads
 from relay.core.redis_scripts import Scripts
 from relay.core.redis_writer import StreamCopy, Writer
 from relay.core.store import Remote, Store, StoreUnavailable
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
     from relay.metrics import Metrics
     from relay.upstream.pool import Pool
 
-T = TypeVar("T")
-
 #: What the producer's readers get when a reader elsewhere ended the stream while this process
 #: was stopped or cut off (the same words as relay/http/chat_wire.py's interrupted event).
 INTERRUPTED: Final = "the relay process producing this answer stopped before it ended; what it generated is above; " \
@@ -72,49 +71,11 @@ log = logging.getLogger("relay.redis")
 #: The least a lookup that finds nothing waits before it looks again (seconds).
 MISS_WAIT = 0.04
 
-#: Errors that mean "Redis is not there now" (connection refused, reset, timed out, loading).
-try:
-    from redis import exceptions as _rexc
-
-    # (and, on Redis Cluster, a failover under way: no master for a slot yet)
-    UNAVAILABLE: tuple[type[BaseException], ...] = (_rexc.ConnectionError, _rexc.TimeoutError,
-                                                     _rexc.BusyLoadingError, _rexc.ClusterDownError,
-                                                     _rexc.TryAgainError, _rexc.SlotNotCoveredError, OSError)
-    RedisError: type[Exception] = _rexc.RedisError
-except ImportError:  # the optional extra is missing: open_store says so before anything runs
-    UNAVAILABLE = (OSError,)
-    RedisError = OSError
-#: Away, or too slow to count as there (a bound passed).
-AWAY: tuple[type[BaseException], ...] = (*UNAVAILABLE, TimeoutError)
-AWAY_OR_FAILED: tuple[type[BaseException], ...] = (*AWAY, RedisError)
-
-
-def where(url: str) -> str:
-    """Where a Redis is, for log lines and errors: scheme, host and port, never a credential."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return f"unix://{parts.path}"
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
-
-
-def _seq_of(entry_id: bytes | str) -> int:
-    text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return int(text.partition("-")[0])
-
-
-def _after(pos: int) -> str:
-    """The XREAD position whose next entry is ``pos``."""
-    return f"{pos - 1}-1" if pos > 0 else "0-0"
-
-
-class RedisStore(Store):
+class RedisStore(RedisHealth, Store):
     shared = True
 
     def __init__(self, config: Config, client: Any, readers: Any = None, *, cluster: bool = False) -> None:
-        self.config = config
+        super().__init__(config)
         #: Redis Cluster (``redis+cluster://``): no keyless commands in pipelines, no multi-slot reads.
         self.cluster = cluster
         self.redis = client
@@ -122,20 +83,9 @@ class RedisStore(Store):
         self.readers = readers if readers is not None else client
         self.prefix = config.redis_prefix
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._where = where(config.redis_url or "")
         self.registry: Registry | None = None
-        #: Round-trip times and errors, when metrics are on (relay/metrics.py).
-        self.metrics: Metrics | None = None
-        #: The bound on any wait for Redis on a request's path (--redis-timeout).
-        self.bound = config.redis_timeout
         #: The bound on one of the writer's pipelines (many streams' events in one round trip).
         self.write_bound = max(1.0, 4 * config.redis_timeout)
-        self.away = AWAY
-        self.away_or_failed = AWAY_OR_FAILED
-        self.unavailable = UNAVAILABLE
-        self.failed = RedisError
-        #: What a step that fails soft catches: the bound passed, Redis away, or Redis refusing.
-        self.soft: tuple[type[BaseException], ...] = (StoreUnavailable, RedisError)
         # The key lifetimes, in Redis's milliseconds, for every part of the store: the producer's
         # lease, a reader's presence, a stream's keys while it runs and once it has finished.
         self.owner_ms = max(1, int(config.owner_ttl * 1000))
@@ -147,18 +97,12 @@ class RedisStore(Store):
         self.followers = Followers(self, self.readers, per_stream=cluster)
         #: How long a lookup that misses waits before it looks again: several of the writers'
         #: flush delays and round trips (a busy Redis answers in milliseconds, not microseconds).
-        self._miss_wait = MISS_WAIT + 4 * config.redis_flush_ms / 1000
+        self.reads = Reads(self, MISS_WAIT + 4 * config.redis_flush_ms / 1000)
         self.news = News(self)
         self.shared_limits = RedisLimits(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._run_id: bytes | None = None
-        self.available = True
-        #: While Redis is away, requests fail at once until this loop time (then one tries).
-        self._probe_at = 0.0
-        self._unsure_until = 0.0
-        self._lost_logged = -1e9  # loop time the last outage was logged
-        self._back_logged = -1e9
+        self.run_id: bytes | None = None
         #: Times Redis was found restarted (its run_id changed) and the copies rewritten.
         self.restarts_seen = 0
         #: Streams followed from Redis for readers of this process (resumes of another's streams).
@@ -207,12 +151,12 @@ class RedisStore(Store):
         except TimeoutError:
             raise SystemExit(f"relay: error: Redis at {self._where} did not answer within 10 s") from None
         except RedisError as exc:
-            raise SystemExit(f"relay: error: cannot use Redis at {self._where}: {_reason(exc)}") from None
+            raise SystemExit(f"relay: error: cannot use Redis at {self._where}: {reason(exc)}") from None
         policy = str(memory.get("maxmemory_policy", "noeviction"))
         if int(memory.get("maxmemory", 0) or 0) and policy != "noeviction":
             raise SystemExit(f"relay: error: Redis at {self._where} evicts keys (maxmemory-policy {policy}): an "
                              "evicted owner key would read as a crash; set maxmemory-policy noeviction")
-        self._run_id = str(server.get("run_id", "")).encode()
+        self.run_id = str(server.get("run_id", "")).encode()
         log.info("sharing streams through Redis at %s (instance %s)", self._where, self.instance)
         loops = ((self.writer.run(), "redis-writer"), (self._refresher(), "redis-refresher"),
                  (self.news.run(), "redis-news"))
@@ -261,70 +205,9 @@ class RedisStore(Store):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    # -- bounded waits and Redis's health -------------------------------------------------
-
-    async def ask(self, step: Awaitable[T]) -> T:
-        """One step on a request's path, bounded; StoreUnavailable when Redis is away or too slow."""
-        if not self.available and asyncio.get_running_loop().time() < self._probe_at:
-            # Away: fail at once, but let one request in each bound try (the loops retry too).
-            if asyncio.iscoroutine(step):
-                step.close()
-            raise StoreUnavailable(f"the shared store (Redis) cannot be reached now ({self._where})")
-        try:
-            async with asyncio.timeout(self.bound):
-                result = await step
-        except AWAY as exc:
-            self.lost_redis(exc)
-            raise StoreUnavailable(f"the shared store (Redis) cannot be reached: {self.reason(exc)}") from None
-        self.back()
-        return result
-
-    def reason(self, exc: BaseException) -> str:
-        if isinstance(exc, TimeoutError):
-            return f"no answer within {self.bound:g} s (--redis-timeout)"
-        return _reason(exc)
-
-    def lost_redis(self, exc: BaseException) -> None:
-        now = asyncio.get_running_loop().time()
-        self._probe_at = now + self.bound
-        if self.available:
-            self.available = False
-            # Once per outage, and at most once a minute when it flaps (a cluster failover: some
-            # nodes answer while one does not).
-            if now - self._lost_logged < 60:
-                log.debug("Redis at %s is unreachable again: %s", self._where, self.reason(exc))
-                return
-            self._lost_logged = now
-            log.error("Redis at %s is unreachable (%s): streams go on for their local readers, resumes "
-                      "elsewhere get 503 and per-client limits are counted per process until it is back",
-                      self._where, self.reason(exc))
-
-    def back(self) -> None:
-        if not self.available:
-            self.available = True
-            now = asyncio.get_running_loop().time()
-            # Until every producer has had a refresher round to write its streams again, a
-            # stream not found may only be not yet rewritten.
-            self._unsure_until = now + self.config.owner_ttl
-            self.repair_soon()
-            if self._back_logged >= self._lost_logged:
-                return  # the back of an outage whose loss was not logged either (flapping)
-            self._back_logged = now
-            log.warning("Redis at %s is reachable again: limits are shared again and copies that fell "
-                        "behind are rewritten", self._where)
-
     def repair_soon(self) -> None:
         if self.writer.repair():
             log.info("Redis: rewriting the copies that fell behind")
-
-    def count(self, op: str, began: float | None) -> None:
-        """One round trip for the metrics: its time since ``began``, or (None) an error."""
-        if self.metrics is None:
-            return
-        if began is None:
-            self.metrics.redis_errors.labels(op).inc()
-        else:
-            self.metrics.redis_round_trip.labels(op).observe(time.perf_counter() - began)
 
     async def _refresher(self) -> None:
         """Renew leases (streams and client slots), notice a Redis that restarted, and repair."""
@@ -357,10 +240,10 @@ class RedisStore(Store):
             for copy, result in zip(copies, results):
                 self.writer.renewed(copy, result, at)
             run_id = str(server.get("run_id", "")).encode()
-            if run_id != self._run_id:
+            if run_id != self.run_id:
                 log.warning("Redis at %s restarted (its data may be gone): writing the streams held here again",
                             self._where)
-                self._run_id = run_id
+                self.run_id = run_id
                 self.restarts_seen += 1
                 self.scripts.lost()
                 self.writer.restarted()
@@ -402,126 +285,30 @@ class RedisStore(Store):
         try:
             value: bytes | None = await self.ask(self.redis.get(self.key(stream_id, "input")))
         except RedisError as exc:
-            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
+            raise StoreUnavailable(f"the shared store (Redis) failed: {reason(exc)}") from None
         return value
 
-    # -- readers elsewhere ---------------------------------------------------------------
+    # -- what a resume asks (relay/core/redis_reads.py) ------------------------------------
 
     async def listened(self, stream_id: str) -> bool:
-        try:
-            return bool(await self.ask(self.redis.exists(self.key(stream_id, "seen"))))
-        except (StoreUnavailable, RedisError):
-            return False
+        return await self.reads.listened(stream_id)
 
     async def lookup(self, stream_id: str) -> Remote | None:
-        key = self.key(stream_id, "meta")
-        try:
-            meta = await self.ask(self.redis.hgetall(key))
-            if not meta:
-                # A stream announced a moment ago elsewhere may not be here yet: its producer's
-                # writer sends it after --redis-flush-ms and a round trip, while the client has
-                # its id (the start event) at once.  A 404 would end an EventSource for good.
-                await asyncio.sleep(self._miss_wait)
-                meta, server = await self.ask(self._meta_and_run_id(key))
-                if not meta and (str(server.get("run_id", "")).encode() != self._run_id
-                                 or asyncio.get_running_loop().time() < self._unsure_until):
-                    # Redis restarted (or came back) moments ago: the producers may not have
-                    # written their streams again yet.  Retriable, unlike the 404.
-                    raise StoreUnavailable("the shared store (Redis) restarted moments ago and its streams are "
-                                           "being written again")
-        except RedisError as exc:
-            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
-        if not meta:
-            return None
-        owner = meta.get(b"owner", b"").decode() or None
-        end = meta.get(b"end")
-        return Remote(stream_id, owner, int(end) if end is not None else None, unreplayable=b"lost" in meta,
-                      interrupted=b"interrupted" in meta, kind=meta.get(b"kind", b"chat").decode())
-
-    async def _meta_and_run_id(self, key: str) -> tuple[dict[bytes, bytes], dict[str, Any]]:
-        if self.cluster:
-            # (A keyless INFO has no place in a cluster pipeline; a failover there keeps the data.)
-            return await self.redis.hgetall(key), {"run_id": (self._run_id or b"").decode()}
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(key)
-        pipe.info("server")
-        meta, server = await pipe.execute()
-        return meta, server
+        return await self.reads.lookup(stream_id)
 
     async def events(self, remote: Remote) -> list[bytes]:
-        try:
-            entries = await self.ask(self.redis.xrange(self.key(remote.id, "log"), "-", "+"))
-        except RedisError as exc:
-            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
-        return [fields[b"d"] for _, fields in entries]
+        return await self.reads.events(remote)
 
-    async def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
-        self.remote_reads += 1
-        logkey = self.key(remote.id, "log")
-        keys = [self.key(remote.id, "meta"), logkey, self.key(remote.id, "owner"), self.key(remote.id, "seen")]
-        # Joined before the catch-up read, so nothing appended in between is missed (what both
-        # bring is told apart by seq).  The followers' loop keeps the presence key from here on.
-        tail = self.followers.join(keys, _after(pos), interrupted, remote.end)
-        try:
-            async def start() -> list[Any]:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.set(keys[3], b"1", px=self.presence_ms)
-                pipe.xrange(logkey, "-", "+", count=1)
-                pipe.xrange(logkey, f"{pos}-1" if pos > 0 else "-", "+")
-                result: list[Any] = await pipe.execute()
-                return result
-
-            _, first, entries = await self.ask(start())
-            end = remote.end
-            if first and _seq_of(first[0][0]) > pos and (end is None or pos <= end):
-                raise ResumeExpired
-            while True:
-                out = []
-                for entry_id, fields in entries:
-                    seq = _seq_of(entry_id)
-                    if seq < pos:
-                        continue
-                    out.append(fields[b"d"])
-                    pos = seq + 1
-                    if b"e" in fields:
-                        yield b"".join(out)
-                        return
-                if out:
-                    yield b"".join(out)
-                end = tail.end
-                if end is not None and pos > end:
-                    # The client is past what reached Redis (it read the producer's memory before
-                    # it died): the terminal event is all there is for it.
-                    entry = await self.ask(self.redis.xrange(logkey, f"{end}-1", f"{end}-1"))
-                    if entry:
-                        yield entry[0][1][b"d"]
-                    return
-                if tail.gone:
-                    return
-                await tail.wake.wait()
-                entries = tail.take()
-        except RedisError as exc:
-            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
-        finally:
-            self.followers.leave(tail)
+    def follow(self, remote: Remote, pos: int, interrupted: bytes) -> AsyncIterator[bytes]:
+        return self.reads.follow(remote, pos, interrupted)
 
     async def cancel(self, stream_id: str) -> None:
-        try:
-            await self.ask(self.redis.publish(f"{self.prefix}:cancel", stream_id))
-        except RedisError as exc:
-            raise StoreUnavailable(f"the shared store (Redis) failed: {_reason(exc)}") from None
-
+        await self.reads.cancel(stream_id)
 
 
 def _died(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("Redis: the %s task failed", task.get_name(), exc_info=task.exception())
-
-
-def _reason(exc: BaseException) -> str:
-    """An error's text without anything that could be a credential."""
-    text = str(exc) or type(exc).__name__
-    return text.split("\n", 1)[0][:200]
 
 
 def open_store(config: Config) -> Store:

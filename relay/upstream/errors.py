@@ -15,7 +15,6 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
-import aiohttp
 
 from relay.jsoncodec import dumps
 from relay.upstream.metadata import Redactor, request_id_of, retry_after_ms_of, retry_after_of
