@@ -33,7 +33,8 @@ from relay.core.wire import Ending, Wire
 from relay.upstream.client import Completion
 from relay.upstream.errors import UpstreamError
 from relay.upstream.response import Chunk
-from relay.upstream.pool import Pool, PooledResponse
+from relay.upstream.pool import Pool
+from relay.upstream.route import PooledResponse
 
 if TYPE_CHECKING:
     from relay.core.store import Mirror

@@ -40,7 +40,7 @@ from relay.http.openai import send_completion, send_stream
 from relay.http.params import RequestBounds
 from relay.http.responses_body import input_items as input_items_of
 from relay.http.responses_body import responses_request
-from relay.upstream.pool import conversation_of
+from relay.upstream.route import conversation_of
 from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.upstream.errors import UpstreamError

@@ -8,13 +8,12 @@ broken or empty stream.  Once a byte of the answer is out, a failure is an hones
 a splice of two answers.  At most ``--max-attempts`` upstreams per request, within the one
 ``--total-timeout``.
 
-An upstream that failed is cooling down: skipped until its ``Retry-After`` (or
-``retry-after-ms``) when it gave one, else for ``--cooldown`` seconds doubling with each failure
-in a row up to ``--cooldown-max``; 401/402/403 (its credentials or credit) for ``--down-time``.
-When the time is up one request tries it (half-open) while the others still go elsewhere; its
-answer decides.  When every upstream for a model is cooling down, the one that recovers first is
-tried anyway: a request is never refused for a state that may already be over (and the one
-``--upstream`` keeps its behaviour: every request reaches it).
+An upstream that failed is cooling down (relay/upstream/cooldown.py), skipped until its time
+is up; then one request tries it while the others still go elsewhere.  When every upstream for a
+model is cooling down, the one that recovers first is tried anyway: a request is never refused
+for a state that may already be over (and the one ``--upstream`` keeps its behaviour: every
+request reaches it).  One request's way through the upstreams, and the answer that may move
+until ``commit()``, are relay/upstream/route.py.
 """
 
 from __future__ import annotations
@@ -26,15 +25,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import aiohttp
 
 from relay.config import Config
-from relay.upstream.client import Chunk, Completion, Target, UpstreamClient, UpstreamResponse
-from relay.upstream.errors import DOWN_STATUSES, UpstreamError
+from relay.upstream.client import Completion, Target, UpstreamClient, UpstreamResponse
+from relay.upstream.cooldown import Health
+from relay.upstream.errors import UpstreamError
 from relay.upstream.metadata import Redactor
+from relay.upstream.route import PooledResponse, Route
 from relay.upstream.session import reach_of
 from relay.upstream.config import UpstreamSpec
 
@@ -43,14 +43,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.upstream")
 
-#: Longest cooldown an upstream's own ``Retry-After`` can ask for.
-MAX_RETRY_AFTER: Final = 3600.0
 #: Responses whose upstream is remembered in this process (the oldest are forgotten past it; with
 #: --redis they are in Redis as well: relay/core/redis_store.py).
 ORIGINS_KEPT: Final = 100_000
 #: How long an upstream's own ``/models`` list (for ``"*"``) is kept.
 MODELS_TTL: Final = 60.0
 MODELS_TIMEOUT: Final = 5.0
+
 
 class _Reply(Protocol):
     """What an upstream attempt returns (a stream opened, or a whole completion): its status."""
@@ -60,33 +59,6 @@ class _Reply(Protocol):
 
 
 T = TypeVar("T", bound=_Reply)
-
-
-@dataclass(slots=True)
-class Health:
-    """One upstream's cooldown state."""
-
-    #: Failures in a row (a success resets it).
-    failures: int = 0
-    #: Clock time until which it is skipped; 0: never failed, or recovered.
-    until: float = 0.0
-    #: Why it is cooling down or down, for the operator (never the upstream's text).
-    why: str = ""
-    down: bool = False
-    #: A request is trying it after its cooldown (half-open); the others go elsewhere meanwhile.
-    probing: bool = False
-
-    def usable(self, now: float) -> bool:
-        if self.until == 0.0:
-            return True
-        return now >= self.until and not self.probing
-
-    def state(self, now: float) -> str:
-        if self.until == 0.0:
-            return "ok"
-        if now < self.until:
-            return "down" if self.down else "cooling"
-        return "probing" if self.probing else "recovering"
 
 
 @dataclass(slots=True)
@@ -121,123 +93,6 @@ class Member:
 
     def speaks(self, api: str) -> bool:
         return api != "responses" or self.responses is not False
-
-
-class Route:
-    """One request's way through the pool: the upstreams left to try and what each attempt did."""
-
-    __slots__ = ("alias", "api", "attempts", "body", "conversation", "deadline", "member", "model", "order", "tried")
-
-    def __init__(self, body: dict[str, Any], order: list[Member], deadline: float, attempts: list[str],
-                 api: str = "chat", alias: str | None = None) -> None:
-        self.api = api
-        #: The relay's own id for this answer (a background response), remembered with the upstream's.
-        self.alias = alias
-        self.body = body
-        #: The Conversations API object the request adds to (it lives on the upstream that answers).
-        self.conversation = conversation_of(body) if api == "responses" else None
-        self.model = str(body.get("model", ""))
-        self.order = order
-        self.deadline = deadline
-        #: ``name:outcome`` per attempt, for the log line (shared with the generation).
-        self.attempts = attempts
-        self.tried = 0
-        self.member: Member | None = None
-
-
-class PooledResponse:
-    """A streamed answer that may move to another upstream until ``commit()``: the generation calls
-    it when the first event from this answer is in its log (from then on, nothing moves)."""
-
-    __slots__ = ("_closed", "_committed", "_pool", "_resp", "_route")
-
-    def __init__(self, pool: Pool, route: Route, resp: UpstreamResponse) -> None:
-        self._pool = pool
-        self._route = route
-        self._resp = resp
-        self._committed = False
-        self._closed = False
-
-    @property
-    def request_id(self) -> str | None:
-        return self._resp.request_id
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._resp.finish_reason
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self._resp.usage
-
-    @property
-    def failure(self) -> UpstreamError | None:
-        """The upstream's own error event, already relayed (Responses API)."""
-        return self._resp.failure
-
-    @property
-    def upstream(self) -> str:
-        """The name of the upstream answering now (for metrics)."""
-        member = self._route.member
-        return member.name if member is not None else "-"
-
-    def commit(self) -> None:
-        self._committed = True
-        # No other upstream will be asked now: the request (a whole conversation) can go.
-        self._route.body = {}
-
-    def pause(self) -> None:
-        self._resp.pause()
-
-    def resume(self) -> None:
-        self._resp.resume()
-
-    async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
-        """Deliver the answer to ``on_chunks`` (relay/upstream/client.py), moving to the next
-        upstream after a failure until ``commit()``."""
-        while True:
-            try:
-                await self._resp.run(on_chunks)
-                return
-            except UpstreamError as exc:
-                self._pool.timed_out(self._route, exc)
-                if self._committed or not exc.failover:
-                    exc.attempts = self._route.tried
-                    raise
-                self._resp.close()
-                self._pool.failed(self._route, exc)
-                self._resp = await self._pool.next_stream(self._route, exc)
-
-    def abort(self) -> None:
-        """Close, telling the upstream at once (a cancel: relay/upstream/client.py)."""
-        self._resp.shutdown()
-        self.close()
-
-    def close(self) -> None:
-        """Close the connection (a cancel and the producer's own end may both call this)."""
-        self._resp.close()
-        if self._closed:
-            return
-        self._closed = True
-        member = self._route.member
-        if member is not None:
-            member.stats.add_usage(self._resp.usage)
-            response_id = self._resp.response_id
-            if response_id is not None:
-                # Where this response lives: a request continuing it (previous_response_id) goes there.
-                self._pool.remember(response_id, member.name, response_id)
-                if self._route.alias is not None:
-                    self._pool.remember(self._route.alias, member.name, response_id)
-            if self._route.conversation is not None:
-                self._pool.remember(self._route.conversation, member.name, self._route.conversation)
-
-
-def conversation_of(body: dict[str, Any]) -> str | None:
-    """The id of the conversation a Responses request adds to (``"conv_…"`` or ``{"id": "conv_…"}``)."""
-    conversation = body.get("conversation")
-    if isinstance(conversation, dict):
-        conversation = conversation.get("id")
-    return conversation if isinstance(conversation, str) and conversation else None
 
 
 def _no_such_route(exc: UpstreamError) -> bool:
@@ -435,21 +290,8 @@ class Pool:
         if self.metrics is not None:
             self.metrics.failovers.labels(member.name).inc()
         health = member.health
-        health.probing = False
         first = health.until == 0.0
-        health.failures += 1
-        now = self._clock()
-        config = self._config
-        if exc.status in DOWN_STATUSES:
-            health.down, wait = True, config.down_time
-            health.why = f"HTTP {exc.status}: its credentials or credit were refused"
-        else:
-            health.down = False
-            asked = _retry_after(exc)
-            wait = asked if asked is not None else min(config.cooldown * 2 ** (health.failures - 1),
-                                                       config.cooldown_max)
-            health.why = f"HTTP {exc.status}" if exc.status is not None else self.redact.text(exc.message, 200)
-        health.until = now + wait
+        wait = health.failed(exc, self._clock(), self._config, self.redact)
         if self.on_health is not None:
             self.on_health(member.name, wait, health.why, health.down)
         # Once when it starts failing, not once per request: a dead upstream under load would
@@ -468,27 +310,16 @@ class Pool:
         return [(m.name, m.health.until == 0.0 or now >= m.health.until) for m in self.members]
 
     def _recovered(self, member: Member) -> None:
-        health = member.health
-        if health.until != 0.0:
+        if member.health.recovered():
             log.info("upstream %s answers again", member.name)
             if self.on_health is not None:
                 self.on_health(member.name, 0.0, "", False)
-        health.failures, health.until, health.why, health.down, health.probing = 0, 0.0, "", False, False
 
     def heard(self, name: str, wait: float, why: str, down: bool) -> None:
         """Another instance started a cooldown of ``name`` (or saw it recover: ``wait`` 0)."""
         for member in self.members:
-            if member.name != name:
-                continue
-            health = member.health
-            if wait <= 0:
-                if health.until != 0.0 and not health.down:
-                    health.failures, health.until, health.why, health.probing = 0, 0.0, "", False
-                return
-            until = self._clock() + min(wait, max(self._config.cooldown_max, self._config.down_time))
-            if until > health.until:
-                health.until, health.why, health.down = until, self.redact.text(f"{why} (seen by another instance)", 240), down
-                health.failures = max(health.failures, 1)
+            if member.name == name:
+                member.health.heard(wait, why, down, self._clock(), self._config, self.redact)
 
     # -- what the operator and clients see ------------------------------------------------
 
@@ -545,22 +376,6 @@ class Pool:
 
 def _outcome(exc: UpstreamError) -> str:
     return str(exc.status) if exc.status is not None else exc.code
-
-
-def _retry_after(exc: UpstreamError) -> float | None:
-    """The wait the upstream asked for: ``retry-after-ms``, else ``retry-after`` (seconds or a date)."""
-    if exc.retry_after_ms is not None:
-        return min(float(exc.retry_after_ms) / 1000, MAX_RETRY_AFTER)
-    value = exc.retry_after
-    if value is None:
-        return None
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER)
-    try:
-        when = parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
-        return None
-    return max(0.0, min(when - time.time(), MAX_RETRY_AFTER))
 
 
 def target_of(spec: UpstreamSpec, config: Config) -> Target:
