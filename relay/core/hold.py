@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable
 
 from relay.core.store import Mirror
-from relay.upstream.response import Chunk
+from relay.upstream.chunks import Chunk
 
 
 class Hold:

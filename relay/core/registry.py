@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
 from relay.core.generation import Generation
-from relay.core.wire import Wire
 from relay.core.store import Store
+from relay.core.wire import Wire
 from relay.upstream.pool import Pool
 
 if TYPE_CHECKING:

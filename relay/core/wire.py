@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from relay.upstream.chunks import Chunk
 from relay.upstream.errors import UpstreamError
-from relay.upstream.response import Chunk
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,8 +12,8 @@ from typing import Any
 from aiohttp import web
 
 from relay.core.generation import Generation
-from relay.core.wire import Wire
 from relay.core.registry import StreamLimit
+from relay.core.wire import Wire
 from relay.http import access
 from relay.http.appkeys import ACCESS, LIMITS, REGISTRY
 from relay.http.errors import error_response

@@ -12,16 +12,16 @@ from pathlib import Path
 from aiohttp import web
 
 from relay.config import Config
+from relay.core.redis_store import open_store
 from relay.core.registry import Registry
 from relay.demo import DEMO_MODEL, start_demo_upstream
 from relay.http import chat, guard, openai, responses, static
-from relay.core.redis_store import open_store
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, DISCONNECTS, LIMITS, METRICS, PROBE, REGISTRY, STORE, UPSTREAMS
 from relay.http.crashes import handler_crashes
 from relay.http.disconnects import Disconnects
 from relay.http.errors import openai_route_errors
-from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.http.health import ReadinessProbe, healthz, readyz, upstreams_state
+from relay.http.metrics_listener import make_metrics, metrics_ctx
 from relay.upstream.catalog import Catalog
 from relay.upstream.pool import Pool, shortcut_spec
 from relay.upstream.session import make_session

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.core.wire import Ending
 from relay.core.ids import event_id
+from relay.core.wire import Ending
 from relay.jsoncodec import dumps
 from relay.sse import encode
-from relay.upstream.response import Chunk
+from relay.upstream.chunks import Chunk
 
 
 class ChatWire:

@@ -16,8 +16,8 @@ from relay.core.wire import Ending
 from relay.http.errors import json_response
 from relay.jsoncodec import dumps
 from relay.sse import encode
+from relay.upstream.chunks import Chunk
 from relay.upstream.errors import UpstreamError
-from relay.upstream.response import Chunk
 
 DONE: Final = encode("[DONE]")
 

@@ -29,8 +29,8 @@ from aiohttp import web
 
 from relay.core.eventlog import ResumeExpired
 from relay.core.generation import Generation
-from relay.core.wire import Ending
 from relay.core.store import Remote, StoreUnavailable
+from relay.core.wire import Ending
 from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY, UPSTREAMS
@@ -40,10 +40,10 @@ from relay.http.openai import send_completion, send_stream
 from relay.http.params import RequestBounds
 from relay.http.responses_body import input_items as input_items_of
 from relay.http.responses_body import responses_request
-from relay.upstream.route import conversation_of
 from relay.http.responses_wire import ResponsesWire, error_event
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.upstream.errors import UpstreamError
+from relay.upstream.route import conversation_of
 
 log = logging.getLogger("relay.http")
 

@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from relay.core.wire import Ending
 from relay.jsoncodec import dumps
-from relay.upstream.response import Chunk
+from relay.upstream.chunks import Chunk
 
 #: The last event of a background response that ended as the upstream meant it (its own
 #: ``response.completed`` came before): a comment, which every reader skips, marking the end for the

@@ -20,12 +20,13 @@ from typing import Any, Final
 import aiohttp
 
 from relay import __version__
+from relay.bodies import read_bounded
 from relay.config import Config
 from relay.jsoncodec import dumps
-from relay.bodies import read_bounded
+from relay.upstream.chunks import CHAT, RESPONSES, Chunk
 from relay.upstream.errors import UpstreamError, error_from_body, error_from_response
 from relay.upstream.metadata import Redactor, request_id_of
-from relay.upstream.response import CHAT, RESPONSES, Chunk, Target, UpstreamResponse
+from relay.upstream.response import Target, UpstreamResponse
 from relay.upstream.session import Reach
 
 __all__ = ["Chunk", "Completion", "Target", "UpstreamClient", "UpstreamResponse"]

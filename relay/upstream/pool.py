@@ -31,12 +31,12 @@ import aiohttp
 
 from relay.config import Config
 from relay.upstream.client import Completion, Target, UpstreamClient, UpstreamResponse
+from relay.upstream.config import UpstreamSpec
 from relay.upstream.cooldown import Health
 from relay.upstream.errors import UpstreamError
 from relay.upstream.metadata import Redactor
 from relay.upstream.route import PooledResponse, Route
 from relay.upstream.session import reach_of
-from relay.upstream.config import UpstreamSpec
 
 if TYPE_CHECKING:
     from relay.metrics import Metrics

@@ -24,7 +24,6 @@ Decisions (docs/architecture.md):
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ from typing import Any, Final
 import aiohttp
 
 from relay.config import Config
-from relay.sse import Event, EventTooLarge, SSEDecoder
-from relay.upstream.errors import UpstreamError, error_from_body
+from relay.sse import EventTooLarge, SSEDecoder
+from relay.upstream.chunks import CHAT, Chunk, Parser
+from relay.upstream.errors import UpstreamError
 from relay.upstream.metadata import Redactor, request_id_of
 
 #: After an answer's last event, how much more of its body is read to reuse its connection, and
@@ -52,19 +52,6 @@ _draining: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True, slots=True)
-class Chunk:
-    """One upstream event: the data exactly as sent (whole keys blanked), its parsed JSON, and
-    whether it carries a delta (content, reasoning or a tool call in any choice): the one rule
-    every view counts deltas by."""
-
-    data: str
-    obj: dict[str, Any]
-    delta: bool
-    #: The event's name (the Responses API's ``event:`` line); None for chat completions.
-    event: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class Target:
     """Where one upstream is and how to talk to it: from configuration only, never from a client."""
 
@@ -79,20 +66,6 @@ class Target:
     idle_timeout: float
 
 
-#: The two upstream APIs an answer can come from.
-CHAT: Final = "chat"
-RESPONSES: Final = "responses"
-#: Responses API events that carry part of the answer (the idle clock counts from the last one).
-RESPONSES_DELTAS: Final = frozenset({
-    "response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta",
-    "response.reasoning_summary_text.delta", "response.reasoning_text.delta", "response.audio.delta",
-    "response.audio.transcript.delta", "response.custom_tool_call_input.delta", "response.code_interpreter_call_code.delta",
-})
-#: Responses API events that end an answer as the upstream meant it (``response.failed`` is the
-#: upstream's own account of a failure, passed on as it is).
-RESPONSES_ENDS: Final = frozenset({"response.completed", "response.incomplete", "response.failed"})
-
-
 class _Deadline(Exception):
     """Failed into the read in progress when a timeout passes (``UpstreamResponse._on_timer``)."""
 
@@ -101,15 +74,13 @@ class UpstreamResponse:
     """One streamed answer.  ``run(on_chunks)`` hands each batch of chunks to ``on_chunks`` as it
     arrives and returns at the end of the answer, or raises its UpstreamError."""
 
-    __slots__ = ("_api", "_clean", "_decoder", "_ended", "failure", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
-                 "_loop", "_paused_at", "_reading", "_redact", "_resp", "_resume", "_timer", "_total_deadline",
-                 "_total_timeout", "finish_reason", "headers", "request_id", "response_id", "status", "usage")
+    __slots__ = ("_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
+                 "_loop", "_parser", "_paused_at", "_reading", "_resp", "_resume", "_timer", "_total_deadline",
+                 "_total_timeout", "headers", "request_id", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
                  total_deadline: float, redact: Redactor, api: str = CHAT) -> None:
         self._resp = resp
-        self._api = api
-        self._redact = redact
         self._decoder = SSEDecoder(max_event_size=config.max_upstream_event, error_field=True)
         self._idle = target.idle_timeout
         self._first_token_timeout = target.first_token_timeout
@@ -121,8 +92,6 @@ class UpstreamResponse:
         #: bytes that never make an event do not keep a stream alive.
         self._last_delta: float | None = None
         self._ended = False
-        #: The upstream's own error event (Responses API), relayed as sent: how the answer failed.
-        self.failure: UpstreamError | None = None
         #: The answer ended as the protocol says: its connection may serve the next one.
         self._clean = False
         self._loop = asyncio.get_running_loop()
@@ -135,10 +104,26 @@ class UpstreamResponse:
         self.status = resp.status
         self.headers = resp.headers
         self.request_id = request_id_of(resp.headers, redact)
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        #: The Responses API's id for this answer (the upstream's), once an event named it.
-        self.response_id: str | None = None
+        #: The events as chunks, and what the answer has said of itself (relay/upstream/chunks.py).
+        self._parser = Parser(api, redact, self.request_id)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._parser.finish_reason
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        return self._parser.usage
+
+    @property
+    def response_id(self) -> str | None:
+        """The Responses API's id for this answer (the upstream's), once an event named it."""
+        return self._parser.response_id
+
+    @property
+    def failure(self) -> UpstreamError | None:
+        """The upstream's own error event (Responses API), relayed as sent: how the answer failed."""
+        return self._parser.failure
 
     async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
         """Deliver the answer's chunks to ``on_chunks`` until its end; UpstreamError for a failure."""
@@ -207,10 +192,14 @@ class UpstreamResponse:
                                 retriable=False, request_id=self.request_id) from None
         chunks: list[Chunk] = []
         failure: UpstreamError | None = None
+        parser = self._parser
         try:
-            self._parse(events, chunks)
+            if parser.parse(events, chunks):
+                self._last_delta = self._loop.time()
         except UpstreamError as exc:
             failure = exc  # after the chunks before it in the same read, which are delivered
+        if parser.ended:
+            self._ended = True
         if chunks:
             on_chunks(chunks)
             del chunks  # not held through the next read (idle streams' memory)
@@ -282,122 +271,6 @@ class UpstreamResponse:
             phase, msg = "idle", f"the upstream went silent for longer than the idle timeout ({self._idle:g} s)"
         return UpstreamError("upstream_timeout", msg, retriable=True, request_id=self.request_id, failover=failover,
                              timeout=phase)
-
-    # -- decoding --------------------------------------------------------------------------
-
-    def _parse(self, events: list[Event], chunks: list[Chunk]) -> None:
-        if self._api == RESPONSES:
-            self._parse_responses(events, chunks)
-            return
-        chunk_redact = self._redact.chunk
-        for event in events:
-            data = event.data
-            if event.error is not None or event.event == "error":
-                raise self._event_error(event)
-            if data == "[DONE]":
-                self._ended = True
-                break
-            # An upstream (or a proxy before it) that echoes the key in an id, a model name or a
-            # fingerprint must not pass it on: one case-blind search per chunk.
-            data = chunk_redact(data)
-            obj = self._object(data)
-            if obj.get("error") or obj.get("object") == "error":
-                # ``{"object": "error", ...}``: vLLM's ErrorResponse before it nested the error.
-                raise error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
-                                      redact=self._redact, raw=data)
-            delta = False
-            for choice in obj.get("choices") or ():
-                if isinstance(choice, dict):
-                    if choice.get("finish_reason"):
-                        self.finish_reason = str(choice["finish_reason"])
-                    if not delta:
-                        d = choice.get("delta")
-                        delta = isinstance(d, dict) and bool(
-                            d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
-                            or d.get("reasoning"))
-            if obj.get("usage"):
-                self.usage = obj["usage"]
-            if delta or self.finish_reason is not None:
-                self._last_delta = self._loop.time()
-            chunks.append(Chunk(data, obj, delta))
-
-    def _parse_responses(self, events: list[Event], chunks: list[Chunk]) -> None:
-        """Responses API events: typed (``event:`` and the data's ``type``), no ``[DONE]``; the
-        answer ends with ``response.completed``, ``.incomplete`` or ``.failed``, an ``error`` event
-        is a failure."""
-        for event in events:
-            if event.error is not None:
-                raise self._event_error(event)
-            data = self._redact.chunk(event.data)
-            obj = self._object(data)
-            kind = obj.get("type") if isinstance(obj.get("type"), str) else event.event
-            if kind == "error" or event.event == "error":
-                # OpenAI's error event ({"type": "error", "code", "message", "param"} as documented,
-                # or with the error object nested under "error" as the API sends it now): the
-                # upstream's own honest ending, relayed as sent (an SDK raises on it exactly as
-                # it would reading the upstream), with the ``response.failed`` that may follow.
-                err = {k: v for k, v in obj.items() if k not in ("type", "sequence_number")}
-                self.failure = error_from_body({"error": err.get("error", err)}, status=None,
-                                               request_id=self.request_id, midstream=True, redact=self._redact)
-                self.finish_reason = "failed"  # so the stream may end here
-                self._last_delta = self._loop.time()
-                # An error's words may quote a piece of the key (an auth failure does): every
-                # piece blanked, not only whole keys as in the other events.
-                quoted = self._redact(data)
-                chunks.append(Chunk(quoted, obj if quoted == data else self._object(quoted), False,
-                                    event.event if event.event != "message" else None))
-                continue
-            delta = kind in RESPONSES_DELTAS
-            if self.response_id is None:
-                response = obj.get("response")
-                if isinstance(response, dict) and isinstance(response.get("id"), str):
-                    self.response_id = response["id"]
-            # Framed again as it came: with its ``event:`` line, or (OpenRouter and others send
-            # data lines only) without one; the decoder's "message" is the spec's default, not a
-            # line the upstream sent (no Responses event is named "message").
-            chunks.append(Chunk(data, obj, delta, event.event if event.event != "message" else None))
-            if kind in RESPONSES_ENDS:
-                self.finish_reason = kind.removeprefix("response.")
-                response = obj.get("response")
-                if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-                    self.usage = response["usage"]
-                self._ended = True
-            if delta or self._ended:
-                self._last_delta = self._loop.time()
-            if self._ended:
-                break
-
-    def _object(self, data: str) -> dict[str, Any]:
-        """An event's data as the JSON object every event of both APIs is, or its UpstreamError."""
-        try:
-            obj = json.loads(data)
-        except ValueError:
-            raise UpstreamError("upstream_error", "the upstream sent an event whose data is not JSON",
-                                retriable=True, request_id=self.request_id, failover=True) from None
-        if not isinstance(obj, dict):
-            raise UpstreamError("upstream_error", "the upstream sent an event that is not a JSON object",
-                                retriable=True, request_id=self.request_id, failover=True)
-        return obj
-
-    def _event_error(self, event: Event) -> UpstreamError:
-        """An error that is not a ``data:`` chunk: llama.cpp's ``error:`` field line (its value is
-        the error object itself), or an ``event: error`` whose data may lack the ``error`` key or
-        not be JSON.  Either becomes ``{"error": ...}``, the form every OpenAI client reads."""
-        text = event.error if event.error is not None else event.data
-        try:
-            obj: Any = json.loads(text)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and obj.get("error"):
-            return error_from_body(obj, status=None, request_id=self.request_id, midstream=True,
-                                   redact=self._redact, raw=text)
-        if isinstance(obj, dict):
-            raw = '{"error":' + text.strip() + "}"  # the upstream's own object, byte for byte inside
-        else:
-            obj = {"message": text.strip() or "the upstream sent an error event"}
-            raw = None
-        return error_from_body({"error": obj}, status=None, request_id=self.request_id, midstream=True,
-                               redact=self._redact, raw=raw)
 
     # -- the end ---------------------------------------------------------------------------
 
