@@ -306,7 +306,8 @@ async def test_a_tokens_file_may_hold_digests_instead_of_tokens(make_relay: Rela
 # -- settings -------------------------------------------------------------------------------------
 
 def test_access_settings_come_from_flags_environment_and_the_config_file(tmp_path: Path, tokens_file: Path) -> None:
-    from relay.run.cli import build_parser, config_from_args
+    from relay.run.cli import config_from_args
+    from relay.run.flags import build_parser
 
     def config(argv: list[str], environ: dict[str, str]) -> Config:
         return config_from_args(build_parser().parse_args(["serve", *argv]), environ)

@@ -293,7 +293,8 @@ async def test_chat_refuses_what_it_does_not_carry(relay: Client, upstream: Fake
 
 def test_field_settings_come_from_flags_environment_and_file(tmp_path: Any) -> None:
     from relay.config import ConfigError
-    from relay.run.cli import build_parser, config_from_args
+    from relay.run.cli import config_from_args
+    from relay.run.flags import build_parser
 
     def config(*argv: str, environ: dict[str, str] | None = None) -> Any:
         return config_from_args(build_parser().parse_args(["serve", *argv]), environ or {})

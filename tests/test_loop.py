@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from relay.run.cli import build_parser
+from relay.run.flags import build_parser
 from relay.run.server import loop_factory
 
 

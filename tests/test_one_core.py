@@ -105,7 +105,8 @@ def test_retention_bytes_is_a_setting_with_a_flag_and_rejects_zero() -> None:
     import pytest
 
     from relay.config import ConfigError
-    from relay.run.cli import build_parser, config_from_args
+    from relay.run.cli import config_from_args
+    from relay.run.flags import build_parser
 
     args = build_parser().parse_args(["serve", "--retention-bytes", "1000"])
     assert config_from_args(args, {}).retention_bytes == 1000

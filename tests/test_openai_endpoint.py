@@ -253,7 +253,8 @@ async def test_httpx_sse_reads_the_stream(relay: Client, path: str, body: dict[s
 ], ids=["flags", "env", "flags-over-env", "none"])
 def test_allow_model_flag_and_environment_build_the_allowlist(argv: list[str], environ: dict[str, str],
                                                                models: tuple[str, ...]) -> None:
-    from relay.run.cli import build_parser, config_from_args
+    from relay.run.cli import config_from_args
+    from relay.run.flags import build_parser
 
     args = build_parser().parse_args(["serve", *argv])
     assert config_from_args(args, environ).models == models

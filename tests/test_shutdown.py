@@ -175,7 +175,8 @@ async def test_a_v1_stream_still_running_at_the_drain_timeout_ends_with_an_in_st
 
 
 def test_drain_timeout_is_a_setting_with_a_flag_and_rejects_negatives() -> None:
-    from relay.run.cli import build_parser, config_from_args
+    from relay.run.cli import config_from_args
+    from relay.run.flags import build_parser
     from relay.config import ConfigError
 
     args = build_parser().parse_args(["serve", "--drain-timeout", "7.5"])

@@ -20,7 +20,8 @@ import pytest
 from conftest import TEST_KEY, FakeUpstream, SSEClient, chunk, chunked, paused, raw_upstream, require, sse, text_of
 from test_upstream_http import ANSWER, SSE_HEAD, STREAM, V1, gzip_pieces, make_certificates, tls_upstream
 
-from relay.run.cli import build_parser, config_from_args
+from relay.run.cli import config_from_args
+from relay.run.flags import build_parser
 from relay.config import ConfigError
 
 

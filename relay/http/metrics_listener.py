@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from relay.config import Config, parse_listen
+from relay.config import Config
+from relay.validation import parse_listen
 from relay.http.appkeys import CATALOG, CONFIG, METRICS, UPSTREAMS
 
 if TYPE_CHECKING:

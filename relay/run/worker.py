@@ -13,7 +13,8 @@ import socket
 from collections.abc import Sequence
 from typing import Final
 
-from relay.config import Config, is_loopback
+from relay.config import Config
+from relay.validation import is_loopback
 
 #: Environment a worker gets: its number, the listening socket's fd, the supervisor's pid.
 WORKER_ENV: Final = "RELAY_WORKER"
