@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpProcessingError
 
 from relay.http.crashes import logged
 from relay.logthrottle import INTERVAL, MAX_CLIENTS, OncePerClient

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
 
 log = logging.getLogger("relay.http")
 

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
 
 from relay.logthrottle import OncePerClient
 from relay.jsoncodec import dumps

@@ -21,7 +21,7 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any
 
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web import RequestHandler
 
 from relay.aiohttp_internals import keepalive_close_time, replace_request_parser, request_parser, waits_for_a_request
 from relay.logthrottle import OncePerClient
@@ -55,14 +55,14 @@ class _HeadWatch:
         try:
             result = self._parser.feed_data(data)
         except Exception:
-            self._deadline._cancel(self._handler)  # aiohttp answers the malformed head itself (400)
+            self._deadline.disarm(self._handler)  # aiohttp answers the malformed head itself (400)
             raise
         messages = result[0]
         if messages:
-            self._deadline._cancel(self._handler)
+            self._deadline.disarm(self._handler)
             self._payload = messages[-1][1]
         elif data and (self._payload is None or self._payload.is_eof()):
-            self._deadline._head_begun(self._handler, self._transport)
+            self._deadline.head_begun(self._handler, self._transport)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -94,9 +94,9 @@ class HeaderDeadline:
         replace_request_parser(handler, _HeadWatch(request_parser(handler), self, handler, transport))
 
     def lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        self._cancel(handler)
+        self.disarm(handler)
 
-    def _head_begun(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+    def head_begun(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
         if handler not in self._timers:  # (the first head is timed from the connection's start)
             self._arm(handler, transport, asyncio.get_running_loop().time())
 
@@ -115,7 +115,7 @@ class HeaderDeadline:
         close = keepalive_close_time(handler) or math.inf  # (0: not armed yet)
         return min(close, started + self._keepalive_idle) - _BEFORE_KEEPALIVE_CLOSE
 
-    def _cancel(self, handler: RequestHandler) -> None:
+    def disarm(self, handler: RequestHandler) -> None:
         timer = self._timers.pop(handler, None)
         if timer is not None:
             timer.cancel()
