@@ -28,7 +28,7 @@ from relay.core.hold import Hold
 from relay.core.ids import new_stream_id
 from relay.core.logline import answered_upstream
 from relay.core.tally import Tally
-from relay.core.vigil import Vigil
+from relay.core import vigil
 from relay.core.wire import Ending, Wire
 from relay.upstream.chunks import Chunk
 from relay.upstream.client import Completion
@@ -55,9 +55,9 @@ class Generation:
     # Thousands are alive at once: slots keep each one small.
     __slots__ = ("_alone_floor", "_body", "_cancel_code", "_cancel_message", "_committed", "_grace",
                  "_held", "_loop", "_metrics", "_on_finished", "_resp", "_subscribers", "_upstream",
-                 "_vigil", "attempts", "background", "client", "completion", "ending", "finished", "id", "kind",
+                 "attempts", "background", "client", "completion", "ending", "finished", "id", "kind",
                  "log", "mirror", "model", "opened", "owner", "paused", "remote", "request_id", "resumable",
-                 "streaming", "task", "tally", "wire")
+                 "streaming", "task", "tally", "vigil", "wire")
 
     def __init__(self, *, kind: str, config: Config, upstream: Pool, wire: Wire, model: str,
                  body: dict[str, Any], on_finished: Callable[[Generation], None],
@@ -93,8 +93,8 @@ class Generation:
         self._loop = asyncio.get_running_loop()
         #: Its timings and counts, for its metrics and log line (relay/core/tally.py).
         self.tally = Tally(kind, model, metrics, self._loop)
-        #: What stops it when nobody listens (relay/core/vigil.py).
-        self._vigil = Vigil(self._loop)
+        #: The timer that stops it when nobody listens (relay/core/vigil.py sets it).
+        self.vigil: asyncio.TimerHandle | None = None
         self._cancel_code = "cancelled"
         self._cancel_message = "the stream was stopped"
         self._resp: PooledResponse | None = None
@@ -125,7 +125,7 @@ class Generation:
         self.task = asyncio.create_task(self._produce(), name=f"{self.kind}-{self.id}")
         self.task.add_done_callback(self._producer_done)
         if wait_for_subscriber is not None:
-            self._vigil.arm(self, wait_for_subscriber, "nobody attached to the stream in time")
+            vigil.arm(self, wait_for_subscriber, "nobody attached to the stream in time")
 
     # -- the log -------------------------------------------------------------------------
 
@@ -197,7 +197,7 @@ class Generation:
         self._subscribers.add(sub)
         if self._metrics is not None:
             self._metrics.live_subscribers.labels(self.kind).inc()
-        self._vigil.disarm()
+        vigil.disarm(self)
         self._wake()
         return sub
 
@@ -217,7 +217,7 @@ class Generation:
             if self._grace <= 0:
                 self.unheard("every client disconnected")
             else:
-                self._vigil.arm(self, self._grace, "every client disconnected and none came back within the resume grace")
+                vigil.arm(self, self._grace, "every client disconnected and none came back within the resume grace")
 
     # -- backpressure ----------------------------------------------------------------------
     # The producer reads the upstream only while someone can take what it reads: when every
@@ -348,7 +348,7 @@ class Generation:
         tally = self.tally
         for chunk in chunks:
             if chunk.delta:
-                tally.delta(resp.upstream)
+                tally.delta(resp)
             data = wire.chunk(chunk, self.next_seq)
             if data is not None:
                 self._append(data)
@@ -385,7 +385,7 @@ class Generation:
     def _finish(self, ending: Ending) -> None:
         if self.finished:
             return
-        self._vigil.disarm()
+        vigil.disarm(self)
         data = self.wire.end(ending, self.next_seq)
         if data is not None:
             self._append(data, last=True)

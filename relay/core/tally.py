@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.core.logline import answered_upstream, log_finished, token_counts
 
@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from relay.metrics import Metrics
 
 log = logging.getLogger("relay.generation")
+
+
+class Answering(Protocol):
+    @property
+    def upstream(self) -> str:
+        """The name of the upstream answering now."""
 
 
 class Tally:
@@ -45,13 +51,13 @@ class Tally:
             metrics.started.labels(kind, self._label).inc()
             metrics.live_streams.labels(kind).inc()
 
-    def delta(self, upstream: str) -> None:
-        """One delta of the answer came from ``upstream``."""
+    def delta(self, answering: Answering) -> None:
+        """One delta of the answer came (asked of ``answering``: its upstream, for the first one)."""
         gap = self._gap
         if gap is not None:
             now = self._loop.time()
             if self.first is None:
-                self.first_token(now, upstream)
+                self.first_token(now, answering.upstream)
             else:
                 gap.observe(now - self._last)
             self._last = now

@@ -31,6 +31,9 @@ class Watched(Protocol):
 
     finished: bool
     mirror: Mirror | None
+    #: The armed timer, or None.  The generation holds it (one slot, not an object per
+    #: generation: thousands are alive at once); only this module sets it.
+    vigil: asyncio.TimerHandle | None
 
     @property
     def subscribers(self) -> int: ...
@@ -42,38 +45,32 @@ class Watched(Protocol):
         """Nobody listens: stop."""
 
 
-class Vigil:
-    # It does not keep its generation (which keeps it): only an armed timer does, so a
-    # generation let go is freed by reference counting, not left to the cyclic GC.
-    __slots__ = ("_loop", "_timer")
+def arm(gen: Watched, delay: float, why: str) -> None:
+    """Stop ``gen`` in ``delay`` seconds (saying ``why``) unless disarmed before."""
+    disarm(gen)
+    gen.vigil = asyncio.get_running_loop().call_later(delay, _expire, gen, why)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._timer: asyncio.TimerHandle | None = None
 
-    def arm(self, gen: Watched, delay: float, why: str) -> None:
-        """Stop ``gen`` in ``delay`` seconds (saying ``why``) unless disarmed before."""
-        self.disarm()
-        self._timer = self._loop.call_later(delay, self._expire, gen, why)
+def disarm(gen: Watched) -> None:
+    if gen.vigil is not None:
+        gen.vigil.cancel()
+        gen.vigil = None
 
-    def disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
-    def _expire(self, gen: Watched, why: str) -> None:
-        self._timer = None
-        if gen.mirror is None or gen.finished:
-            gen.unheard(why)
-            return
-        spawn(self._loop, self._unless_listened(gen, gen.mirror, why))
+def _expire(gen: Watched, why: str) -> None:
+    gen.vigil = None
+    if gen.mirror is None or gen.finished:
+        gen.unheard(why)
+        return
+    spawn(asyncio.get_running_loop(), _unless_listened(gen, gen.mirror, why))
 
-    async def _unless_listened(self, gen: Watched, mirror: Mirror, why: str) -> None:
-        listened = await mirror.listened()
-        if gen.finished or gen.subscribers or self._timer is not None:
-            return  # someone came back here meanwhile
-        if listened:
-            gen.heard_elsewhere()
-            self.arm(gen, mirror.recheck, why)
-        else:
-            gen.unheard(why)
+
+async def _unless_listened(gen: Watched, mirror: Mirror, why: str) -> None:
+    listened = await mirror.listened()
+    if gen.finished or gen.subscribers or gen.vigil is not None:
+        return  # someone came back here meanwhile
+    if listened:
+        gen.heard_elsewhere()
+        arm(gen, mirror.recheck, why)
+    else:
+        gen.unheard(why)
