@@ -17,12 +17,14 @@ class ResumeExpired(Exception):
 
 class EventLog:
     # Thousands are alive at once: slots keep each one small.
-    __slots__ = ("_cap", "_events", "base", "keep", "nbytes", "next_seq")
+    __slots__ = ("_events", "_replay", "base", "keep", "nbytes", "next_seq")
 
     def __init__(self, keep: int, replay_bytes: int) -> None:
         #: The bytes it keeps for reconnects (0: only what its readers have yet to read).
         self.keep = keep
-        self._cap = 4 * replay_bytes
+        # (The replay log's size, shared by every log: the cap is worked out when it is needed,
+        # not kept as one more int per generation.)
+        self._replay = replay_bytes
         self._events: list[bytes] = []
         #: The sequence number of the first event still here.
         self.base = 0
@@ -69,7 +71,7 @@ class EventLog:
             return
         # Down to three quarters, so eviction is amortised; never the last event.
         target = self.keep * 3 // 4
-        hard = self.nbytes > self._cap
+        hard = self.nbytes > 4 * self._replay
         events = self._events
         drop = 0
         nbytes = self.nbytes

@@ -47,7 +47,8 @@ RESPONSES_ENDS: Final = frozenset({"response.completed", "response.incomplete", 
 
 
 class Parser:
-    """One answer's events, parsed in order (``parse``); its state is the answer's so far."""
+    """One answer's events, parsed in order (``parse``); its state is the answer's so far.
+    (relay/upstream/response.py's ``UpstreamResponse`` extends it: one object per answer.)"""
 
     __slots__ = ("_api", "_redact", "ended", "failure", "finish_reason", "request_id", "response_id", "usage")
 

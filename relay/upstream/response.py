@@ -27,7 +27,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 
@@ -70,13 +70,13 @@ class _Deadline(Exception):
     """Failed into the read in progress when a timeout passes (``UpstreamResponse._on_timer``)."""
 
 
-class UpstreamResponse:
+class UpstreamResponse(Parser):
     """One streamed answer.  ``run(on_chunks)`` hands each batch of chunks to ``on_chunks`` as it
     arrives and returns at the end of the answer, or raises its UpstreamError."""
 
-    __slots__ = ("_clean", "_decoder", "_ended", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
-                 "_loop", "_parser", "_paused_at", "_reading", "_resp", "_resume", "_timer", "_total_deadline",
-                 "_total_timeout", "headers", "request_id", "status")
+    __slots__ = ("_clean", "_decoder", "_first_deadline", "_first_token_timeout", "_idle", "_last_delta",
+                 "_loop", "_paused_at", "_reading", "_resp", "_resume", "_stopped", "_timer", "_total_deadline",
+                 "_total_timeout", "headers", "status")
 
     def __init__(self, resp: aiohttp.ClientResponse, config: Config, target: Target, attempt_started: float,
                  total_deadline: float, redact: Redactor, api: str = CHAT) -> None:
@@ -91,7 +91,8 @@ class UpstreamResponse:
         #: The idle timeout counts from here, not from the last byte: comments and a trickle of
         #: bytes that never make an event do not keep a stream alive.
         self._last_delta: float | None = None
-        self._ended = False
+        #: Reading is over (the answer's last event, EOF, a failure, or closed).
+        self._stopped = False
         #: The answer ended as the protocol says: its connection may serve the next one.
         self._clean = False
         self._loop = asyncio.get_running_loop()
@@ -103,27 +104,9 @@ class UpstreamResponse:
         self._resume: asyncio.Future[None] | None = None
         self.status = resp.status
         self.headers = resp.headers
-        self.request_id = request_id_of(resp.headers, redact)
-        #: The events as chunks, and what the answer has said of itself (relay/upstream/chunks.py).
-        self._parser = Parser(api, redact, self.request_id)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._parser.finish_reason
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        return self._parser.usage
-
-    @property
-    def response_id(self) -> str | None:
-        """The Responses API's id for this answer (the upstream's), once an event named it."""
-        return self._parser.response_id
-
-    @property
-    def failure(self) -> UpstreamError | None:
-        """The upstream's own error event (Responses API), relayed as sent: how the answer failed."""
-        return self._parser.failure
+        # The events as chunks, and what the answer has said of itself (finish_reason, usage,
+        # response_id, failure): relay/upstream/chunks.py's Parser, which this extends.
+        super().__init__(api, redact, request_id_of(resp.headers, redact))
 
     async def run(self, on_chunks: Callable[[list[Chunk]], None]) -> None:
         """Deliver the answer's chunks to ``on_chunks`` until its end; UpstreamError for a failure."""
@@ -131,7 +114,7 @@ class UpstreamResponse:
         self._reading = True
         self._arm(self._deadline())
         try:
-            while not self._ended:
+            while not self._stopped:
                 if self._resume is not None:
                     await self._resume
                 try:
@@ -144,7 +127,7 @@ class UpstreamResponse:
                     raise UpstreamError("upstream_ended", "the upstream connection broke before the answer was finished",
                                         retriable=True, request_id=self.request_id, failover=True) from exc
                 if not data:
-                    self._ended = True
+                    self._stopped = True
                     if self.finish_reason is None:
                         raise UpstreamError("upstream_ended",
                                             "the upstream ended the stream before the answer was finished",
@@ -160,10 +143,10 @@ class UpstreamResponse:
                             await self._resume
                         else:
                             await asyncio.sleep(0)
-                        if self._ended:
+                        if self._stopped:
                             break
                     self._deliver(data[start:start + SLICE] if len(data) > SLICE else data, on_chunks)
-                if self._ended:
+                if self._stopped:
                     break
                 if len(data) >= BURST and self._resume is None:
                     # A burst (or a compressed body inflating as reads make room): more is likely
@@ -179,7 +162,7 @@ class UpstreamResponse:
                         self._arm(deadline)
             self._clean = True  # [DONE]
         finally:
-            self._ended = True
+            self._stopped = True
             self._reading = False
             self._stop()
 
@@ -192,14 +175,13 @@ class UpstreamResponse:
                                 retriable=False, request_id=self.request_id) from None
         chunks: list[Chunk] = []
         failure: UpstreamError | None = None
-        parser = self._parser
         try:
-            if parser.parse(events, chunks):
+            if self.parse(events, chunks):
                 self._last_delta = self._loop.time()
         except UpstreamError as exc:
             failure = exc  # after the chunks before it in the same read, which are delivered
-        if parser.ended:
-            self._ended = True
+        if self.ended:
+            self._stopped = True
         if chunks:
             on_chunks(chunks)
             del chunks  # not held through the next read (idle streams' memory)
@@ -210,7 +192,7 @@ class UpstreamResponse:
 
     def pause(self) -> None:
         """Stop reading after this batch (every reader is full): its clocks stop meanwhile."""
-        if not self._reading or self._ended:
+        if not self._reading or self._stopped:
             return
         self._reading = False
         self._paused_at = self._loop.time()
@@ -218,7 +200,7 @@ class UpstreamResponse:
 
     def resume(self) -> None:
         waiter = self._resume
-        if waiter is None or self._ended:
+        if waiter is None or self._stopped:
             return
         self._resume = None
         # The pause was the relay's silence, not the upstream's: the idle and first-token
@@ -246,7 +228,7 @@ class UpstreamResponse:
 
     def _on_timer(self) -> None:
         self._timer = None
-        if not self._reading or self._ended:
+        if not self._reading or self._stopped:
             return
         deadline = self._deadline()
         if self._loop.time() >= deadline:
@@ -278,7 +260,7 @@ class UpstreamResponse:
         """The answer is over: a clean end gives its connection back (relay/upstream/session.py's pool),
         anything else closes it (never drained: that would let the upstream keep generating)."""
         self._stop()
-        self._ended = True
+        self._stopped = True
         resp = self._resp
         if self._clean:
             self._clean = False
