@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from relay.config import Config
+from relay.core import vigil
 from relay.core.eventlog import EventLog
 from relay.core.fanout import Fanout, Subscriber
 from relay.core.hold import Hold
 from relay.core.ids import new_stream_id
 from relay.core.logline import answered_upstream
 from relay.core.tally import Tally
-from relay.core import vigil
 from relay.core.wire import Ending, Wire
 from relay.upstream.chunks import Chunk
 from relay.upstream.client import Completion
