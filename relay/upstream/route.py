@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from relay.upstream.client import Chunk, UpstreamResponse
+from relay.upstream.chunks import Chunk
 from relay.upstream.errors import UpstreamError
+from relay.upstream.response import UpstreamResponse
 
 if TYPE_CHECKING:
     from relay.upstream.pool import Member, Pool
