@@ -22,7 +22,7 @@ from relay.http.appkeys import ACCESS, CATALOG, CONFIG, METRICS, REGISTRY
 from relay.http.body import BadRequest, read_json
 from relay.http.chat_body import chat_request
 from relay.http.chat_wire import RESUME_EXPIRED, ChatWire, interrupted_event, last_event, unavailable_event
-from relay.http.errors import error_response, json_response, request_refusal
+from relay.http.errors import error_response, json_response, request_refusal, store_unavailable
 from relay.http.params import RequestBounds
 from relay.http.sse_response import KEEPALIVE, event_stream, follow, serve_events
 from relay.jsoncodec import dumps
@@ -157,7 +157,7 @@ async def delete_stream(request: web.Request) -> web.StreamResponse:
         if remote.end is None:
             await store.cancel(stream_id)  # to whichever instance produces it
     except StoreUnavailable as exc:
-        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+        return store_unavailable(exc)
     return web.Response(status=204)
 
 
@@ -195,7 +195,7 @@ async def _resume_remote(request: web.Request, stream_id: str, last_seq: int | N
         remote = await store.lookup(stream_id)
     except StoreUnavailable as exc:
         _resumed(request, last_seq, "store_unavailable")
-        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+        return store_unavailable(exc)
     if remote is None or remote.kind != "chat":
         _resumed(request, last_seq, "not_found")
         raise _not_found()

@@ -33,6 +33,12 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
     return resp
 
 
+def store_unavailable(exc: Exception) -> web.Response:
+    """The shared store cannot answer now: a retriable ``503`` (never a ``404``, which would end an
+    EventSource for good)."""
+    return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+
+
 def request_refusal(status: int) -> str:
     """The refusal reason of a bad request by its status: too large, too slow, or invalid."""
     return {413: "size", 408: "timeout"}.get(status, "invalid")

@@ -35,7 +35,7 @@ from relay.http import access
 from relay.http.admission import Refused, refusal, start_generation
 from relay.http.appkeys import ACCESS, CATALOG, CONFIG, REGISTRY, UPSTREAMS
 from relay.http.body import BadRequest, read_json
-from relay.http.errors import error_response, json_response, request_refusal
+from relay.http.errors import error_response, json_response, request_refusal, store_unavailable
 from relay.http.openai import send_completion, send_stream
 from relay.http.params import RequestBounds
 from relay.http.responses_body import input_items as input_items_of
@@ -200,7 +200,7 @@ async def _remote(request: web.Request) -> Remote | web.Response | None:
     try:
         remote = await store.lookup(rid[len(PREFIX):])
     except StoreUnavailable as exc:
-        return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+        return store_unavailable(exc)
     if remote is None or remote.kind != "responses" or (
             request.app[ACCESS].enabled and access.owner(request) != remote.owner):
         return None
@@ -221,7 +221,7 @@ async def _retrieve_remote(request: web.Request, remote: Remote, after: int | No
         try:
             return json_response(_remote_snapshot(rid, await store.events(remote)))
         except StoreUnavailable as exc:
-            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+            return store_unavailable(exc)
     if remote.unreplayable:
         return error_response(503, "this response's copy in the shared store is incomplete (Redis was lost or too "
                               "slow while it ran), so it cannot be read here", code="store_incomplete")
@@ -307,7 +307,7 @@ async def input_items(request: web.Request) -> web.StreamResponse:
         try:
             kept = await request.app[REGISTRY].store.input_of(found.id)
         except StoreUnavailable as exc:
-            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+            return store_unavailable(exc)
         if kept is None:
             return error_response(404, "this background response's input is no longer kept", code="not_found")
         items: list[dict[str, Any]] = json.loads(kept)
@@ -352,7 +352,7 @@ async def cancel_response(request: web.Request) -> web.StreamResponse:
                 await store.cancel(remote.id)  # to whichever instance produces it
             obj = _remote_snapshot(request.match_info["id"], await store.events(remote))
         except StoreUnavailable as exc:
-            return error_response(503, str(exc), code="store_unavailable", headers={"Retry-After": "2"})
+            return store_unavailable(exc)
         if remote.end is None:
             obj["status"], obj["error"] = "cancelled", None
         return json_response(obj)
