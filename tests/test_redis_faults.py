@@ -217,3 +217,37 @@ async def test_many_readers_elsewhere_share_one_blocking_read(
         for reader in readers:
             rest = [json.loads(e.data) async for e in _rest(reader)]
             assert text_of(rest) == "two" and rest[-1]["type"] == "done"
+
+
+def _refuse_scripts(redis: Any) -> None:
+    """Redis refuses every script from now on (ACL: NOPERM): it answers, but says no."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(redis.socket_path))
+        sock.sendall(b"ACL SETUSER default -evalsha -eval\r\n")
+        assert sock.recv(64).startswith(b"+OK")
+
+
+async def test_a_lease_redis_refuses_to_confirm_lets_the_stream_go_on_as_while_redis_is_away(
+        redis: Any, make_relay: Any, upstream: FakeUpstream) -> None:
+    # The lease lapses while Redis refuses the writes and renewals (it answers, so it is not
+    # away); the producer then holds what the upstream sends until Redis confirms the lease.  A
+    # refusal is no confirmation either way: the stream goes on for its readers, as while Redis
+    # is away, rather than ending it as the relay's own internal error.
+    gate = asyncio.Event()
+    upstream.behaviour = gated(gate, ["one "], ["two"])
+    a, _ = await pair(make_relay, redis, redis_timeout=BOUND, owner_ttl=0.5)
+    resp = await a.post("/chat", json={"prompt": "hi"})
+    local = SSEClient(resp)
+    head = await read_until(local, 2)
+    store = store_of(a)
+    await wait_for(store.idle, what="the stream is in Redis")
+    copy = store.writer.owned[head[0].id.rsplit(".", 1)[0]]
+    _refuse_scripts(redis)
+    await wait_for(lambda: not copy.leased(), what="the lease has lapsed")
+    gate.set()
+    async with asyncio.timeout(GIVE_UP):
+        rest = [json.loads(e.data) async for e in _rest(local)]
+    assert text_of(rest) == "two", rest
+    assert rest[-1]["type"] == "done"

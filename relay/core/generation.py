@@ -335,17 +335,18 @@ class Generation:
     def _take(self, chunks: list[Chunk]) -> None:
         """One batch of the upstream's chunks (everything that had arrived): logged and handed to
         the waiting readers in the same step (their sinks write it), with no task switch."""
-        resp = self._resp
-        assert resp is not None
         mirror = self.mirror
         if mirror is not None and (self._held is not None or not mirror.leased()):
-            if self._held is None:
-                self._held = Hold(mirror, self._loop, self._released)
-            self._held.add(chunks)
+            held = self._held = self._held or Hold(mirror, self._loop, self._released)
+            held.add(chunks)
             self._pause()
             return
-        wire = self.wire
-        tally = self.tally
+        self._log(chunks)
+
+    def _log(self, chunks: list[Chunk]) -> None:
+        resp = self._resp
+        assert resp is not None
+        wire, tally = self.wire, self.tally
         for chunk in chunks:
             if chunk.delta:
                 tally.delta(resp)
@@ -366,7 +367,7 @@ class Generation:
         if self.finished or held is None:
             return
         if held:
-            self._take(held)
+            self._log(held)  # (not _take: asked already, it would only be held again)
         self._wake()
 
     async def _complete(self) -> Ending:

@@ -342,6 +342,12 @@ class Writer:
         except store.away as exc:
             store.lost_redis(exc)
             return True  # nobody can end it elsewhere while Redis is away: go on for our readers
+        except store.failed as exc:
+            # Refused (an ACL, a read-only replica): no answer either way, so the same as away,
+            # as a refused write is (its copy is rewritten once Redis takes writes again).
+            log.warning("stream %s: Redis refused to confirm its lease (%s); it goes on for its readers here",
+                        copy.gen.id, store.reason(exc))
+            return True
         store.back()
         self.renewed(copy, result, at)
         if int(result) == -2:
