@@ -1,10 +1,10 @@
 """The producer's side of the Redis store: each stream's copy, its lease, and its repair.
 
 The producer serves its own readers from memory (relay/core/generation.py); this module only
-copies.  One writer per process sends what every stream appended since its last round trip as
-one pipeline (one ``WRITE`` script call per stream, relay/core/redis_scripts.py), with one
-pipeline in flight and at most ``--redis-flush-ms`` of gathering, so a slow Redis delays remote
-readers, never local ones.
+copies.  One writer per process sends what every stream appended since its last round trip in
+one round trip (one ``WRITE`` script call for all of them, relay/core/redis_scripts.py; one per
+stream, pipelined, on Redis Cluster), with one in flight and at most ``--redis-flush-ms`` of
+gathering, so a slow Redis delays remote readers, never local ones.
 
 Every write is idempotent (events already in the log are skipped) and fenced, which makes the
 failure handling one rule: **a copy that could not be written is marked stale and rewritten from
@@ -80,7 +80,7 @@ class StreamCopy:
 
 
 class Writer:
-    """The writes of one process: a queue of dirty copies, one pipeline at a time."""
+    """The writes of one process: a queue of dirty copies, one round trip at a time."""
 
     def __init__(self, store: RedisStore, on_fenced: Callable[[Generation], None]) -> None:
         self.store = store
